@@ -1,0 +1,1 @@
+"""Entry points: train, layout, tokenize; environment detection and config validation."""

@@ -1,0 +1,151 @@
+"""Typed configuration of a quintet run.
+
+Every key a user can override is a field here, with a one-line description. Hydra merges
+`configs/train.yaml` and its groups onto these dataclasses, so a wrong type
+(`parallel.tp=two`), an unknown key or an unknown enum value fails at composition with a
+message naming the key. Cross-field rules (sizes that must divide) live in
+`launch/validate.py`.
+
+    python -m launch.train --cfg job        # prints the composed config
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class DType(enum.Enum):
+    """Numeric precision of the training step."""
+
+    float32 = "float32"  # parameters, activations and reductions in fp32 (parity reference)
+    bfloat16 = "bfloat16"  # fp32 parameters, bf16 autocast for matmuls
+    float64 = "float64"  # everything in double precision (CPU exactness tests)
+
+
+class DataParallel(enum.Enum):
+    """How the data-parallel dimension holds parameters and reduces gradients."""
+
+    fsdp = "fsdp"  # FSDP2 fully_shard: parameters, gradients and optimizer state sharded
+    ddp = "ddp"  # torch DistributedDataParallel: replicated, gradients all-reduced
+
+
+class Device(enum.Enum):
+    auto = "auto"  # cuda when available, else cpu
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class CheckpointEngine(enum.Enum):
+    sync = "sync"  # blocking DCP save at the end of the step
+
+
+class WandbMode(enum.Enum):
+    disabled = "disabled"
+    offline = "offline"
+    online = "online"
+
+
+@dataclass
+class ModelConfig:
+    """A Llama-style decoder: RMSNorm, rotary embeddings, SwiGLU, grouped-query attention."""
+
+    name: str = MISSING  # the config's name (model=<name>), recorded for reports
+    n_layers: int = MISSING  # Transformer blocks
+    dim: int = MISSING  # hidden size
+    n_heads: int = MISSING  # query heads
+    n_kv_heads: int = MISSING  # key/value heads (grouped-query attention); divides n_heads
+    ffn_dim: int = MISSING  # SwiGLU inner size
+    vocab_size: int = MISSING  # embedding and output rows
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    rope_theta: float = 10000.0  # rotary embedding base
+
+
+@dataclass
+class ParallelConfig:
+    """Sizes of the parallel dimensions; their product is the world size."""
+
+    tp: int = 1  # tensor-parallel size
+    pp: int = 1  # pipeline-parallel size
+    cp: int = 1  # context-parallel size
+    dp: int = -1  # data-parallel size; -1 = world size / (tp·pp·cp)
+    dp_impl: DataParallel = DataParallel.fsdp  # how data parallelism shards and reduces
+    timeout_s: float = 600.0  # timeout of every process group (a hang fails, never waits forever)
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    steps: int = 200  # optimizer steps of the whole run
+    global_batch_size: int = 16  # sequences per optimizer step, over all data-parallel ranks
+    micro_batch_size: int = 8  # sequences per microbatch per data-parallel rank
+    seq_len: int = 256  # tokens per sequence
+    lr: float = 3e-3  # peak learning rate
+    dtype: DType = DType.float32  # precision of the step
+    device: Device = Device.auto  # where the model runs
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up and cosine decay, and global-norm gradient clipping."""
+
+    name: str = "adamw"
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # applied to matrices and embeddings, not to norm weights
+    warmup_steps: int = 20  # linear warm-up from lr/warmup_steps to lr
+    min_lr_ratio: float = 0.1  # cosine decays to lr·min_lr_ratio at train.steps
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from."""
+
+    name: str = MISSING  # sample | tokens | synthetic
+    path: Optional[str] = None  # tokens: a .npy file of token ids (python -m launch.tokenize)
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "${run_dir}/checkpoints"  # where checkpoints and the `latest` marker live
+    every: int = 0  # save every N optimizer steps and after the last one; 0 = never
+    engine: CheckpointEngine = CheckpointEngine.sync  # how state is written
+    resume: bool = True  # resume from `<dir>/latest` when it exists
+
+
+@dataclass
+class WandbConfig:
+    mode: WandbMode = WandbMode.disabled  # disabled | offline (no network needed) | online
+    project: str = "quintet"
+    entity: Optional[str] = None
+    name: Optional[str] = None  # run name; default: the run directory's name
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10  # progress line every N steps when stdout is not a terminal
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class QuintetConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    seed: int = 0  # initialisation and data order
+    run_dir: str = MISSING  # one directory shared by all ranks of a job
+
+
+def register() -> None:
+    """Make the schema available to `configs/train.yaml` as `quintet_schema`."""
+    ConfigStore.instance().store(name="quintet_schema", node=QuintetConfig)

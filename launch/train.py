@@ -1,0 +1,180 @@
+"""Train a Transformer: the Hydra main of quintet. Reads top to bottom like DESIGN.md Section 2.
+
+    python -m launch.train train.steps=20                                  # one process
+    torchrun --standalone --nproc-per-node 2 -m launch.train parallel.dp=2 # two processes
+    python -m launch.train --cfg job                                       # print the config
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from datetime import timedelta
+
+import hydra
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from launch import env as launch_env
+from launch import schema
+from launch.validate import ConfigError, validate
+from parallel.data_parallel import apply_ddp, apply_fsdp
+from parallel.groups import build_groups
+from parallel.materialize import materialize
+from parallel.reduce import DataReducer
+from runtime.checkpoint import SyncCheckpointer
+from runtime.data import BatchLoader, load_tokens
+from runtime.metrics import MetricsSink
+from runtime.model import ModelArgs, Transformer, num_params
+from runtime.optim import build_optimizer
+from runtime.trainer import Schedule, Trainer
+
+log = logging.getLogger("quintet")
+EXIT_BAD_CONFIG = 2
+
+
+def select_device(cfg, local_rank: int) -> torch.device:
+    kind = cfg.train.device.value
+    if kind == "cuda" or (kind == "auto" and torch.cuda.is_available()):
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(launch: launch_env.LaunchEnv, device: torch.device, timeout_s: float) -> None:
+    """Join the job's process group: env:// under torchrun, an in-memory store for one process.
+
+    A single process is a world of one, so every later step has one code path.
+    """
+    if dist.is_initialized():  # tests start ranks themselves
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = timedelta(seconds=timeout_s)
+    if launch.is_distributed:
+        dist.init_process_group(backend, timeout=timeout)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+
+
+def param_dtype(cfg) -> torch.dtype:
+    return torch.float64 if cfg.train.dtype.value == "float64" else torch.float32
+
+
+def autocast_dtype(cfg) -> torch.dtype | None:
+    return torch.bfloat16 if cfg.train.dtype.value == "bfloat16" else None
+
+
+def run(cfg: DictConfig) -> None:
+    """Train as configured, on this rank; the caller has validated nothing yet."""
+    # 1. Validate on every rank before any process group exists.
+    launch = launch_env.detect()
+    topo = validate(cfg, launch.world_size)
+
+    # 2-3. Join the job and build the rank groups.
+    device = select_device(cfg, launch.local_rank)
+    init_distributed(launch, device, cfg.parallel.timeout_s)
+    groups = build_groups(topo, ("dp",), device.type, cfg.parallel.timeout_s)
+    rank = dist.get_rank()
+    torch.manual_seed(cfg.seed)
+    if rank == 0:
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
+            f.write(OmegaConf.to_yaml(cfg, resolve=True))
+
+    # 4. The model on the meta device, then parallelised (data parallel only, so far).
+    args = ModelArgs.from_config(cfg.model)
+    with torch.device("meta"):
+        model = Transformer(args).to(param_dtype(cfg))
+    init_full = model.init_full
+    dp_impl = cfg.parallel.dp_impl.value
+    if topo.dp > 1 and dp_impl == "fsdp":
+        model = apply_fsdp(model, groups.device_mesh("dp"))
+
+    # 5. Real storage and the same initial values as one process.
+    materialize(model, init_full, device, cfg.seed)
+    if topo.dp > 1 and dp_impl == "ddp":
+        model = apply_ddp(model, groups["dp"], device)
+    if rank == 0:
+        log.info("model %s: %.2fM parameters; world %d (dp=%d, %s); device %s; run_dir %s",
+                 cfg.model.name, num_params(model) / 1e6, topo.world_size,
+                 topo.dp, dp_impl, device, cfg.run_dir)
+
+    # 6. Optimizer, schedule, data, checkpoints; resume when a checkpoint exists.
+    optimizer = build_optimizer(model, cfg.optim, cfg.train.lr)
+    schedule = Schedule(cfg.train.lr, cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio)
+    tokens = load_tokens(cfg.data.name, cfg.data.path, args.vocab_size, cfg.seed)
+    loader = BatchLoader(tokens, cfg.train.seq_len, cfg.train.global_batch_size,
+                         cfg.train.micro_batch_size, groups.index("dp"), topo.dp, cfg.seed)
+    checkpointer = SyncCheckpointer(cfg.checkpoint.dir, cfg.checkpoint.every, rank)
+    start_step = 0
+    latest = checkpointer.latest() if cfg.checkpoint.resume else None
+    if latest is not None:
+        start_step = checkpointer.load(latest, model, optimizer)["step"]
+        if rank == 0:
+            log.info("resumed from %s at step %d", latest, start_step)
+    metrics = MetricsSink(cfg.run_dir, active=rank == 0, total_steps=cfg.train.steps,
+                          log_every=cfg.logging.every, wandb_cfg=cfg.logging.wandb,
+                          config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+    metrics.truncate_after(start_step)
+
+    # 7. The loop.
+    trainer = Trainer(
+        model=model, optimizer=optimizer, schedule=schedule, loader=loader,
+        checkpointer=checkpointer, metrics=metrics, reducer=DataReducer([groups["dp"]]),
+        device=device, steps=cfg.train.steps, grad_clip=cfg.optim.grad_clip,
+        autocast_dtype=autocast_dtype(cfg),
+        tokens_per_step=cfg.train.global_batch_size * cfg.train.seq_len)
+    try:
+        trainer.fit(start_step)
+    finally:
+        metrics.close()
+
+
+def train(cfg: DictConfig) -> None:
+    """`run` with the user-facing failure contract: a bad config exits 2 with one message."""
+    launch = launch_env.detect()
+    try:
+        run(cfg)
+    except ConfigError as e:
+        if launch.local_rank == 0:  # one message per node, not one per process
+            print(f"quintet: {e}", file=sys.stderr)
+        sys.exit(EXIT_BAD_CONFIG)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+_task_started = False
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+def _hydra_main(cfg: DictConfig) -> None:
+    global _task_started
+    _task_started = True
+    train(cfg)
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("quintet.default_run_dir"):
+        OmegaConf.register_new_resolver("quintet.default_run_dir", launch_env.default_run_dir)
+
+
+def main() -> None:
+    schema.register()
+    register_resolvers()
+    if launch_env.detect().rank != 0:
+        # Only rank 0 writes Hydra's files (.hydra/, train.log) into the shared run_dir.
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
+    try:
+        _hydra_main()
+    except SystemExit as e:
+        # Hydra exits 1 when composition fails (a wrong type, an unknown key or group option):
+        # that is bad input too, and bad input exits 2.
+        if not _task_started and e.code not in (0, None):
+            sys.exit(EXIT_BAD_CONFIG)
+        raise
+
+
+if __name__ == "__main__":
+    main()

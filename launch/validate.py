@@ -1,0 +1,102 @@
+"""Every cross-field rule of the config, checked on every rank before any process group exists.
+
+All problems are collected and reported together, each naming the offending values and what
+would be valid; `launch.train` prints them and exits with code 2.
+"""
+from __future__ import annotations
+
+import torch
+from omegaconf import OmegaConf
+
+from parallel.mesh import Topology, TopologyError
+from runtime.data.sources import check_source
+
+
+class ConfigError(ValueError):
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+    def __str__(self) -> str:
+        return "invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems)
+
+
+def _model_problems(m) -> list[str]:
+    out = []
+    for key in ("n_layers", "dim", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
+        if getattr(m, key) < 1:
+            out.append(f"model.{key}={getattr(m, key)} must be ≥ 1")
+    if out:
+        return out
+    if m.dim % m.n_heads:
+        out.append(f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}")
+    elif (m.dim // m.n_heads) % 2:
+        out.append(f"head size model.dim/model.n_heads = {m.dim}/{m.n_heads} = {m.dim // m.n_heads} "
+                   "is odd; rotary embeddings need an even head size")
+    if m.n_heads % m.n_kv_heads:
+        out.append(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads} "
+                   "(grouped-query attention shares each KV head among n_heads/n_kv_heads query heads)")
+    return out
+
+
+def _train_problems(cfg, topo: Topology | None) -> list[str]:
+    t, out = cfg.train, []
+    for key in ("steps", "global_batch_size", "micro_batch_size", "seq_len"):
+        if getattr(t, key) < 1:
+            out.append(f"train.{key}={getattr(t, key)} must be ≥ 1")
+    if out or topo is None:
+        return out
+    per_step = t.micro_batch_size * topo.dp
+    if t.global_batch_size % per_step:
+        out.append(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size × "
+            f"data-parallel size = {t.micro_batch_size} × {topo.dp} = {per_step}; use a multiple of "
+            f"{per_step}, e.g. {per_step * max(1, round(t.global_batch_size / per_step))}")
+    if t.lr <= 0:
+        out.append(f"train.lr={t.lr} must be > 0")
+    if cfg.checkpoint.every < 0:
+        out.append(f"checkpoint.every={cfg.checkpoint.every} must be ≥ 0 (0 = no checkpoints)")
+    return out
+
+
+def _device_problems(cfg) -> list[str]:
+    device, dtype = cfg.train.device.value, cfg.train.dtype.value
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    out = []
+    if device == "cuda" and not torch.cuda.is_available():
+        out.append("train.device=cuda but no CUDA device is available; use train.device=cpu or auto")
+    if cuda and dtype == "float64":
+        out.append("train.dtype=float64 is for CPU exactness tests; on CUDA use float32 or bfloat16 "
+                   "(or train.device=cpu)")
+    return out
+
+
+def unsupported(cfg) -> list[str]:
+    """Dimensions of the config that this build of quintet cannot run yet."""
+    p = cfg.parallel
+    return [f"parallel.{k}={getattr(p, k)}: {k} > 1 is not available yet"
+            for k in ("tp", "pp", "cp") if getattr(p, k) > 1]
+
+
+def validate(cfg, world_size: int) -> Topology:
+    """The topology of this run, or ConfigError listing every problem found."""
+    problems: list[str] = []
+    missing = [k for k in ("run_dir",) if OmegaConf.is_missing(cfg, k)]
+    problems += [f"{k} is required" for k in missing]
+    try:
+        topo = Topology.from_config(cfg.parallel, world_size)
+    except TopologyError as e:
+        topo = None
+        problems.append(str(e))
+    problems += unsupported(cfg)
+    problems += _model_problems(cfg.model)
+    problems += _train_problems(cfg, topo)
+    problems += _device_problems(cfg)
+    if cfg.data.name == "tokens" and OmegaConf.is_missing(cfg.data, "path"):
+        problems.append("data=tokens needs data.path=<file.npy> "
+                        "(write one with `python -m launch.tokenize OUT.npy FILES...`)")
+    else:
+        problems += check_source(cfg.data.name, cfg.data.path, cfg.model.vocab_size, cfg.train.seq_len)
+    if problems:
+        raise ConfigError(problems)
+    return topo

@@ -1,0 +1,1 @@
+"""Everything that knows about ranks and communication."""

@@ -1,0 +1,66 @@
+"""Data parallelism: FSDP2 (`fully_shard`) or DistributedDataParallel over the data-parallel group.
+
+Gradients are *summed* over data-parallel ranks, never averaged: each rank's loss is already
+divided by the global number of target tokens (runtime/trainer.py), so the sum is the
+gradient of the global mean, exactly as one process computes it.
+
+    pytest tests/dist/test_data_parallel.py
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
+    """Shard every Transformer block, then the rest (embedding, final norm, head) at the root.
+
+    Call on the meta-device model; parameters become DTensors sharded on dim 0 over `mesh`.
+    """
+    for layer in model.layers.values():
+        fully_shard(layer, mesh=mesh)
+    # The root's parameters are used again right at the start of backward: keep them gathered.
+    fully_shard(model, mesh=mesh, reshard_after_forward=False)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            # Each FSDP group has its own settings. A divide factor of 1 turns the mean into a
+            # sum; forcing ReduceOp.SUM avoids PREMUL_SUM, which gloo does not implement.
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+def _allreduce_sum_hook(group: dist.ProcessGroup, bucket: dist.GradBucket) -> torch.futures.Future:
+    """DDP communication hook: sum the bucket over the group (DDP's default divides by size)."""
+    work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def apply_ddp(model: nn.Module, group: dist.ProcessGroup, device: torch.device) -> nn.Module:
+    """Wrap a materialised model; DDP checks that every rank starts with equal parameters."""
+    ddp = DistributedDataParallel(model, process_group=group,
+                                  device_ids=[device] if device.type == "cuda" else None)
+    ddp.register_comm_hook(group, _allreduce_sum_hook)
+    return ddp
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool):
+    """Reduce gradients in this backward (`enabled`) or only accumulate them locally.
+
+    Used to reduce once per optimizer step: every microbatch but the last runs unsynced.
+    """
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)
+        yield
+    elif isinstance(model, DistributedDataParallel) and not enabled:
+        with model.no_sync():
+            yield
+    else:
+        yield

@@ -1,0 +1,1 @@
+"""Model, trainer loop, optimizer, data, checkpoints and metrics: no rank logic in the model."""

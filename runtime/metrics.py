@@ -1,0 +1,112 @@
+"""Per-step metrics: `<run_dir>/metrics.jsonl`, a progress display, and Weights & Biases.
+
+Only the rank that owns the sink (rank 0) writes anything. metrics.jsonl gets one JSON object
+per optimizer step, flushed at once, so a run that is still going can be read.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("quintet")
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Progress:
+    """One updating line on a terminal; a plain line every `every` steps otherwise."""
+
+    def __init__(self, total: int, every: int, stream=None):
+        self.total, self.every = total, max(every, 1)
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty()
+
+    def update(self, m: dict) -> None:
+        step = m["step"]
+        eta = (self.total - step) * m["step_time_s"]
+        text = (f"step {step}/{self.total}  loss {m['loss']:.4f}  grad_norm {m['grad_norm']:.3f}  "
+                f"lr {m['lr']:.2e}  {m['tokens_per_s']:,.0f} tok/s  eta {eta:,.0f}s")
+        if self.tty:
+            end = "\n" if step == self.total else ""
+            self.stream.write("\r\033[K" + text + end)
+            self.stream.flush()
+        elif step % self.every == 0 or step == self.total or step == 1:
+            log.info(text)
+
+
+class MetricsSink:
+    def __init__(self, run_dir: str, active: bool, total_steps: int, log_every: int,
+                 wandb_cfg=None, config: dict | None = None):
+        self.active = active
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.progress = Progress(total_steps, log_every)
+        self.wandb = None
+        if not active:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if wandb_cfg is not None and wandb_cfg.mode.value != "disabled":
+            self.wandb = _start_wandb(run_dir, wandb_cfg, config or {})
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records of steps after `step`: a resumed run rewrites them, so none repeats."""
+        if not self.active or not self.path.exists():
+            return
+        kept = [json.dumps(m) for m in read_metrics(self.path.parent) if m["step"] <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def log(self, metrics: dict) -> None:
+        if not self.active:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        self.progress.update(metrics)
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in metrics.items() if k != "step" and _finite(v)},
+                           step=metrics["step"])
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def _finite(v) -> bool:
+    return not isinstance(v, float) or math.isfinite(v)
+
+
+def _start_wandb(run_dir: str, cfg, config: dict):
+    import wandb  # imported only when used: it is slow to import
+
+    run_dir = os.path.abspath(run_dir)
+    # A stable id per run directory, so a resumed run continues the same wandb run.
+    run_id = hashlib.sha256(run_dir.encode()).hexdigest()[:16]
+    return wandb.init(
+        mode=cfg.mode.value, project=cfg.project, entity=cfg.entity,
+        name=cfg.name or os.path.basename(run_dir), id=run_id, resume="allow",
+        dir=run_dir, config=config,
+        # No console capture or code upload: quintet's own log and config.yaml are the record.
+        settings=wandb.Settings(console="off", save_code=False, x_disable_stats=True),
+    )
+
+
+class StepTimer:
+    def __init__(self):
+        self.t0 = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        elapsed, self.t0 = now - self.t0, now
+        return elapsed

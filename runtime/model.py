@@ -1,0 +1,188 @@
+"""A Llama-style decoder-only Transformer in plain PyTorch.
+
+RMSNorm, rotary position embeddings, grouped-query attention, SwiGLU feed-forward, untied
+output head. The model knows nothing of ranks: parallel code in `parallel/` rewrites or wraps
+its modules. It is splittable by construction — blocks live in a ModuleDict keyed by their
+global index, and a pipeline stage that does not hold the embedding or the head sets them to
+None — and its attention reshapes by head size, never by head count, so a tensor-parallel
+shard of a projection simply yields fewer heads.
+
+    python -c "from runtime.model import *; print(Transformer(ModelArgs.tiny()))"
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    n_layers: int
+    dim: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int
+    vocab_size: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @classmethod
+    def from_config(cls, cfg) -> "ModelArgs":
+        return cls(**{f: getattr(cfg, f) for f in cls.__dataclass_fields__})
+
+    @classmethod
+    def tiny(cls) -> "ModelArgs":
+        return cls(n_layers=4, dim=256, n_heads=8, n_kv_heads=4, ffn_dim=688, vocab_size=256)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in at least fp32 so bf16 activations keep their scale.
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        xf = x.to(dtype)
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return y.to(x.dtype) * self.weight
+
+
+def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos and sin of the rotary angles, [seq, head_dim/2], for the given token positions.
+
+    Computed from positions on every call rather than cached in a buffer, so a model built on
+    the meta device needs no re-initialisation and context parallelism can pass the original
+    (non-contiguous) positions of its sequence shard.
+    """
+    exponent = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim
+    inv_freq = theta**-exponent  # [head_dim/2]
+    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[2i], x[2i+1]) of x: [batch, seq, heads, head_dim]."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]  # [b, s, h, head_dim/2] each
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal scaled-dot-product attention; q: [b, s, hq, d], k/v: [b, s, hkv, d], hkv | hq."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, h, s, d]
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+    return out.transpose(1, 2)  # [b, s, hq, d]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.head_dim = args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        # Replaceable by parallel code (context parallelism swaps in ring attention).
+        self.core = causal_attention
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        b, s, _ = x.shape
+        # Head counts follow from the projection widths, so a sharded projection just has fewer.
+        q = self.wq(x).view(b, s, -1, self.head_dim)
+        k = self.wk(x).view(b, s, -1, self.head_dim)
+        v = self.wv(x).view(b, s, -1, self.head_dim)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        out = self.core(q, k, v)  # [b, s, hq, d]
+        return self.wo(out.reshape(b, s, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) · w3 x)."""
+
+    def __init__(self, dim: int, ffn_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, ffn_dim, bias=False)
+        self.w3 = nn.Linear(dim, ffn_dim, bias=False)
+        self.w2 = nn.Linear(ffn_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args.dim, args.ffn_dim)
+
+    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings: nn.Embedding | None = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleDict({str(i): Block(args) for i in range(args.n_layers)})
+        self.norm: RMSNorm | None = RMSNorm(args.dim, args.norm_eps)
+        self.output: nn.Linear | None = nn.Linear(args.dim, args.vocab_size, bias=False)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens: [b, s] ids (or [b, s, dim] activations when this part has no embedding).
+
+        positions: [s] original token positions (default 0..s-1). Returns [b, s, vocab] logits,
+        or [b, s, dim] activations when this part has no head.
+        """
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        if positions is None:
+            positions = torch.arange(h.shape[1], device=h.device)
+        rope = rotary_tables(positions, self.args.head_dim, self.args.rope_theta, h.dtype)
+        for layer in self.layers.values():
+            h = layer(h, rope)
+        if self.norm is not None:
+            h = self.norm(h)
+        if self.output is not None:
+            h = self.output(h)
+        return h
+
+    # --- initialisation: a function of (seed, parameter name, full shape) alone ---------------
+
+    def init_full(self, name: str, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+        """The full-size initial value of parameter `name` (canonical, unwrapped name).
+
+        Layout-independent by construction: parallel code calls this with the full shape and
+        keeps the slice its rank holds. Drawn in fp32 so fp32 and fp64 runs start equal.
+        """
+        leaf = name.rsplit(".", 2)[-2]  # module attribute: wq, w2, attention_norm, ...
+        if leaf.endswith("norm"):
+            return torch.ones(shape)
+        t = torch.empty(shape)
+        if leaf == "tok_embeddings":
+            return nn.init.normal_(t, std=1.0, generator=generator)
+        if leaf == "output":
+            std = self.args.dim**-0.5
+        elif leaf in ("wo", "w2"):
+            # Output projections feed the residual stream: scale by depth (GPT-2 / Megatron).
+            std = 0.02 / math.sqrt(2 * self.args.n_layers)
+        else:
+            std = 0.02
+        return nn.init.trunc_normal_(t, std=std, a=-3 * std, b=3 * std, generator=generator)
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,35 @@
+"""AdamW with weight decay on matrices only, and the warm-up + cosine learning-rate schedule."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def build_optimizer(model: nn.Module, optim, lr: float) -> torch.optim.Optimizer:
+    if optim.name != "adamw":
+        raise ValueError(f"optim.name={optim.name!r} is unknown; valid: adamw")
+    decay, no_decay = [], []
+    for p in model.parameters():
+        # Norm weights (1-D) are not decayed; matrices and embeddings are.
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": optim.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
+                             foreach=True)
+
+
+def lr_at(step: int, peak: float, warmup: int, total: int, min_ratio: float) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warm-up to `peak` over `warmup`
+    steps, then cosine decay to `peak·min_ratio` at step `total`."""
+    if warmup > 0 and step < warmup:
+        return peak * (step + 1) / warmup
+    span = max(total - warmup, 1)
+    progress = min(max(step - warmup, 0) / span, 1.0)
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

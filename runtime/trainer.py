@@ -1,0 +1,100 @@
+"""The training loop: microbatches → gradient reduction → clipping → wait → step → metrics →
+checkpoint (DESIGN.md Section 2, step 7).
+
+The loss of a step is the sum of token losses over every target token of the global batch,
+divided by the global number of target tokens. Each microbatch's backward uses that global
+normaliser, so gradient accumulation and data parallelism (which *sums* gradients) give the
+gradient of exactly the loss one process computes on the whole batch.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from parallel.data_parallel import gradient_sync
+from parallel.grad_norm import clip_grad_norm_
+from runtime.optim import lr_at, set_lr
+from runtime.metrics import StepTimer
+
+IGNORE_INDEX = -100
+
+
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of token cross-entropies, in at least fp32; targets equal to IGNORE_INDEX count 0."""
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    return F.cross_entropy(logits.flatten(0, 1).to(dtype), labels.flatten(),
+                           reduction="sum", ignore_index=IGNORE_INDEX)
+
+
+@dataclass
+class Schedule:
+    peak_lr: float
+    warmup_steps: int
+    total_steps: int
+    min_lr_ratio: float
+
+    def __call__(self, step: int) -> float:
+        return lr_at(step, self.peak_lr, self.warmup_steps, self.total_steps, self.min_lr_ratio)
+
+
+class Trainer:
+    def __init__(self, *, model, optimizer, schedule: Schedule, loader, checkpointer, metrics,
+                 reducer, device: torch.device, steps: int, grad_clip: float,
+                 autocast_dtype: torch.dtype | None, tokens_per_step: int):
+        self.model, self.optimizer, self.schedule = model, optimizer, schedule
+        self.loader, self.checkpointer, self.metrics, self.reducer = loader, checkpointer, metrics, reducer
+        self.device, self.steps, self.grad_clip = device, steps, grad_clip
+        self.autocast_dtype, self.tokens_per_step = autocast_dtype, tokens_per_step
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.loss_dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def forward_backward(self, batches) -> tuple[torch.Tensor, float]:
+        """Run every microbatch of the step; returns (this rank's loss sum, global target count)."""
+        local_targets = sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches)
+        n_targets = float(self.reducer.sum(torch.tensor(local_targets, dtype=torch.int64,
+                                                        device=self.device)).item())
+        loss_sum = torch.zeros((), dtype=self.loss_dtype, device=self.device)
+        for i, batch in enumerate(batches):
+            tokens, labels = batch.tokens.to(self.device), batch.labels.to(self.device)
+            # Reduce gradients only in the last microbatch's backward.
+            with gradient_sync(self.model, enabled=i == len(batches) - 1):
+                with self._autocast():
+                    logits = self.model(tokens)
+                part = cross_entropy_sum(logits, labels)
+                (part / n_targets).backward()
+            loss_sum += part.detach()
+        return loss_sum, n_targets
+
+    def train_step(self, step: int) -> dict:
+        """Optimizer step `step` (0-based); returns its metrics."""
+        loss_sum, n_targets = self.forward_backward(self.loader.step(step))
+        loss = self.reducer.sum(loss_sum) / n_targets
+        grad_norm = clip_grad_norm_(self.params, self.grad_clip)
+        lr = self.schedule(step)
+        set_lr(self.optimizer, lr)
+        self.checkpointer.wait()  # a pending checkpoint must have copied the state first
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"step": step + 1, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr}
+
+    def fit(self, start_step: int) -> None:
+        timer = StepTimer()
+        for step in range(start_step, self.steps):
+            metrics = self.train_step(step)
+            elapsed = timer.lap()
+            metrics.update(tokens=(step + 1) * self.tokens_per_step, step_time_s=elapsed,
+                           tokens_per_s=self.tokens_per_step / elapsed)
+            self.metrics.log(metrics)
+            done = step + 1
+            if self.checkpointer.due(done, self.steps):
+                self.checkpointer.request(done, self.model, self.optimizer,
+                                          {"tokens": done * self.tokens_per_step})
+                timer.lap()  # a blocking save is not training time; logging above is
