@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+from launch import config as launch_config
 from launch import env as launch_env
-from launch import schema
 from launch.validate import ConfigError, validate
 from parallel.data_parallel import apply_ddp, apply_fsdp
 from parallel.groups import build_groups
@@ -155,14 +155,8 @@ def _hydra_main(cfg: DictConfig) -> None:
     train(cfg)
 
 
-def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("quintet.default_run_dir"):
-        OmegaConf.register_new_resolver("quintet.default_run_dir", launch_env.default_run_dir)
-
-
 def main() -> None:
-    schema.register()
-    register_resolvers()
+    launch_config.register()
     if launch_env.detect().rank != 0:
         # Only rank 0 writes Hydra's files (.hydra/, train.log) into the shared run_dir.
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]

@@ -36,8 +36,11 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
     return model
 
 
-def _allreduce_sum_hook(group: dist.ProcessGroup, bucket: dist.GradBucket) -> torch.futures.Future:
-    """DDP communication hook: sum the bucket over the group (DDP's default divides by size)."""
+def _allreduce_sum_hook(group, bucket):
+    """DDP communication hook: sum the bucket over the group (DDP's default divides by size).
+
+    Unannotated on purpose: DDP checks the annotations' objects, which postponed evaluation
+    (`from __future__ import annotations`) turns into strings."""
     work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
     return work.get_future().then(lambda fut: fut.value()[0])
 
