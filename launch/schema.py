@@ -80,9 +80,10 @@ class ParallelConfig:
 class TrainConfig:
     """The training loop."""
 
-    steps: int = 200  # optimizer steps of the whole run
+    steps: int = 200  # optimizer steps of the whole run (the schedule's length)
+    stop_at_step: int = 0  # end this launch after this step, with a checkpoint; 0 = run to `steps`
     global_batch_size: int = 16  # sequences per optimizer step, over all data-parallel ranks
-    micro_batch_size: int = 8  # sequences per microbatch per data-parallel rank
+    micro_batch_size: int = 4  # sequences per microbatch per data-parallel rank
     seq_len: int = 256  # tokens per sequence
     lr: float = 3e-3  # peak learning rate
     dtype: DType = DType.float32  # precision of the step

@@ -6,9 +6,11 @@
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
+import time
 from datetime import timedelta
 
 import hydra
@@ -126,19 +128,34 @@ def run(cfg: DictConfig) -> None:
         autocast_dtype=autocast_dtype(cfg),
         tokens_per_step=cfg.train.global_batch_size * cfg.train.seq_len)
     try:
-        trainer.fit(start_step)
+        trainer.fit(start_step, cfg.train.stop_at_step)
     finally:
         metrics.close()
 
 
+def report_config_error(error: ConfigError) -> None:
+    """One message per node on stderr, and the same text in torchrun's failure summary.
+
+    Every rank exits, so torchrun may SIGTERM a rank before it prints; the error file it reads
+    (TORCHELASTIC_ERROR_FILE) puts the message under "Root Cause" whichever rank exits first.
+    """
+    message = f"quintet: {error}"
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        payload = {"message": {"message": message, "extraInfo": {"py_callstack": message,
+                                                                 "timestamp": str(int(time.time()))}}}
+        with open(error_file, "w") as f:
+            json.dump(payload, f)
+    if launch_env.detect().local_rank == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
 def train(cfg: DictConfig) -> None:
     """`run` with the user-facing failure contract: a bad config exits 2 with one message."""
-    launch = launch_env.detect()
     try:
         run(cfg)
     except ConfigError as e:
-        if launch.local_rank == 0:  # one message per node, not one per process
-            print(f"quintet: {e}", file=sys.stderr)
+        report_config_error(e)
         sys.exit(EXIT_BAD_CONFIG)
     finally:
         if dist.is_initialized():

@@ -52,6 +52,8 @@ def _train_problems(cfg, topo: Topology | None) -> list[str]:
             f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size × "
             f"data-parallel size = {t.micro_batch_size} × {topo.dp} = {per_step}; use a multiple of "
             f"{per_step}, e.g. {per_step * max(1, round(t.global_batch_size / per_step))}")
+    if not 0 <= t.stop_at_step <= t.steps:
+        out.append(f"train.stop_at_step={t.stop_at_step} must be between 0 (off) and train.steps={t.steps}")
     if t.lr <= 0:
         out.append(f"train.lr={t.lr} must be > 0")
     if cfg.checkpoint.every < 0:

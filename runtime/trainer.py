@@ -85,16 +85,18 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return {"step": step + 1, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr}
 
-    def fit(self, start_step: int) -> None:
+    def fit(self, start_step: int, stop_at_step: int = 0) -> None:
+        """Train from `start_step` to the end of the schedule, or to `stop_at_step` (>0)."""
         timer = StepTimer()
-        for step in range(start_step, self.steps):
+        end = stop_at_step or self.steps
+        for step in range(start_step, end):
             metrics = self.train_step(step)
             elapsed = timer.lap()
             metrics.update(tokens=(step + 1) * self.tokens_per_step, step_time_s=elapsed,
                            tokens_per_s=self.tokens_per_step / elapsed)
             self.metrics.log(metrics)
             done = step + 1
-            if self.checkpointer.due(done, self.steps):
+            if self.checkpointer.due(done, self.steps, stopping=done == end < self.steps):
                 self.checkpointer.request(done, self.model, self.optimizer,
                                           {"tokens": done * self.tokens_per_step})
                 timer.lap()  # a blocking save is not training time; logging above is

@@ -43,9 +43,11 @@ class SyncCheckpointer:
     def __init__(self, directory: str, every: int, rank: int):
         self.dir, self.every, self.rank = Path(directory), every, rank
 
-    def due(self, step: int, last_step: int) -> bool:
-        """Whether to save after optimizer step `step` (1-based count of completed steps)."""
-        return self.every > 0 and (step % self.every == 0 or step == last_step)
+    def due(self, step: int, last_step: int, stopping: bool = False) -> bool:
+        """Whether to save after optimizer step `step` (1-based count of completed steps).
+
+        A launch that stops early always saves: stopping is for resuming later."""
+        return stopping or (self.every > 0 and (step % self.every == 0 or step == last_step))
 
     def request(self, step: int, model, optimizer, trainer_state: dict) -> None:
         """Save the state after `step` completed optimizer steps; returns when it is committed."""

@@ -1,0 +1,30 @@
+"""Compose the run config from `configs/` and overrides without Hydra's command line.
+
+Used where a config is needed outside `launch.train`'s Hydra main: `launch.layout`, tests and
+benchmarks. Gives exactly the config `python -m launch.train <overrides>` would run with.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+from launch import env as launch_env
+from launch import schema
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def register() -> None:
+    """The schema and resolvers the YAML files refer to (idempotent)."""
+    schema.register()
+    if not OmegaConf.has_resolver("quintet.default_run_dir"):
+        OmegaConf.register_new_resolver("quintet.default_run_dir", launch_env.default_run_dir)
+
+
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    register()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose("train", overrides=list(overrides))

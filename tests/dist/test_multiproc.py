@@ -1,0 +1,42 @@
+"""The multi-process helper itself: results come back, failures re-raise, hangs end."""
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.multiproc import RankFailure, run_ranks
+
+
+def _sum_ranks(rank, world_size):
+    t = torch.tensor([float(rank)])
+    dist.all_reduce(t)
+    return t.item()
+
+
+def _fail_on_rank_1(rank, world_size):
+    if rank == 1:
+        raise ValueError("rank one is broken")
+    dist.barrier()  # rank 0 would wait here forever without the helper's fail-fast
+
+
+def _hang(rank, world_size):
+    time.sleep(60)
+
+
+def test_results_come_back_in_rank_order():
+    assert run_ranks(_sum_ranks, 4) == [6.0] * 4
+
+
+def test_a_failing_rank_is_reraised_and_the_others_are_stopped():
+    start = time.monotonic()
+    with pytest.raises(RankFailure, match="rank 1 of 2 failed.*:\nValueError: rank one is broken"):
+        run_ranks(_fail_on_rank_1, 2, pg_timeout_s=30)
+    assert time.monotonic() - start < 15
+
+
+def test_a_hang_ends_at_the_deadline():
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"ranks \[0, 1\] of 2 did not finish within 3s"):
+        run_ranks(_hang, 2, timeout_s=3)
+    assert time.monotonic() - start < 10

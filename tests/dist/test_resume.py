@@ -1,0 +1,44 @@
+"""Resume from a checkpoint: the steps after it equal the uninterrupted run, and a checkpoint
+saved in one data-parallel layout resumes in another."""
+import json
+
+import pytest
+
+from runtime.metrics import read_metrics
+from tests.training import assert_same_losses, train
+
+CKPT = ["checkpoint.every=5"]
+
+
+@pytest.mark.parametrize("world, impl", [(1, "fsdp"), (2, "fsdp"), (2, "ddp")])
+def test_resume_is_bit_exact(tmp_path, world, impl):
+    layout = [f"parallel.dp_impl={impl}"]
+    whole = train(tmp_path / "whole", CKPT + layout, world_size=world)
+    first = train(tmp_path / "split", CKPT + layout + ["train.stop_at_step=10"], world_size=world)
+    assert [r["step"] for r in first] == list(range(1, 11))
+    assert (tmp_path / "split/checkpoints/latest").read_text().strip() == "step_00000010"
+    second = train(tmp_path / "split", CKPT + layout, world_size=world)
+    assert [r["step"] for r in second] == list(range(1, 21)), "a step is missing or repeated"
+    assert [r["loss"] for r in second] == [r["loss"] for r in whole]
+    assert [r["grad_norm"] for r in second] == [r["grad_norm"] for r in whole]
+    meta = json.loads((tmp_path / "split/checkpoints/step_00000020/trainer.json").read_text())
+    assert meta["step"] == 20
+
+
+def test_checkpoint_of_two_fsdp_ranks_resumes_in_one_process(tmp_path):
+    whole = train(tmp_path / "whole", CKPT)
+    train(tmp_path / "moved", CKPT + ["train.stop_at_step=10"], world_size=2)
+    resumed = train(tmp_path / "moved", CKPT, world_size=1)
+    assert_same_losses(whole, resumed, rtol=1e-5)
+
+
+def test_a_stale_metrics_tail_is_replaced_not_repeated(tmp_path):
+    """A run that died after logging step 12 but saving step 10 rewrites steps 11-12 once."""
+    train(tmp_path, CKPT + ["train.stop_at_step=10"])
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        for step in (11, 12):
+            f.write(json.dumps({"step": step, "loss": -1.0}) + "\n")
+    records = train(tmp_path, CKPT)
+    assert [r["step"] for r in records] == list(range(1, 21))
+    assert all(r["loss"] > 0 for r in records)
+    assert read_metrics(tmp_path) == records

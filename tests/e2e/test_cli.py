@@ -1,0 +1,96 @@
+"""The real command line: `python -m launch.train` and `torchrun -m launch.train` in subprocesses."""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from runtime.metrics import read_metrics
+from tests.training import SMALL, assert_same_losses
+from tests.wandb_offline import offline_history
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+
+
+def launch(args, nproc=1, timeout=240, env=None):
+    """Run launch.train; returns (exit code, combined output, seconds)."""
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "launch.train", *args]
+    else:
+        cmd = [TORCHRUN, "--standalone", f"--nproc-per-node={nproc}", "-m", "launch.train", *args]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - start
+
+
+def test_one_process_and_two_torchrun_ranks_write_the_same_losses(tmp_path):
+    """Acceptance 2, literally: the default model, 20 steps, seed 1, 1 process vs dp=2."""
+    code_a, out_a, _ = launch(["train.steps=20", "seed=1", f"run_dir={tmp_path}/A"])
+    assert code_a == 0, out_a
+    code_b, out_b, _ = launch(["parallel.dp=2", "train.steps=20", "seed=1", f"run_dir={tmp_path}/B"], nproc=2)
+    assert code_b == 0, out_b
+    a, b = read_metrics(tmp_path / "A"), read_metrics(tmp_path / "B")
+    assert len(a) == 20
+    assert_same_losses(a, b, rtol=1e-5)
+    for record in b:
+        assert {"step", "loss", "grad_norm", "lr", "tokens", "step_time_s", "tokens_per_s"} <= set(record)
+    # Only rank 0 writes the run's files, into the one shared directory.
+    assert (tmp_path / "B/config.yaml").is_file() and (tmp_path / "B/.hydra/config.yaml").is_file()
+    assert "dp_impl: fsdp" in (tmp_path / "B/config.yaml").read_text()
+
+
+def test_the_main_job_lowers_the_loss_by_40_percent(tmp_path):
+    """The README's main job (default config, 2 ranks): its first 20 of 200 steps already do."""
+    code, out, _ = launch([f"run_dir={tmp_path}", "train.stop_at_step=20"], nproc=2)
+    assert code == 0, out
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == list(range(1, 21))
+    assert records[-1]["loss"] <= 0.6 * records[0]["loss"], [r["loss"] for r in records]
+
+
+BAD = {
+    # name: (nproc, overrides, text the message must contain)
+    "world size mismatch under torchrun": (2, ["parallel.dp=4"], "tp·pp·cp·dp = 1·1·1·4 = 4 but the world size is 2"),
+    "non-integer size under torchrun": (2, ["parallel.tp=two"], "Value 'two' of type 'str' could not be converted to Integer"),
+    "batch not divisible": (1, ["train.global_batch_size=12", "train.micro_batch_size=8"],
+                            "train.global_batch_size=12 is not divisible by train.micro_batch_size × data-parallel size = 8 × 1 = 8"),
+    "unknown model": (1, ["model=huge"], "Could not find 'model/huge'"),
+    "missing data file": (1, ["data=tokens", "data.path=/nonexistent/corpus.npy"], "data.path=/nonexistent/corpus.npy does not exist"),
+    "unknown dtype": (1, ["train.dtype=float16"], "Invalid value 'float16', expected one of [float32, bfloat16, float64]"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_stops_every_rank_with_one_message_and_exit_code_2(tmp_path, case):
+    nproc, overrides, expected = BAD[case]
+    code, out, seconds = launch([*overrides, f"run_dir={tmp_path}"], nproc=nproc, timeout=60)
+    assert expected in out, out
+    assert seconds < 30, f"took {seconds:.1f}s"
+    if nproc == 1:
+        assert code == 2, out
+        assert "Traceback" not in out, out
+    else:
+        # Every worker exits 2 (torchrun's summary lists each); torchrun itself exits 1 and
+        # prints its own ChildFailedError, but no worker prints a traceback.
+        assert code != 0
+        assert out.count("exitcode  : 2") == nproc, out
+        assert out.count("Traceback") == 1 and "ChildFailedError" in out, out
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_wandb_offline_records_the_losses_and_no_secret(tmp_path):
+    secret = "0123456789abcdef-not-a-real-key-5f3a"
+    code, out, _ = launch([*SMALL, "train.steps=5", "logging.wandb.mode=offline", f"run_dir={tmp_path}"],
+                          env={"WANDB_API_KEY": secret})
+    assert code == 0, out
+    history = offline_history(tmp_path)
+    losses = [r["loss"] for r in read_metrics(tmp_path)]
+    assert [row["loss"] for row in history if "loss" in row] == losses
+    assert [row["_step"] for row in history if "loss" in row] == [1, 2, 3, 4, 5]
+    assert secret not in out
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), f"the API key leaked into {path}"

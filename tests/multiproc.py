@@ -1,0 +1,120 @@
+"""Run a function on N ranks in fresh processes: forkserver start (torch preloaded), file-store
+rendezvous, gloo, a deadline on everything. A failing rank's exception is re-raised here.
+
+    results = run_ranks(check_something, world_size=4, args=(3,))
+
+`fn(rank, world_size, *args)` must be importable by name (a module-level function of a test
+module). Each rank sees RANK/WORLD_SIZE/LOCAL_RANK in its environment, as under torchrun, and
+runs with one intra-op thread so ranks do not fight over the cores.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import tempfile
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+_PRELOAD = ["torch", "torch.distributed", "torch.distributed.fsdp", "launch.train"]
+_ctx = None
+
+
+def _context():
+    global _ctx
+    if _ctx is None:
+        # The forkserver is exec'd, not forked: give it the repo on its path so that test
+        # modules resolve by name, and let it import torch once for every later child.
+        path = os.environ.get("PYTHONPATH", "")
+        if str(REPO) not in path.split(os.pathsep):
+            os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), path) if p)
+        _ctx = mp.get_context("forkserver")
+        _ctx.set_forkserver_preload(_PRELOAD)
+    return _ctx
+
+
+class RankFailure(AssertionError):
+    pass
+
+
+def _rank_main(fn, rank, world_size, store_path, pg_timeout_s, args, results, env):
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(env)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    try:
+        store = dist.FileStore(store_path, world_size)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=pg_timeout_s))
+        value = fn(rank, world_size, *args)
+        results.put((rank, True, value))
+    except BaseException as e:  # noqa: BLE001 - every failure must reach the parent
+        results.put((rank, False, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(fn, world_size: int, args: tuple = (), timeout_s: float = 120.0,
+              pg_timeout_s: float = 60.0, env: dict | None = None) -> list:
+    """Run `fn` on `world_size` ranks; returns the per-rank return values (picklable).
+
+    Raises RankFailure with the traceback of the rank that failed first, or TimeoutError naming the
+    ranks that did not finish by the deadline; every child is dead when this returns.
+    """
+    ctx = _context()
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory(prefix="quintet-store-") as tmp:
+        store_path = os.path.join(tmp, "store")
+        procs = [ctx.Process(target=_rank_main, daemon=True,
+                             args=(fn, r, world_size, store_path, pg_timeout_s, args, results, env or {}))
+                 for r in range(world_size)]
+        for p in procs:
+            p.start()
+        values, errors = {}, {}
+        deadline = time.monotonic() + timeout_s
+        try:
+            while len(values) + len(errors) < world_size:
+                # After a failure the others are likely stuck in a collective: give them a moment.
+                limit = deadline if not errors else min(deadline, first_error_at + 2.0)
+                remaining = limit - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    rank, ok, value = results.get(timeout=min(remaining, 0.5))
+                except queue.Empty:
+                    if not errors and all(not p.is_alive() for p in procs) and results.empty():
+                        dead = [r for r in range(world_size) if r not in values and r not in errors]
+                        errors.update({r: f"exited with code {procs[r].exitcode} without reporting"
+                                       for r in dead})
+                        first_error_at = time.monotonic()
+                    continue
+                if ok:
+                    values[rank] = value
+                else:
+                    if not errors:
+                        first_error_at = time.monotonic()
+                    errors[rank] = value
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+            for p in procs:
+                p.join(timeout=5)
+            results.close()
+    if errors:
+        # The first failure to arrive is the cause; later ones are usually peers seeing it.
+        rank = next(iter(errors))
+        others = sorted(set(errors) - {rank})
+        also = f" (then ranks {others} too)" if others else ""
+        raise RankFailure(f"rank {rank} of {world_size} failed{also}:\n{errors[rank]}")
+    missing = [r for r in range(world_size) if r not in values]
+    if missing:
+        raise TimeoutError(f"ranks {missing} of {world_size} did not finish within {timeout_s:.0f}s")
+    return [values[r] for r in range(world_size)]

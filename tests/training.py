@@ -1,0 +1,43 @@
+"""Train in N fresh ranks from config overrides and read back the metrics: the in-process
+equivalent of `torchrun -m launch.train`, used by the parity tests."""
+from __future__ import annotations
+
+import math
+
+from runtime.metrics import read_metrics
+from tests.multiproc import run_ranks
+
+# A model and batch small enough that 20 steps take well under a second per rank.
+SMALL = [
+    "model.n_layers=2", "model.dim=64", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=96",
+    "train.seq_len=32", "train.global_batch_size=8", "train.micro_batch_size=4", "train.steps=20",
+    "optim.warmup_steps=5", "logging.every=1000",
+]
+
+
+def _train_rank(rank: int, world_size: int, overrides: list[str]) -> None:
+    from launch.config import compose
+    from launch.train import run
+
+    run(compose(overrides))
+
+
+def train(run_dir, overrides: list[str], world_size: int = 1, small: bool = True,
+          timeout_s: float = 180.0) -> list[dict]:
+    """Run training on `world_size` ranks into `run_dir`; returns metrics.jsonl's records."""
+    overrides = (SMALL if small else []) + list(overrides) + [f"run_dir={run_dir}"]
+    run_ranks(_train_rank, world_size, args=(overrides,), timeout_s=timeout_s)
+    return read_metrics(run_dir)
+
+
+def losses(records: list[dict]) -> list[float]:
+    return [r["loss"] for r in records]
+
+
+def assert_same_losses(ref: list[dict], got: list[dict], rtol: float) -> None:
+    """Equal step numbers, and every loss within `rtol` of the reference (relative)."""
+    assert [r["step"] for r in got] == [r["step"] for r in ref], "different steps were logged"
+    worst = max(abs(a - b) / abs(a) for a, b in zip(losses(ref), losses(got)))
+    assert all(math.isfinite(x) for x in losses(got))
+    assert worst <= rtol, (f"largest relative loss difference {worst:.3e} > {rtol:.0e}\n"
+                           f"reference {losses(ref)}\ngot       {losses(got)}")

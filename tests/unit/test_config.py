@@ -1,0 +1,92 @@
+"""Composition and validation of the config, without processes."""
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from launch.config import compose
+from launch.validate import ConfigError, validate
+
+
+def problems(overrides, world_size=1):
+    with pytest.raises(ConfigError) as info:
+        validate(compose(overrides), world_size)
+    return info.value.problems
+
+
+def test_the_default_config_is_valid_and_typed():
+    cfg = compose(["run_dir=/tmp/x"])
+    topo = validate(cfg, 4)
+    assert (topo.dp, topo.tp, topo.pp, topo.cp) == (4, 1, 1, 1)
+    assert cfg.model.name == "tiny" and cfg.data.name == "sample"
+    assert OmegaConf.to_yaml(cfg, resolve=True).count("checkpoints") == 1
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("parallel.tp=two", "Value 'two' of type 'str' could not be converted to Integer"),
+    ("train.dtype=half", "Invalid value 'half', expected one of [float32, bfloat16, float64]"),
+    ("model=nope", "Could not find 'model/nope'"),
+    ("train.stepz=3", "Key 'stepz' not in 'TrainConfig'"),
+])
+def test_composition_rejects_wrong_types_and_names(override, fragment):
+    with pytest.raises(ConfigCompositionException) as info:
+        compose([override])
+    assert fragment in str(info.value) + str(info.value.__cause__)
+
+
+def test_all_problems_are_reported_together_with_their_values():
+    found = problems(["run_dir=/x", "parallel.dp=3", "model.n_heads=6", "model.n_kv_heads=4",
+                      "train.seq_len=0"], world_size=2)
+    assert "tp·pp·cp·dp = 1·1·1·3 = 3 but the world size is 2" in found[0]
+    assert "model.dim=256 is not divisible by model.n_heads=6" in found[1]
+    assert "model.n_heads=6 is not divisible by model.n_kv_heads=4" in found[2]
+    assert "train.seq_len=0 must be ≥ 1" in found[3]
+
+
+def test_world_size_must_fill_dp_evenly():
+    assert "world size 3 is not divisible by tp·pp·cp" not in str(problems(["run_dir=/x", "parallel.dp=2"], 3))
+    (msg,) = problems(["run_dir=/x", "parallel.dp=0"], 2)
+    assert "parallel.dp=0: sizes must be ≥ 1" in msg
+
+
+def test_batch_must_split_over_data_parallel_microbatches():
+    (msg,) = problems(["run_dir=/x", "train.global_batch_size=16", "train.micro_batch_size=8"], world_size=4)
+    assert msg.startswith("train.global_batch_size=16 is not divisible by train.micro_batch_size × "
+                          "data-parallel size = 8 × 4 = 32")
+
+
+def test_data_problems_name_the_file():
+    (msg,) = problems(["run_dir=/x", "data=tokens", "data.path=/no/such.npy"])
+    assert "data.path=/no/such.npy does not exist" in msg
+    (msg,) = problems(["run_dir=/x", "data=tokens"])
+    assert "data=tokens needs data.path=<file.npy>" in msg
+    (msg,) = problems(["run_dir=/x", "model.vocab_size=100"])
+    assert "data=sample is byte-level (ids 0..255) but model.vocab_size=100" in msg
+
+
+def test_odd_head_size_is_rejected_for_rotary():
+    (msg,) = problems(["run_dir=/x", "model.dim=24", "model.n_heads=8", "model.n_kv_heads=4"])
+    assert "head size model.dim/model.n_heads = 24/8 = 3 is odd" in msg
+
+
+def test_stop_at_step_within_the_run():
+    (msg,) = problems(["run_dir=/x", "train.steps=10", "train.stop_at_step=11"])
+    assert "train.stop_at_step=11 must be between 0 (off) and train.steps=10" in msg
+
+
+def test_run_dir_is_shared_by_job_id(monkeypatch):
+    from launch import env
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for var in ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+    env.default_run_dir.cache_clear()
+    with pytest.raises(env.RunDirError, match="run_dir is not set and this torchrun launch of 2 processes"):
+        env.default_run_dir()
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc")
+    env.default_run_dir.cache_clear()
+    assert env.default_run_dir() == "runs/abc"
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    env.default_run_dir.cache_clear()
+    assert env.default_run_dir() == "runs/slurm-42"
+    env.default_run_dir.cache_clear()
