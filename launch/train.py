@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from datetime import timedelta
@@ -150,13 +151,37 @@ def report_config_error(error: ConfigError) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+PEER_GRACE_S = 1.0
+
+
+def exit_bad_config() -> None:
+    """Exit 2 on every worker of a bad launch, not only on the first to notice.
+
+    torchrun SIGTERMs the other workers as soon as one exits; one still validating would die
+    by that signal instead of reporting the bad input. Its peers share this config and reach
+    the same verdict within a fraction of a second, so each waits a moment before exiting and
+    turns a SIGTERM in that moment into exit code 2. Nothing needs cleaning up: no process
+    group exists yet.
+    """
+    if launch_env.detect().world_size > 1:
+        def _exit_now(*_):
+            sys.stderr.flush()
+            os._exit(EXIT_BAD_CONFIG)
+
+        signal.signal(signal.SIGTERM, _exit_now)
+        time.sleep(PEER_GRACE_S)
+        # Not sys.exit: a SIGTERM during the interpreter's slow shutdown would bypass the handler.
+        _exit_now()
+    sys.exit(EXIT_BAD_CONFIG)
+
+
 def train(cfg: DictConfig) -> None:
     """`run` with the user-facing failure contract: a bad config exits 2 with one message."""
     try:
         run(cfg)
     except ConfigError as e:
         report_config_error(e)
-        sys.exit(EXIT_BAD_CONFIG)
+        exit_bad_config()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -183,7 +208,7 @@ def main() -> None:
         # Hydra exits 1 when composition fails (a wrong type, an unknown key or group option):
         # that is bad input too, and bad input exits 2.
         if not _task_started and e.code not in (0, None):
-            sys.exit(EXIT_BAD_CONFIG)
+            exit_bad_config()
         raise
 
 
