@@ -30,7 +30,9 @@ def global_grad_norm(params) -> torch.Tensor:
     total = None
     for groups, grads in buckets.items():
         dtype = torch.promote_types(grads[0].dtype, torch.float32)
-        sq = torch.stack([g.detach().to(dtype).pow(2).sum() for g in grads]).sum()
+        # One fused kernel for all the per-tensor norms of the bucket.
+        norms = torch._foreach_norm([g.detach() for g in grads], 2, dtype=dtype)
+        sq = torch.stack(norms).pow(2).sum()
         for group in groups:
             dist.all_reduce(sq, group=group)
         total = sq if total is None else total + sq
@@ -44,9 +46,8 @@ def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
     norm before clipping."""
     params = [p for p in params if p.grad is not None]
     norm = global_grad_norm(params)
-    if max_norm > 0:
+    if max_norm > 0 and params:
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        for p in params:
-            local = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-            local.mul_(coef.to(local.dtype))
+        grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params]
+        torch._foreach_mul_(grads, coef.to(grads[0].dtype))
     return norm
