@@ -72,6 +72,9 @@ class ParallelConfig:
     pp: int = 1  # pipeline-parallel size
     cp: int = 1  # context-parallel size
     dp: int = -1  # data-parallel size; -1 = world size / (tp·pp·cp)
+    ep: int = 1  # expert-parallel size (MoE layers)
+    etp: int = -1  # expert tensor-parallel size; -1 = tp (Megatron-Core's default)
+    order: str = "tp-cp-ep-dp-pp"  # rank layout, fastest-varying dimension first
     dp_impl: DataParallel = DataParallel.fsdp  # how data parallelism shards and reduces
     timeout_s: float = 600.0  # timeout of every process group (a hang fails, never waits forever)
 

@@ -77,7 +77,7 @@ def run(cfg: DictConfig) -> None:
     # 2-3. Join the job and build the rank groups.
     device = select_device(cfg, launch.local_rank)
     init_distributed(launch, device, cfg.parallel.timeout_s)
-    groups = build_groups(topo, ("dp",), device.type, cfg.parallel.timeout_s)
+    groups = build_groups(topo, device.type, cfg.parallel.timeout_s)
     rank = dist.get_rank()
     torch.manual_seed(cfg.seed)
     if rank == 0:

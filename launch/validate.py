@@ -21,6 +21,20 @@ class ConfigError(ValueError):
         return "invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems)
 
 
+def _tp_problems(m, tp: int) -> list[str]:
+    """Attention and matrices must split evenly over the tensor-parallel ranks."""
+    if tp == 1:
+        return []
+    out = []
+    if m.n_heads % tp:
+        out.append(f"model.n_heads={m.n_heads} is not divisible by parallel.tp={tp}: each TP rank holds "
+                   f"n_heads/tp query heads (valid tp: divisors of {m.n_heads})")
+    if m.n_kv_heads % tp and tp % m.n_kv_heads:
+        out.append(f"model.n_kv_heads={m.n_kv_heads} and parallel.tp={tp}: KV heads are split over TP "
+                   f"ranks when tp divides them, or replicated when they divide tp; neither holds")
+    return out
+
+
 def _model_problems(m) -> list[str]:
     out = []
     for key in ("n_layers", "dim", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
@@ -74,10 +88,32 @@ def _device_problems(cfg) -> list[str]:
 
 
 def unsupported(cfg) -> list[str]:
-    """Dimensions of the config that this build of quintet cannot run yet."""
+    """Dimensions of the config that this build of quintet cannot train with yet."""
     p = cfg.parallel
-    return [f"parallel.{k}={getattr(p, k)}: {k} > 1 is not available yet"
-            for k in ("tp", "pp", "cp") if getattr(p, k) > 1]
+    return [f"parallel.{k}={getattr(p, k)}: training with {k} > 1 is not available yet"
+            for k in ("tp", "pp", "cp", "ep") if getattr(p, k) > 1]
+
+
+def _layout_problems(cfg, world_size: int) -> tuple[Topology | None, list[str]]:
+    problems: list[str] = []
+    try:
+        topo = Topology.from_config(cfg.parallel, world_size)
+    except TopologyError as e:
+        topo = None
+        problems.append(str(e))
+    model = _model_problems(cfg.model)
+    problems += model
+    if not model:
+        problems += _tp_problems(cfg.model, cfg.parallel.tp)
+    return topo, problems
+
+
+def validate_layout(cfg, world_size: int) -> Topology:
+    """The rank layout and the model's fit to it (what `launch.layout` checks)."""
+    topo, problems = _layout_problems(cfg, world_size)
+    if problems:
+        raise ConfigError(problems)
+    return topo
 
 
 def validate(cfg, world_size: int) -> Topology:
@@ -85,13 +121,9 @@ def validate(cfg, world_size: int) -> Topology:
     problems: list[str] = []
     missing = [k for k in ("run_dir",) if OmegaConf.is_missing(cfg, k)]
     problems += [f"{k} is required" for k in missing]
-    try:
-        topo = Topology.from_config(cfg.parallel, world_size)
-    except TopologyError as e:
-        topo = None
-        problems.append(str(e))
+    topo, layout = _layout_problems(cfg, world_size)
+    problems += layout
     problems += unsupported(cfg)
-    problems += _model_problems(cfg.model)
     problems += _train_problems(cfg, topo)
     problems += _device_problems(cfg)
     if cfg.data.name == "tokens" and OmegaConf.is_missing(cfg.data, "path"):

@@ -1,8 +1,9 @@
 """Process groups of one rank, created once from the topology and passed down explicitly.
 
-Every rank calls `dist.new_group` for every group of every dimension in the same order (a
-requirement of torch.distributed); each keeps the handle of the group it belongs to.
-A dimension of size 1 creates no group: its handle is None and collectives over it are skipped.
+Every rank calls `dist.new_group` for every distinct group in the same order (a requirement of
+torch.distributed) and keeps the handles of the groups it belongs to. Groups with the same
+ranks (tp and etp when etp = tp, dp and dp_cp when cp = 1, ...) share one process group. A group
+of one rank creates nothing: its handle is None and collectives over it are skipped.
 """
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ from datetime import timedelta
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-from parallel.mesh import Topology
+from parallel.mesh import GROUP_SPECS, Topology
 
 
 @dataclass
 class Groups:
-    """This rank's process group per dimension name (None for a group of one)."""
+    """This rank's process group per group name (None for a group of one)."""
 
     rank: int
     topology: Topology
@@ -32,25 +33,30 @@ class Groups:
         return len(self.ranks[name])
 
     def index(self, name: str) -> int:
-        """This rank's position within its group of dimension `name`."""
+        """This rank's position within its group `name` (its coordinate in that dimension)."""
         return self.ranks[name].index(self.rank)
 
     def device_mesh(self, name: str) -> DeviceMesh:
         """A 1-D DeviceMesh over this rank's group `name`, for FSDP2 and DTensor."""
+        if self.handles[name] is None:
+            raise ValueError(f"group {name!r} has one rank; no DeviceMesh is made for it")
         return DeviceMesh.from_group(self.handles[name], self.device_type, mesh_dim_names=(name,))
 
 
-def build_groups(topology: Topology, names: tuple[str, ...], device_type: str,
-                 timeout_s: float) -> Groups:
+def build_groups(topology: Topology, device_type: str, timeout_s: float,
+                 names: tuple[str, ...] = tuple(GROUP_SPECS)) -> Groups:
     rank = dist.get_rank()
     groups = Groups(rank=rank, topology=topology, device_type=device_type)
+    made: dict[tuple[int, ...], dist.ProcessGroup] = {}
     for name in names:
         for ranks in topology.groups(name):
+            key = tuple(ranks)
             if len(ranks) == 1:
-                if rank in ranks:
-                    groups.handles[name], groups.ranks[name] = None, ranks
-                continue
-            pg = dist.new_group(ranks, timeout=timedelta(seconds=timeout_s), use_local_synchronization=False)
+                handle = None
+            elif key in made:
+                handle = made[key]
+            else:
+                handle = made[key] = dist.new_group(ranks, timeout=timedelta(seconds=timeout_s))
             if rank in ranks:
-                groups.handles[name], groups.ranks[name] = pg, ranks
+                groups.handles[name], groups.ranks[name] = handle, ranks
     return groups

@@ -53,13 +53,16 @@ def test_the_main_job_lowers_the_loss_by_40_percent(tmp_path):
 
 BAD = {
     # name: (nproc, overrides, text the message must contain)
-    "world size mismatch under torchrun": (2, ["parallel.dp=4"], "tp·pp·cp·dp = 1·1·1·4 = 4 but the world size is 2"),
+    "world size mismatch under torchrun": (2, ["parallel.dp=4"], "tp·cp·dp·pp = 1·1·4·1 = 4 but the world size is 2"),
     "non-integer size under torchrun": (2, ["parallel.tp=two"], "Value 'two' of type 'str' could not be converted to Integer"),
     "batch not divisible": (1, ["train.global_batch_size=12", "train.micro_batch_size=8"],
                             "train.global_batch_size=12 is not divisible by train.micro_batch_size × data-parallel size = 8 × 1 = 8"),
     "unknown model": (1, ["model=huge"], "Could not find 'model/huge'"),
     "missing data file": (1, ["data=tokens", "data.path=/nonexistent/corpus.npy"], "data.path=/nonexistent/corpus.npy does not exist"),
     "unknown dtype": (1, ["train.dtype=float16"], "Invalid value 'float16', expected one of [float32, bfloat16, float64]"),
+    "unknown dimension in the order": (1, ["parallel.order=tp-cp-xx-dp-pp"], "parallel.order='tp-cp-xx-dp-pp' has unknown dimension(s) ['xx']"),
+    "experts not fitting the stage under torchrun": (2, ["parallel.ep=3"],
+                                                     "etp·ep = 1·3 = 3 does not divide the ranks of a pipeline stage, tp·cp·dp = 1·1·2 = 2"),
 }
 
 

@@ -36,14 +36,15 @@ def test_composition_rejects_wrong_types_and_names(override, fragment):
 def test_all_problems_are_reported_together_with_their_values():
     found = problems(["run_dir=/x", "parallel.dp=3", "model.n_heads=6", "model.n_kv_heads=4",
                       "train.seq_len=0"], world_size=2)
-    assert "tp·pp·cp·dp = 1·1·1·3 = 3 but the world size is 2" in found[0]
+    assert "tp·cp·dp·pp = 1·1·3·1 = 3 but the world size is 2" in found[0]
     assert "model.dim=256 is not divisible by model.n_heads=6" in found[1]
     assert "model.n_heads=6 is not divisible by model.n_kv_heads=4" in found[2]
     assert "train.seq_len=0 must be ≥ 1" in found[3]
 
 
 def test_world_size_must_fill_dp_evenly():
-    assert "world size 3 is not divisible by tp·pp·cp" not in str(problems(["run_dir=/x", "parallel.dp=2"], 3))
+    (msg,) = problems(["run_dir=/x", "parallel.tp=2"], 3)
+    assert "world size 3 is not divisible by tp·cp·pp = 2·1·1 = 2, so parallel.dp=-1 has no value" in msg
     (msg,) = problems(["run_dir=/x", "parallel.dp=0"], 2)
     assert "parallel.dp=0: sizes must be ≥ 1" in msg
 
