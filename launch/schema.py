@@ -33,6 +33,12 @@ class DataParallel(enum.Enum):
     ddp = "ddp"  # torch DistributedDataParallel: replicated, gradients all-reduced
 
 
+class ActivationCheckpoint(enum.Enum):
+    none = "none"  # keep every activation
+    full = "full"  # recompute each Transformer block in backward
+    selective = "selective"  # recompute only the attention core (scores, softmax)
+
+
 class Device(enum.Enum):
     auto = "auto"  # cuda when available, else cpu
     cpu = "cpu"
@@ -75,7 +81,11 @@ class ParallelConfig:
     ep: int = 1  # expert-parallel size (MoE layers)
     etp: int = -1  # expert tensor-parallel size; -1 = tp (Megatron-Core's default)
     order: str = "tp-cp-ep-dp-pp"  # rank layout, fastest-varying dimension first
+    sp: bool = False  # sequence parallelism: norms and residual stream on sequence shards (needs tp > 1)
     dp_impl: DataParallel = DataParallel.fsdp  # how data parallelism shards and reduces
+    dp_replicate: int = 1  # HSDP: replicas of an FSDP group sharded over dp·cp/dp_replicate ranks
+    reshard_after_forward: bool = True  # false = ZeRO-2-like: keep gathered parameters until backward
+    activation_checkpoint: ActivationCheckpoint = ActivationCheckpoint.none  # none | full | selective
     timeout_s: float = 600.0  # timeout of every process group (a hang fails, never waits forever)
 
 

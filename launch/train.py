@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 
 import hydra
@@ -22,16 +23,15 @@ from omegaconf import DictConfig, OmegaConf
 from launch import config as launch_config
 from launch import env as launch_env
 from launch.validate import ConfigError, validate
-from parallel.data_parallel import apply_ddp, apply_fsdp
 from parallel.groups import build_groups
-from parallel.materialize import materialize
+from parallel.parallelize import parallelize
 from parallel.reduce import DataReducer
 from runtime.checkpoint import SyncCheckpointer
 from runtime.data import BatchLoader, load_tokens
 from runtime.metrics import MetricsSink
 from runtime.model import ModelArgs, Transformer, num_params
 from runtime.optim import build_optimizer
-from runtime.trainer import Schedule, Trainer
+from runtime.trainer import Schedule, Trainer, cross_entropy_sum
 
 log = logging.getLogger("quintet")
 EXIT_BAD_CONFIG = 2
@@ -68,8 +68,21 @@ def autocast_dtype(cfg) -> torch.dtype | None:
     return torch.bfloat16 if cfg.train.dtype.value == "bfloat16" else None
 
 
-def run(cfg: DictConfig) -> None:
-    """Train as configured, on this rank; the caller has validated nothing yet."""
+@dataclass
+class TrainingRun:
+    """Everything `setup` assembles on this rank; `run` trains with it."""
+
+    cfg: DictConfig
+    groups: object
+    parallel: object  # parallel.parallelize.Parallelized
+    optimizer: torch.optim.Optimizer
+    trainer: Trainer
+    metrics: MetricsSink
+    start_step: int
+
+
+def setup(cfg: DictConfig) -> TrainingRun:
+    """Steps 1-6 of a run on this rank; the caller has validated nothing yet."""
     # 1. Validate on every rank before any process group exists.
     launch = launch_env.detect()
     topo = validate(cfg, launch.world_size)
@@ -85,23 +98,21 @@ def run(cfg: DictConfig) -> None:
         with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
             f.write(OmegaConf.to_yaml(cfg, resolve=True))
 
-    # 4. The model on the meta device, then parallelised (data parallel only, so far).
+    # 4. The model on the meta device, then parallelised in DESIGN.md's fixed order.
     args = ModelArgs.from_config(cfg.model)
     with torch.device("meta"):
         model = Transformer(args).to(param_dtype(cfg))
-    init_full = model.init_full
-    dp_impl = cfg.parallel.dp_impl.value
-    if topo.dp > 1 and dp_impl == "fsdp":
-        model = apply_fsdp(model, groups.device_mesh("dp"))
+    n_params = num_params(model)
+    par = parallelize(model, groups, cfg.parallel, cross_entropy_sum)
 
     # 5. Real storage and the same initial values as one process.
-    materialize(model, init_full, device, cfg.seed)
-    if topo.dp > 1 and dp_impl == "ddp":
-        model = apply_ddp(model, groups["dp"], device)
+    par.materialize(device, cfg.seed)
+    model = par.model
     if rank == 0:
-        log.info("model %s: %.2fM parameters; world %d (dp=%d, %s); device %s; run_dir %s",
-                 cfg.model.name, num_params(model) / 1e6, topo.world_size,
-                 topo.dp, dp_impl, device, cfg.run_dir)
+        log.info("model %s: %.2fM parameters; world %d (%s); device %s; run_dir %s", cfg.model.name,
+                 n_params / 1e6, topo.world_size, " ".join(f"{k}={v}" for k, v in topo.sizes().items()
+                                                           if k != "world" and v > 1) or "one rank",
+                 device, cfg.run_dir)
 
     # 6. Optimizer, schedule, data, checkpoints; resume when a checkpoint exists.
     optimizer = build_optimizer(model, cfg.optim, cfg.train.lr)
@@ -113,7 +124,7 @@ def run(cfg: DictConfig) -> None:
     start_step = 0
     latest = checkpointer.latest() if cfg.checkpoint.resume else None
     if latest is not None:
-        start_step = checkpointer.load(latest, model, optimizer)["step"]
+        start_step = checkpointer.load(latest, par, optimizer)["step"]
         if rank == 0:
             log.info("resumed from %s at step %d", latest, start_step)
     metrics = MetricsSink(cfg.run_dir, active=rank == 0, total_steps=cfg.train.steps,
@@ -121,17 +132,23 @@ def run(cfg: DictConfig) -> None:
                           config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
     metrics.truncate_after(start_step)
 
-    # 7. The loop.
     trainer = Trainer(
-        model=model, optimizer=optimizer, schedule=schedule, loader=loader,
+        parallel=par, optimizer=optimizer, schedule=schedule, loader=loader,
         checkpointer=checkpointer, metrics=metrics, reducer=DataReducer([groups["dp"]]),
         device=device, steps=cfg.train.steps, grad_clip=cfg.optim.grad_clip,
         autocast_dtype=autocast_dtype(cfg),
         tokens_per_step=cfg.train.global_batch_size * cfg.train.seq_len)
+    return TrainingRun(cfg, groups, par, optimizer, trainer, metrics, start_step)
+
+
+def run(cfg: DictConfig) -> None:
+    """Train as configured, on this rank."""
+    r = setup(cfg)
+    # 7. The loop.
     try:
-        trainer.fit(start_step, cfg.train.stop_at_step)
+        r.trainer.fit(r.start_step, cfg.train.stop_at_step)
     finally:
-        metrics.close()
+        r.metrics.close()
 
 
 def report_config_error(error: ConfigError) -> None:

@@ -32,6 +32,11 @@ def _tp_problems(m, tp: int) -> list[str]:
     if m.n_kv_heads % tp and tp % m.n_kv_heads:
         out.append(f"model.n_kv_heads={m.n_kv_heads} and parallel.tp={tp}: KV heads are split over TP "
                    f"ranks when tp divides them, or replicated when they divide tp; neither holds")
+    if m.vocab_size % tp:
+        out.append(f"model.vocab_size={m.vocab_size} is not divisible by parallel.tp={tp}: the embedding "
+                   f"and head are split by vocabulary rows (pad the vocabulary to a multiple of {tp})")
+    if m.ffn_dim % tp:
+        out.append(f"model.ffn_dim={m.ffn_dim} (the MLP hidden size) is not divisible by parallel.tp={tp}")
     return out
 
 
@@ -70,6 +75,16 @@ def _train_problems(cfg, topo: Topology | None) -> list[str]:
         out.append(f"train.stop_at_step={t.stop_at_step} must be between 0 (off) and train.steps={t.steps}")
     if t.lr <= 0:
         out.append(f"train.lr={t.lr} must be > 0")
+    p = cfg.parallel
+    if p.sp and p.tp == 1:
+        out.append("parallel.sp=true needs parallel.tp > 1: sequence parallelism splits the sequence "
+                   "over the tensor-parallel ranks")
+    elif p.sp and t.seq_len % p.tp:
+        out.append(f"train.seq_len={t.seq_len} is not divisible by parallel.tp={p.tp}, which "
+                   f"sequence parallelism (parallel.sp=true) splits it over")
+    if p.dp_replicate > 1 and p.dp_impl.value != "fsdp":
+        out.append(f"parallel.dp_replicate={p.dp_replicate} (HSDP) needs parallel.dp_impl=fsdp, "
+                   f"not {p.dp_impl.value}")
     if cfg.checkpoint.every < 0:
         out.append(f"checkpoint.every={cfg.checkpoint.every} must be ≥ 0 (0 = no checkpoints)")
     return out
@@ -91,7 +106,7 @@ def unsupported(cfg) -> list[str]:
     """Dimensions of the config that this build of quintet cannot train with yet."""
     p = cfg.parallel
     return [f"parallel.{k}={getattr(p, k)}: training with {k} > 1 is not available yet"
-            for k in ("tp", "pp", "cp", "ep") if getattr(p, k) > 1]
+            for k in ("pp", "cp", "ep") if getattr(p, k) > 1]
 
 
 def _layout_problems(cfg, world_size: int) -> tuple[Topology | None, list[str]]:

@@ -18,13 +18,16 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 
-def apply_fsdp(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool = True) -> nn.Module:
     """Shard every Transformer block, then the rest (embedding, final norm, head) at the root.
 
-    Call on the meta-device model; parameters become DTensors sharded on dim 0 over `mesh`.
+    Call on the meta-device model; parameters become DTensors sharded on dim 0 over `mesh`
+    (a 1-D mesh: fully sharded; a 2-D (replicate, shard) mesh: HSDP). With
+    `reshard_after_forward=False` blocks keep their gathered parameters until backward
+    (ZeRO-2-like: gradients and optimizer states stay sharded, no re-gather in backward).
     """
     for layer in model.layers.values():
-        fully_shard(layer, mesh=mesh)
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
     # The root's parameters are used again right at the start of backward: keep them gathered.
     fully_shard(model, mesh=mesh, reshard_after_forward=False)
     for module in model.modules():

@@ -13,7 +13,9 @@ from datetime import timedelta
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-from parallel.mesh import GROUP_SPECS, Topology
+import numpy as np
+
+from parallel.mesh import GROUP_SPECS, HSDP_GROUPS, Topology
 
 
 @dataclass
@@ -42,9 +44,16 @@ class Groups:
             raise ValueError(f"group {name!r} has one rank; no DeviceMesh is made for it")
         return DeviceMesh.from_group(self.handles[name], self.device_type, mesh_dim_names=(name,))
 
+    def hsdp_mesh(self) -> DeviceMesh:
+        """The 2-D (dp_replicate, dp_shard) DeviceMesh over this rank's dp_cp group, for HSDP."""
+        rep, shard = self.size("dp_replicate"), self.size("dp_shard")
+        mesh = np.array(self.ranks["dp_cp"]).reshape(rep, shard)
+        return DeviceMesh.from_group([self.handles["dp_replicate"], self.handles["dp_shard"]], self.device_type,
+                                     mesh=mesh, mesh_dim_names=("dp_replicate", "dp_shard"))
+
 
 def build_groups(topology: Topology, device_type: str, timeout_s: float,
-                 names: tuple[str, ...] = tuple(GROUP_SPECS)) -> Groups:
+                 names: tuple[str, ...] = (*GROUP_SPECS, *HSDP_GROUPS)) -> Groups:
     rank = dist.get_rank()
     groups = Groups(rank=rank, topology=topology, device_type=device_type)
     made: dict[tuple[int, ...], dist.ProcessGroup] = {}

@@ -11,7 +11,9 @@ import hashlib
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
+
+from parallel.sharding import ShardingPlan, local_block
 
 # Prefixes that wrappers insert into parameter names (DDP, activation checkpointing, compile).
 _WRAPPER_PARTS = ("module", "_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_module")
@@ -27,25 +29,20 @@ def name_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def local_part(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-    """The piece of `full` that `param` holds on this rank."""
-    if isinstance(param, DTensor):
-        # src_data_rank=None: every rank slices its own shard locally, no communication.
-        return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
-    return full
-
-
-def materialize(model: nn.Module, init_full, device: torch.device, seed: int) -> None:
+def materialize(model: nn.Module, init_full, device: torch.device, seed: int,
+                plan: ShardingPlan | None = None) -> None:
     """Allocate `model` on `device` and set every parameter from `init_full(name, shape, gen)`.
 
     `init_full` is the model's own initialiser (runtime.model.Transformer.init_full); it gets
-    the full (global) shape and returns the full value.
+    the full shape of the parameter (before any parallelism) and returns its full value, of
+    which this rank keeps the block the sharding plan and FSDP assign it.
     """
+    plan = plan or ShardingPlan()
     model.to_empty(device=device)
     with torch.no_grad():
         for name, param in model.named_parameters():
             name = canonical_name(name)
             generator = torch.Generator().manual_seed(name_seed(seed, name))
-            full = init_full(name, param.shape, generator)
+            full = init_full(name, torch.Size(plan.full_shape(name, param)), generator)
             target = param.to_local() if isinstance(param, DTensor) else param
-            target.copy_(local_part(param, full))
+            target.copy_(full[local_block(plan, name, param)])

@@ -38,6 +38,9 @@ GROUP_SPECS: dict[str, tuple[str, tuple[str, ...]]] = {
     "edp": ("expert", ("dp",)),  # expert gradient reduction
     "tp_ep": ("expert", ("tp", "ep")),
 }
+# Hybrid sharding (HSDP) splits each dp_cp group into `dp_replicate` replicas of a sharded group:
+# shards are runs of neighbouring members, replicas are strided.
+HSDP_GROUPS = ("dp_shard", "dp_replicate")
 # The groups `launch.layout` prints (DESIGN.md Section 4), and the coordinates it reports.
 LAYOUT_GROUPS = ("tp", "cp", "dp", "pp", "dp_cp", "ep", "etp", "edp")
 COORD_DIMS = ("tp", "cp", "dp", "pp", "ep", "etp", "edp")
@@ -86,6 +89,7 @@ class Topology:
     pp: int = 1
     etp: int = 1
     order: str = DEFAULT_ORDER
+    dp_replicate: int = 1
 
     @property
     def edp(self) -> int:
@@ -121,8 +125,13 @@ class Topology:
                 f"etp·ep = {etp}·{ep} = {etp * ep} does not divide the ranks of a pipeline stage, "
                 f"tp·cp·dp = {tp}·{cp}·{dp} = {stage}; the expert view ETP×EP×EDP must fill the same "
                 f"ranks as TP×CP×DP (choose etp·ep among the divisors of {stage})")
+        replicas = getattr(parallel, "dp_replicate", 1)
+        if replicas < 1 or (dp * cp) % replicas:
+            raise TopologyError(
+                f"parallel.dp_replicate={replicas} must divide the data-parallel ranks dp·cp = {dp}·{cp} = "
+                f"{dp * cp} (HSDP: dp_replicate replicas of a group sharded over dp·cp/dp_replicate ranks)")
         topo = cls(world_size=world_size, tp=tp, cp=cp, ep=ep, dp=dp, pp=pp, etp=etp,
-                   order="-".join(parse_order(parallel.order)))
+                   order="-".join(parse_order(parallel.order)), dp_replicate=replicas)
         topo.check()
         return topo
 
@@ -168,7 +177,11 @@ class Topology:
     @cached_property
     def _all_groups(self) -> dict[str, list[list[int]]]:
         views = {v: self._view(v) for v in ("dense", "expert")}
-        return {name: rank_groups(*views[view], dims) for name, (view, dims) in GROUP_SPECS.items()}
+        groups = {name: rank_groups(*views[view], dims) for name, (view, dims) in GROUP_SPECS.items()}
+        shard = len(groups["dp_cp"][0]) // self.dp_replicate
+        groups["dp_shard"] = [g[i:i + shard] for g in groups["dp_cp"] for i in range(0, len(g), shard)]
+        groups["dp_replicate"] = [g[j::shard] for g in groups["dp_cp"] for j in range(shard)]
+        return groups
 
     def group_of(self, name: str, rank: int) -> list[int]:
         for ranks in self.groups(name):
@@ -187,4 +200,4 @@ class Topology:
 
     def sizes(self) -> dict[str, int]:
         return {"world": self.world_size, "tp": self.tp, "cp": self.cp, "dp": self.dp, "pp": self.pp,
-                "ep": self.ep, "etp": self.etp, "edp": self.edp}
+                "ep": self.ep, "etp": self.etp, "edp": self.edp, "dp_replicate": self.dp_replicate}

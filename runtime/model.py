@@ -145,12 +145,13 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """tokens: [b, s] ids (or [b, s, dim] activations when this part has no embedding).
 
-        positions: [s] original token positions (default 0..s-1). Returns [b, s, vocab] logits,
+        positions: [s] original token positions (default 0..s-1 for the s positions of `tokens`;
+        a part whose input activations are sequence-sharded must pass them). Returns [b, s, vocab] logits,
         or [b, s, dim] activations when this part has no head.
         """
-        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         if positions is None:
-            positions = torch.arange(h.shape[1], device=h.device)
+            positions = torch.arange(tokens.shape[1], device=tokens.device)
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         rope = rotary_tables(positions, self.args.head_dim, self.args.rope_theta, h.dtype)
         for layer in self.layers.values():
             h = layer(h, rope)

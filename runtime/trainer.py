@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 from parallel.data_parallel import gradient_sync
-from parallel.grad_norm import clip_grad_norm_
 from runtime.optim import lr_at, set_lr
 from runtime.metrics import StepTimer
 
@@ -41,15 +40,17 @@ class Schedule:
 
 
 class Trainer:
-    def __init__(self, *, model, optimizer, schedule: Schedule, loader, checkpointer, metrics,
+    def __init__(self, *, parallel, optimizer, schedule: Schedule, loader, checkpointer, metrics,
                  reducer, device: torch.device, steps: int, grad_clip: float,
                  autocast_dtype: torch.dtype | None, tokens_per_step: int):
-        self.model, self.optimizer, self.schedule = model, optimizer, schedule
+        """`parallel`: the parallelised model (parallel.parallelize.Parallelized): its module,
+        loss function, gradient completion and global-norm clipping."""
+        self.parallel, self.model = parallel, parallel.model
+        self.optimizer, self.schedule = optimizer, schedule
         self.loader, self.checkpointer, self.metrics, self.reducer = loader, checkpointer, metrics, reducer
         self.device, self.steps, self.grad_clip = device, steps, grad_clip
         self.autocast_dtype, self.tokens_per_step = autocast_dtype, tokens_per_step
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.loss_dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)
+        self.loss_dtype = torch.promote_types(next(self.model.parameters()).dtype, torch.float32)
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -68,7 +69,7 @@ class Trainer:
             with gradient_sync(self.model, enabled=i == len(batches) - 1):
                 with self._autocast():
                     logits = self.model(tokens)
-                part = cross_entropy_sum(logits, labels)
+                part = self.parallel.loss_fn(logits, labels)
                 (part / n_targets).backward()
             loss_sum += part.detach()
         return loss_sum, n_targets
@@ -77,7 +78,8 @@ class Trainer:
         """Optimizer step `step` (0-based); returns its metrics."""
         loss_sum, n_targets = self.forward_backward(self.loader.step(step))
         loss = self.reducer.sum(loss_sum) / n_targets
-        grad_norm = clip_grad_norm_(self.params, self.grad_clip)
+        self.parallel.finish_grads()
+        grad_norm = self.parallel.clip_grad_norm_(self.grad_clip)
         lr = self.schedule(step)
         set_lr(self.optimizer, lr)
         self.checkpointer.wait()  # a pending checkpoint must have copied the state first
@@ -97,6 +99,6 @@ class Trainer:
             self.metrics.log(metrics)
             done = step + 1
             if self.checkpointer.due(done, self.steps, stopping=done == end < self.steps):
-                self.checkpointer.request(done, self.model, self.optimizer,
+                self.checkpointer.request(done, self.parallel, self.optimizer,
                                           {"tokens": done * self.tokens_per_step})
                 timer.lap()  # a blocking save is not training time; logging above is

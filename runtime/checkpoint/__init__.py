@@ -1,4 +1,5 @@
 """Checkpoint engines: save the training state in a layout-independent format and resume."""
-from runtime.checkpoint.sync import CheckpointError, SyncCheckpointer
+from runtime.checkpoint.format import CheckpointError
+from runtime.checkpoint.sync import SyncCheckpointer
 
 __all__ = ["CheckpointError", "SyncCheckpointer"]

@@ -1,31 +1,30 @@
-"""The blocking checkpoint engine: PyTorch DCP, sharded and reshardable, with an atomic commit.
+"""The blocking checkpoint engine, with a two-phase commit.
 
 Layout of `checkpoint.dir`:
-    step_00000010/   DCP shards + .metadata, and trainer.json (step, tokens) written last
+    step_00000010/   shard-<rank>.bin/.json (runtime/checkpoint/format.py), trainer.json last
     latest           the name of the newest complete checkpoint
 
-Commit protocol: every rank writes its shards (DCP), all ranks meet at a barrier, then rank 0
-writes trainer.json and replaces `latest` atomically (write, fsync, rename). A crash at any
-point leaves `latest` naming the previous complete checkpoint. The keys are parameter names
-of the unwrapped model (DCP's state-dict helpers strip DDP/FSDP/compile wrappers), so a
-checkpoint loads into any layout.
+Commit protocol: the ranks agree which of them writes each block (a block held by several
+ranks — replicated parameters, DDP replicas — is written once, by the lowest such rank); every
+rank writes and fsyncs its shard; all meet at a barrier; then rank 0 writes trainer.json and
+replaces `latest` atomically (write, fsync, rename). A crash at any point leaves `latest` naming
+the previous complete checkpoint.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from parallel.state import state_blocks
+from runtime.checkpoint.format import CheckpointError, load_blocks, write_shard
+from runtime.optim import init_optimizer_state
 
 
-class CheckpointError(RuntimeError):
-    pass
-
-
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -39,6 +38,19 @@ def _atomic_write(path: Path, text: str) -> None:
         os.close(dir_fd)
 
 
+def owned_blocks(blocks, rank: int) -> list:
+    """The blocks this rank writes: of identical (key, block) pairs on several ranks, the lowest
+    rank's. Costs one all-gather of the block coordinates (metadata, not data)."""
+    mine = [(b.key, tuple(map(tuple, b.coords()))) for b in blocks]
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    first_holder: dict = {}
+    for r, held in enumerate(everyone):
+        for item in held:
+            first_holder.setdefault(item, r)
+    return [b for b, item in zip(blocks, mine) if first_holder[item] == rank]
+
+
 class SyncCheckpointer:
     def __init__(self, directory: str, every: int, rank: int):
         self.dir, self.every, self.rank = Path(directory), every, rank
@@ -49,15 +61,17 @@ class SyncCheckpointer:
         A launch that stops early always saves: stopping is for resuming later."""
         return stopping or (self.every > 0 and (step % self.every == 0 or step == last_step))
 
-    def request(self, step: int, model, optimizer, trainer_state: dict) -> None:
+    def request(self, step: int, parallel, optimizer, trainer_state: dict) -> None:
         """Save the state after `step` completed optimizer steps; returns when it is committed."""
         path = self.dir / f"step_{step:08d}"
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
-        dist.barrier()  # every rank's shards are written before anything names them complete
+        if self.rank == 0 and path.exists():
+            shutil.rmtree(path)  # an earlier, uncommitted attempt at this step
+        dist.barrier()
+        write_shard(path, self.rank, owned_blocks(state_blocks(parallel, optimizer), self.rank))
+        dist.barrier()  # every rank's shard is durable before anything names the checkpoint
         if self.rank == 0:
-            _atomic_write(path / "trainer.json", json.dumps({"step": step, **trainer_state}) + "\n")
-            _atomic_write(self.dir / "latest", path.name + "\n")
+            atomic_write(path / "trainer.json", json.dumps({"step": step, **trainer_state}) + "\n")
+            atomic_write(self.dir / "latest", path.name + "\n")
         dist.barrier()  # nobody starts the next save while `latest` may still name the old one
 
     def wait(self) -> None:
@@ -73,10 +87,8 @@ class SyncCheckpointer:
                                   "is incomplete; remove the marker to start over")
         return path
 
-    def load(self, path: Path, model, optimizer) -> dict:
-        """Load the checkpoint at `path` into the (parallelised) model and optimizer."""
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    def load(self, path: Path, parallel, optimizer) -> dict:
+        """Load the checkpoint at `path` into the parallelised model and optimizer (any layout)."""
+        init_optimizer_state(optimizer)
+        load_blocks(path, state_blocks(parallel, optimizer))
         return json.loads((path / "trainer.json").read_text())

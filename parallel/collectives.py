@@ -1,0 +1,135 @@
+"""Collectives with autograd rules, one small named function each.
+
+These are the conjugate pairs of Megatron-LM (Shoeybi et al., 2019, "Megatron-LM: Training
+Multi-Billion Parameter Language Models Using Model Parallelism", §3: the `f` and `g`
+operators) and of sequence parallelism (Korthikanti et al., 2022, "Reducing Activation
+Recomputation in Large Transformer Models", §4.2.2: `g` and `ḡ`). Each states what happens
+forward and backward; all work on gloo and NCCL (tensor collectives along dimension 0).
+
+    pytest tests/dist/test_tensor_parallel.py -k primitive
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def all_gather_along(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """Concatenate every rank's `x` along `dim` (rank order)."""
+    n = dist.get_world_size(group)
+    front = x.movedim(dim, 0).contiguous()
+    out = torch.empty((n * front.shape[0], *front.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.all_gather_into_tensor(out, front, group=group)
+    return out.movedim(0, dim)
+
+
+def reduce_scatter_along(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """Sum `x` over ranks and keep this rank's 1/n slice along `dim`."""
+    n = dist.get_world_size(group)
+    front = x.movedim(dim, 0).contiguous()
+    if front.shape[0] % n:
+        raise ValueError(f"dimension {dim} of size {front.shape[0]} does not split over {n} ranks")
+    out = torch.empty((front.shape[0] // n, *front.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.reduce_scatter_tensor(out, front, group=group)
+    return out.movedim(0, dim)
+
+
+def local_slice(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    n, r = dist.get_world_size(group), dist.get_rank(group)
+    return x.chunk(n, dim)[r].contiguous()
+
+
+class CopyToParallelRegion(torch.autograd.Function):
+    """Megatron's `f`. Forward: identity (the input is replicated on every TP rank).
+    Backward: all-reduce (sum) the gradient over the TP group, since each rank's parallel
+    region contributed only its part of it."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class ReduceFromParallelRegion(torch.autograd.Function):
+    """Megatron's `g`. Forward: all-reduce (sum) the partial outputs of the TP ranks.
+    Backward: identity (every rank needs the whole output gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.contiguous()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class GatherFromSequenceParallelRegion(torch.autograd.Function):
+    """Sequence parallelism's `g`. Forward: all-gather the sequence shards along `dim` into the
+    whole sequence. Backward: reduce-scatter the gradient along `dim` (sum over the TP ranks'
+    parallel regions, keep this rank's shard)."""
+
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return all_gather_along(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return reduce_scatter_along(grad, ctx.dim, ctx.group), None, None
+
+
+class ReduceScatterToSequenceParallelRegion(torch.autograd.Function):
+    """Sequence parallelism's `ḡ`. Forward: reduce-scatter the partial outputs along `dim`
+    (sum over TP ranks, keep this rank's sequence shard). Backward: all-gather the gradient
+    shards along `dim`."""
+
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return reduce_scatter_along(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather_along(grad, ctx.dim, ctx.group), None, None
+
+
+class ScatterToSequenceParallelRegion(torch.autograd.Function):
+    """Forward: keep this rank's shard of a replicated tensor along `dim`.
+    Backward: all-gather the gradient shards (each rank holds the gradient of its shard)."""
+
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return local_slice(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather_along(grad, ctx.dim, ctx.group), None, None
+
+
+def copy_to_tp(x, group):
+    return CopyToParallelRegion.apply(x, group)
+
+
+def reduce_from_tp(x, group):
+    return ReduceFromParallelRegion.apply(x, group)
+
+
+def gather_sequence(x, group, dim: int = 1):
+    return GatherFromSequenceParallelRegion.apply(x, dim, group)
+
+
+def reduce_scatter_sequence(x, group, dim: int = 1):
+    return ReduceScatterToSequenceParallelRegion.apply(x, dim, group)
+
+
+def scatter_sequence(x, group, dim: int = 1):
+    return ScatterToSequenceParallelRegion.apply(x, dim, group)

@@ -1,0 +1,47 @@
+"""This rank's training state as blocks of full tensors: what a checkpoint stores and restores.
+
+Every parameter and every optimizer state tensor of the same shape is a rectangle (`block`) of
+a full tensor named by its canonical key; scalar optimizer states are whole. A layout is then
+only a choice of rectangles, so a checkpoint written by one layout loads into any other.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from parallel.materialize import canonical_name
+from parallel.sharding import local_block
+
+
+@dataclass
+class StateBlock:
+    key: str  # "model/<param name>" or "optim/<param name>/<state name>"
+    local: torch.Tensor  # this rank's piece, a view of the live tensor
+    full_shape: tuple[int, ...]
+    block: tuple[slice, ...]  # where `local` sits in the full tensor
+
+    def coords(self) -> list[list[int]]:
+        return [[s.start, s.stop] for s in self.block]
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def state_blocks(parallel, optimizer) -> list[StateBlock]:
+    """Blocks of the model's parameters and of the optimizer's per-parameter state."""
+    out = []
+    for name, p in parallel.model.named_parameters():
+        name = canonical_name(name)
+        full, block = parallel.plan.full_shape(name, p), local_block(parallel.plan, name, p)
+        out.append(StateBlock(f"model/{name}", _local(p), full, block))
+        for key, value in optimizer.state.get(p, {}).items():
+            if not torch.is_tensor(value):
+                continue
+            if value.dim() == 0:
+                out.append(StateBlock(f"optim/{name}/{key}", value, (), ()))
+            else:
+                out.append(StateBlock(f"optim/{name}/{key}", _local(value), full, block))
+    return out

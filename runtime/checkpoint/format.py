@@ -1,0 +1,120 @@
+"""quintet's checkpoint format: blocks of full tensors, raw bytes, JSON index, CRC32.
+
+A checkpoint directory holds, for every rank that owned data, `shard-<rank>.bin` (the raw bytes
+of its blocks, back to back) and `shard-<rank>.json` (per block: key, dtype, full shape, block
+coordinates, byte offset, length, CRC32). A block is a rectangle of a full tensor; several
+ranks' blocks of one key tile the full tensor. Loading into any layout reads, for each local
+block, the stored blocks that overlap it and copies the intersections — so tensor, data,
+pipeline and expert sizes may all differ between save and load. Nothing is unpickled: the
+index is JSON and tensor data is raw bytes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from pathlib import Path
+
+import torch
+
+FORMAT = "quintet-blocks-1"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise CheckpointError(f"unknown dtype {name!r} in checkpoint index")
+    return dtype
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_shard(directory: Path, rank: int, blocks) -> None:
+    """Write this rank's `blocks` (StateBlock-like: key, local, full_shape, coords()) durably."""
+    directory.mkdir(parents=True, exist_ok=True)
+    entries, offset = [], 0
+    with open(directory / f"shard-{rank:05d}.bin", "wb") as f:
+        for b in blocks:
+            data = b.local.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+            f.write(memoryview(data))
+            entries.append({"key": b.key, "dtype": str(b.local.dtype).removeprefix("torch."),
+                            "full_shape": list(b.full_shape), "block": b.coords(),
+                            "offset": offset, "nbytes": int(data.nbytes), "crc32": zlib.crc32(data)})
+            offset += data.nbytes
+        f.flush()
+        os.fsync(f.fileno())
+    index = directory / f"shard-{rank:05d}.json"
+    with open(index, "w") as f:
+        json.dump({"format": FORMAT, "rank": rank, "entries": entries}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(directory)
+
+
+def read_index(directory: Path) -> dict[str, list[dict]]:
+    """key -> stored blocks (each with the file holding it)."""
+    index: dict[str, list[dict]] = {}
+    files = sorted(directory.glob("shard-*.json"))
+    if not files:
+        raise CheckpointError(f"{directory} holds no shard index (shard-*.json)")
+    for path in files:
+        meta = json.loads(path.read_text())
+        if meta.get("format") != FORMAT:
+            raise CheckpointError(f"{path} is not a {FORMAT} index (format {meta.get('format')!r})")
+        for e in meta["entries"]:
+            index.setdefault(e["key"], []).append({**e, "file": path.with_suffix(".bin")})
+    return index
+
+
+def _read_entry(entry: dict, cache: dict) -> torch.Tensor:
+    key = (entry["file"], entry["offset"])
+    if key not in cache:
+        with open(entry["file"], "rb") as f:
+            f.seek(entry["offset"])
+            raw = f.read(entry["nbytes"])
+        if len(raw) != entry["nbytes"] or zlib.crc32(raw) != entry["crc32"]:
+            raise CheckpointError(f"{entry['file']}: block of {entry['key']} at byte {entry['offset']} is "
+                                  f"corrupt (checksum mismatch or short read); the checkpoint cannot be used")
+        shape = [stop - start for start, stop in entry["block"]]
+        cache[key] = torch.frombuffer(bytearray(raw), dtype=_dtype(entry["dtype"])).reshape(shape)
+    return cache[key]
+
+
+def load_blocks(directory: Path, blocks, index: dict | None = None) -> None:
+    """Fill every local block from the stored blocks overlapping it; raises CheckpointError when a
+    key is missing, its full shape differs, or the stored blocks do not cover a local block."""
+    index = read_index(directory) if index is None else index
+    cache: dict = {}
+    for b in blocks:
+        stored = index.get(b.key)
+        if not stored:
+            raise CheckpointError(f"{directory} has no {b.key}")
+        if list(stored[0]["full_shape"]) != list(b.full_shape):
+            raise CheckpointError(f"{b.key} has shape {tuple(stored[0]['full_shape'])} in {directory}, "
+                                  f"but {tuple(b.full_shape)} in this model")
+        want = b.coords()
+        covered = torch.zeros(b.local.shape, dtype=torch.bool)
+        for entry in stored:
+            lo = [max(a, c) for (a, _), (c, _) in zip(want, entry["block"])]
+            hi = [min(a, c) for (_, a), (_, c) in zip(want, entry["block"])]
+            if any(low >= high for low, high in zip(lo, hi)):
+                continue  # no overlap (a scalar, with no dimensions, always overlaps)
+            src = _read_entry(entry, cache)
+            src_idx = tuple(slice(low - c, high - c) for low, high, (c, _) in zip(lo, hi, entry["block"]))
+            dst_idx = tuple(slice(low - a, high - a) for low, high, (a, _) in zip(lo, hi, want))
+            with torch.no_grad():
+                b.local[dst_idx].copy_(src[src_idx])
+            covered[dst_idx] = True
+        if not bool(covered.all()):
+            raise CheckpointError(f"{directory}: the stored blocks of {b.key} cover "
+                                  f"{int(covered.sum())} of the {b.local.numel()} elements this rank needs")
