@@ -3,7 +3,8 @@
 Every rank calls `dist.new_group` for every distinct group in the same order (a requirement of
 torch.distributed) and keeps the handles of the groups it belongs to. Groups with the same
 ranks (tp and etp when etp = tp, dp and dp_cp when cp = 1, ...) share one process group. A group
-of one rank creates nothing: its handle is None and collectives over it are skipped.
+of one rank creates nothing (its handle is None and collectives over it are skipped), except
+where a DeviceMesh needs one (HSDP with a shard or replica group of one).
 """
 from __future__ import annotations
 
@@ -57,10 +58,12 @@ def build_groups(topology: Topology, device_type: str, timeout_s: float,
     rank = dist.get_rank()
     groups = Groups(rank=rank, topology=topology, device_type=device_type)
     made: dict[tuple[int, ...], dist.ProcessGroup] = {}
+    # HSDP's DeviceMesh needs a process group for each of its two dimensions, even one of size 1.
+    keep_singletons = set(HSDP_GROUPS) if topology.dp_replicate > 1 else set()
     for name in names:
         for ranks in topology.groups(name):
             key = tuple(ranks)
-            if len(ranks) == 1:
+            if len(ranks) == 1 and name not in keep_singletons:
                 handle = None
             elif key in made:
                 handle = made[key]

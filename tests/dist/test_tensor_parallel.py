@@ -174,3 +174,31 @@ def test_tensor_parallel_training_matches_one_process(layout, dtype, reference, 
     got = train(tmp_path, [f"train.dtype={dtype}", *overrides], world_size=world)
     assert len(got) == 20
     assert_same_losses(reference(dtype, batch), got, RTOL[dtype])
+
+
+def _state_bytes(rank, world, overrides):
+    """Bytes of this rank's parameters, gradients and optimizer state after one real step."""
+    from launch.config import compose
+    from launch.train import setup
+    from torch.distributed.tensor import DTensor
+
+    run = setup(compose([*SMALL, *overrides]))
+    run.trainer.train_step(0)  # creates the optimizer state
+    run.trainer.forward_backward(run.trainer.loader.step(1))  # and gradients (a step frees them)
+    local = lambda t: t.to_local() if isinstance(t, DTensor) else t  # noqa: E731
+    params = list(run.parallel.model.parameters())
+    nbytes = lambda ts: sum(local(t).numel() * local(t).element_size() for t in ts)  # noqa: E731
+    optim = [v for p in params for v in run.optimizer.state[p].values() if torch.is_tensor(v) and v.dim() > 0]
+    return {"params": nbytes(params), "grads": nbytes(p.grad for p in params if p.grad is not None),
+            "optim": nbytes(optim)}
+
+
+def test_tp2_dp2_fsdp_holds_at_most_0_3_of_one_process_state_per_rank(tmp_path):
+    one = run_ranks(_state_bytes, 1, args=([f"run_dir={tmp_path}/one"],))[0]
+    four = run_ranks(_state_bytes, 4, args=(["parallel.tp=2", "train.micro_batch_size=2", f"run_dir={tmp_path}/four"],))
+    total = sum(one.values())
+    assert one["grads"] == one["params"] and one["optim"] == 2 * one["params"]  # AdamW: m and v
+    for rank, got in enumerate(four):
+        ratio = sum(got.values()) / total
+        print(f"rank {rank}: {got} = {ratio:.3f} of one process {one}")
+        assert ratio <= 0.3, (rank, got, one)
