@@ -42,3 +42,18 @@ def test_a_stale_metrics_tail_is_replaced_not_repeated(tmp_path):
     assert [r["step"] for r in records] == list(range(1, 21))
     assert all(r["loss"] > 0 for r in records)
     assert read_metrics(tmp_path) == records
+
+
+def test_tensor_parallel_checkpoints_resume_exactly_and_reshard(tmp_path):
+    layout = ["parallel.tp=2", "parallel.sp=true", "train.micro_batch_size=2"]
+    whole = train(tmp_path / "whole", CKPT + layout, world_size=4)
+    train(tmp_path / "split", CKPT + layout + ["train.stop_at_step=10"], world_size=4)
+    second = train(tmp_path / "split", CKPT + layout, world_size=4)
+    assert [r["loss"] for r in second] == [r["loss"] for r in whole]
+    # Each TP rank's slices and FSDP shards were stored; one process reads them back whole.
+    single = train(tmp_path / "single", CKPT + ["train.micro_batch_size=2"])
+    train(tmp_path / "moved", CKPT + layout + ["train.stop_at_step=10"], world_size=4)
+    moved = train(tmp_path / "moved", CKPT + ["train.micro_batch_size=2"], world_size=1)
+    assert_same_losses(single, moved, rtol=1e-5)
+    shards = sorted(p.name for p in (tmp_path / "moved/checkpoints/step_00000010").glob("shard-*.bin"))
+    assert shards == [f"shard-{r:05d}.bin" for r in range(4)]

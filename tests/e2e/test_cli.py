@@ -55,6 +55,9 @@ BAD = {
     # name: (nproc, overrides, text the message must contain)
     "world size mismatch under torchrun": (2, ["parallel.dp=4"], "tp·cp·dp·pp = 1·1·4·1 = 4 but the world size is 2"),
     "non-integer size under torchrun": (2, ["parallel.tp=two"], "Value 'two' of type 'str' could not be converted to Integer"),
+    "heads not divisible by tp under torchrun": (2, ["parallel.tp=2", "model.n_heads=3", "model.dim=192", "model.n_kv_heads=3"],
+                                                 "model.n_heads=3 is not divisible by parallel.tp=2"),
+    "sp without tp under torchrun": (2, ["parallel.sp=true"], "parallel.sp=true needs parallel.tp > 1"),
     "batch not divisible": (1, ["train.global_batch_size=12", "train.micro_batch_size=8"],
                             "train.global_batch_size=12 is not divisible by train.micro_batch_size × data-parallel size = 8 × 1 = 8"),
     "unknown model": (1, ["model=huge"], "Could not find 'model/huge'"),

@@ -91,3 +91,24 @@ def test_run_dir_is_shared_by_job_id(monkeypatch):
     env.default_run_dir.cache_clear()
     assert env.default_run_dir() == "runs/slurm-42"
     env.default_run_dir.cache_clear()
+
+
+@pytest.mark.parametrize("overrides, world, fragment", [
+    (["parallel.tp=3", "parallel.dp=1"], 3, "model.n_heads=8 is not divisible by parallel.tp=3"),
+    (["model.n_heads=12", "model.dim=384", "model.n_kv_heads=6", "parallel.tp=4"], 4,
+     "model.n_kv_heads=6 and parallel.tp=4: KV heads are split over TP ranks when tp divides them, or replicated"),
+    (["model.vocab_size=300", "data=synthetic", "parallel.tp=8", "model.n_heads=8", "model.n_kv_heads=8"], 8,
+     "model.vocab_size=300 is not divisible by parallel.tp=8"),
+    (["model.ffn_dim=690", "parallel.tp=4"], 4, "model.ffn_dim=690 (the MLP hidden size) is not divisible by parallel.tp=4"),
+    (["parallel.sp=true"], 2, "parallel.sp=true needs parallel.tp > 1"),
+    (["parallel.sp=true", "parallel.tp=2", "train.seq_len=255"], 2, "train.seq_len=255 is not divisible by parallel.tp=2"),
+    (["parallel.dp_replicate=3"], 4, "parallel.dp_replicate=3 must divide the data-parallel ranks dp·cp = 4·1 = 4"),
+    (["parallel.dp_replicate=2", "parallel.dp_impl=ddp", "train.micro_batch_size=4"], 4,
+     "parallel.dp_replicate=2 (HSDP) needs parallel.dp_impl=fsdp, not ddp"),
+])
+def test_tensor_parallel_problems_are_named(overrides, world, fragment):
+    assert any(fragment in p for p in problems(["run_dir=/x", *overrides], world)), problems(["run_dir=/x", *overrides], world)
+
+
+def test_kv_heads_may_be_fewer_than_tp_ranks():
+    validate(compose(["run_dir=/x", "parallel.tp=8", "model.n_kv_heads=4"]), 8)  # replicated: fine
