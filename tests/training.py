@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from runtime.metrics import read_metrics
-from tests.multiproc import run_ranks
+from launch.spawn import run_ranks
 
 # A model and batch small enough that 20 steps take well under a second per rank.
 SMALL = [

@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 from parallel.groups import build_groups
 from parallel.mesh import GROUP_SPECS, Topology
-from tests.multiproc import run_ranks
+from launch.spawn import run_ranks
 
 LAYOUTS = {
     "tp2-cp2-dp2": dict(tp=2, cp=2),

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from tests.multiproc import run_ranks
+from launch.spawn import run_ranks
 from tests.training import SMALL, assert_same_losses, train
 
 TOL = dict(rtol=1e-10, atol=1e-12)

@@ -1,5 +1,6 @@
 """The real command line: `python -m launch.train` and `torchrun -m launch.train` in subprocesses."""
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -14,6 +15,25 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 
 
+def run_command(cmd, timeout, env=None, cwd=REPO):
+    """Run `cmd` in its own process group; at the deadline the whole group is killed (torchrun's
+    workers too, not only torchrun) and TimeoutExpired is raised. Returns (code, output)."""
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})}, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # stragglers of a finished launch
+        except ProcessLookupError:
+            pass
+    return proc.returncode, out
+
+
 def launch(args, nproc=1, timeout=240, env=None):
     """Run launch.train; returns (exit code, combined output, seconds)."""
     if nproc == 1:
@@ -21,9 +41,8 @@ def launch(args, nproc=1, timeout=240, env=None):
     else:
         cmd = [TORCHRUN, "--standalone", f"--nproc-per-node={nproc}", "-m", "launch.train", *args]
     start = time.monotonic()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
-    return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - start
+    code, out = run_command(cmd, timeout, env)
+    return code, out, time.monotonic() - start
 
 
 def test_one_process_and_two_torchrun_ranks_write_the_same_losses(tmp_path):

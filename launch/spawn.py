@@ -1,10 +1,10 @@
-"""Run a function on N ranks in fresh processes: forkserver start (torch preloaded), file-store
-rendezvous, gloo, a deadline on everything. A failing rank's exception is re-raised here.
+"""Run a function on N local ranks in fresh processes: forkserver start (torch preloaded),
+file-store rendezvous, gloo, a deadline on everything. A failing rank's exception is re-raised
+in the caller. Used by the multi-process tests and the benchmarks.
 
     results = run_ranks(check_something, world_size=4, args=(3,))
 
-`fn(rank, world_size, *args)` must be importable by name (a module-level function of a test
-module). Each rank sees RANK/WORLD_SIZE/LOCAL_RANK in its environment, as under torchrun, and
+`fn(rank, world_size, *args)` must be importable by name (a module-level function). Each rank sees RANK/WORLD_SIZE/LOCAL_RANK in its environment, as under torchrun, and
 runs with one intra-op thread so ranks do not fight over the cores.
 """
 from __future__ import annotations

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.multiproc import RankFailure, run_ranks
+from launch.spawn import RankFailure, run_ranks
 
 
 def _sum_ranks(rank, world_size):
