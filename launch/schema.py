@@ -46,7 +46,7 @@ class Device(enum.Enum):
 
 
 class CheckpointEngine(enum.Enum):
-    sync = "sync"  # blocking DCP save at the end of the step
+    sync = "sync"  # blocking save of every rank's blocks, two-phase commit
 
 
 class WandbMode(enum.Enum):
