@@ -43,7 +43,7 @@ def hand_written_steps(cfg, steps: int) -> tuple[list[float], list[float]]:
     args = ModelArgs.from_config(cfg.model)
     model = Transformer(args)
     materialize(model, model.init_full, torch.device("cpu"), cfg.seed)  # the same initial values
-    optimizer = build_optimizer(model, cfg.optim, cfg.train.lr)
+    optimizer = build_optimizer(model.parameters(), cfg.optim, cfg.train.lr)
     t = cfg.train
     loader = BatchLoader(load_tokens("sample", None, 256, cfg.seed), t.seq_len, t.global_batch_size,
                          t.micro_batch_size, seed=cfg.seed)

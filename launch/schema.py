@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -82,6 +82,11 @@ class ParallelConfig:
     etp: int = -1  # expert tensor-parallel size; -1 = tp (Megatron-Core's default)
     order: str = "tp-cp-ep-dp-pp"  # rank layout, fastest-varying dimension first
     sp: bool = False  # sequence parallelism: norms and residual stream on sequence shards (needs tp > 1)
+    vpp: int = 1  # model chunks per pipeline rank (1 = no interleaving)
+    schedule: str = "1f1b"  # pipeline schedule: 1f1b | interleaved_1f1b | zero_bubble
+    pp_group_size: int = 0  # interleaved schedule: microbatches per group; 0 = pp
+    pp_layers: Any = None  # layers per stage, a list of pp·vpp counts; null = an even split
+    pp_count_embedding_head: bool = False  # balance stages counting the embedding and head as a layer each
     dp_impl: DataParallel = DataParallel.fsdp  # how data parallelism shards and reduces
     dp_replicate: int = 1  # HSDP: replicas of an FSDP group sharded over dp·cp/dp_replicate ranks
     reshard_after_forward: bool = True  # false = ZeRO-2-like: keep gathered parameters until backward
@@ -157,6 +162,7 @@ class QuintetConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     seed: int = 0  # initialisation and data order
+    trace: bool = False  # per-rank timeline of forward/backward/communication in <run_dir>/trace/
     run_dir: str = MISSING  # one directory shared by all ranks of a job
 
 

@@ -25,12 +25,12 @@ from launch import env as launch_env
 from launch.validate import ConfigError, validate
 from parallel.groups import build_groups
 from parallel.parallelize import parallelize
-from parallel.reduce import DataReducer
 from runtime.checkpoint import SyncCheckpointer
 from runtime.data import BatchLoader, load_tokens
 from runtime.metrics import MetricsSink
 from runtime.model import ModelArgs, Transformer, num_params
 from runtime.optim import build_optimizer
+from runtime.trace import Tracer
 from runtime.trainer import Schedule, Trainer, cross_entropy_sum
 
 log = logging.getLogger("quintet")
@@ -107,7 +107,8 @@ def setup(cfg: DictConfig) -> TrainingRun:
 
     # 5. Real storage and the same initial values as one process.
     par.materialize(device, cfg.seed)
-    model = par.model
+    tracer = Tracer(cfg.trace, rank, cfg.run_dir)
+    par.build_executor(device, tracer, cfg.train.seq_len, cfg.train.micro_batch_size)
     if rank == 0:
         log.info("model %s: %.2fM parameters; world %d (%s); device %s; run_dir %s", cfg.model.name,
                  n_params / 1e6, topo.world_size, " ".join(f"{k}={v}" for k, v in topo.sizes().items()
@@ -115,7 +116,7 @@ def setup(cfg: DictConfig) -> TrainingRun:
                  device, cfg.run_dir)
 
     # 6. Optimizer, schedule, data, checkpoints; resume when a checkpoint exists.
-    optimizer = build_optimizer(model, cfg.optim, cfg.train.lr)
+    optimizer = build_optimizer(par.parameters(), cfg.optim, cfg.train.lr)
     schedule = Schedule(cfg.train.lr, cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio)
     tokens = load_tokens(cfg.data.name, cfg.data.path, args.vocab_size, cfg.seed)
     loader = BatchLoader(tokens, cfg.train.seq_len, cfg.train.global_batch_size,
@@ -134,7 +135,7 @@ def setup(cfg: DictConfig) -> TrainingRun:
 
     trainer = Trainer(
         parallel=par, optimizer=optimizer, schedule=schedule, loader=loader,
-        checkpointer=checkpointer, metrics=metrics, reducer=DataReducer([groups["dp"]]),
+        checkpointer=checkpointer, metrics=metrics, tracer=tracer,
         device=device, steps=cfg.train.steps, grad_clip=cfg.optim.grad_clip,
         autocast_dtype=autocast_dtype(cfg),
         tokens_per_step=cfg.train.global_batch_size * cfg.train.seq_len)

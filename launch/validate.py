@@ -9,6 +9,8 @@ import torch
 from omegaconf import OmegaConf
 
 from parallel.mesh import Topology, TopologyError
+from parallel.pipeline.partition import PartitionError, stage_layers
+from parallel.pipeline.schedules import SCHEDULES
 from runtime.data.sources import check_source
 
 
@@ -102,11 +104,60 @@ def _device_problems(cfg) -> list[str]:
     return out
 
 
+def _pipeline_problems(cfg, topo: Topology | None) -> list[str]:
+    """The split of layers over stages and the schedule's rules (Narayanan et al.; Megatron-LM)."""
+    p, out = cfg.parallel, []
+    if p.schedule not in SCHEDULES:
+        return [f"parallel.schedule={p.schedule!r} is unknown; valid: {', '.join(SCHEDULES)}"]
+    if p.vpp < 1:
+        return [f"parallel.vpp={p.vpp} must be ≥ 1"]
+    if p.pp == 1:
+        if p.vpp > 1:
+            out.append(f"parallel.vpp={p.vpp} needs pipeline parallelism (parallel.pp > 1): virtual stages "
+                       f"interleave chunks over pipeline ranks")
+        return out
+    pp_layers = p.pp_layers
+    if pp_layers is not None and not isinstance(pp_layers, (list, tuple)) and not OmegaConf.is_list(pp_layers):
+        return [f"parallel.pp_layers={pp_layers!r} must be a list of {p.pp * p.vpp} layer counts or null"]
+    try:
+        stage_layers(cfg.model.n_layers, p.pp, p.vpp, None if pp_layers is None else list(pp_layers),
+                     p.pp_count_embedding_head)
+    except (PartitionError, ValueError, TypeError) as e:
+        out.append(str(e))
+    if p.schedule == "1f1b" and p.vpp > 1:
+        out.append(f"parallel.schedule=1f1b runs one chunk per rank but parallel.vpp={p.vpp}; use "
+                   f"parallel.schedule=interleaved_1f1b")
+    if p.schedule == "zero_bubble" and p.vpp > 1:
+        out.append(f"parallel.schedule=zero_bubble (ZB-H1) runs one chunk per rank but parallel.vpp={p.vpp}")
+    if p.schedule == "interleaved_1f1b" and p.vpp == 1:
+        out.append("parallel.schedule=interleaved_1f1b needs parallel.vpp > 1 (chunks to interleave)")
+    if p.schedule == "zero_bubble" and p.dp_impl.value == "fsdp" and topo is not None and topo.dp * topo.cp > 1:
+        out.append("parallel.schedule=zero_bubble defers weight gradients past each block's backward, where "
+                   "FSDP2 already reduces them; use parallel.dp_impl=ddp (reduced after the schedule) or dp=1")
+    t = cfg.train
+    if topo is not None and t.global_batch_size % (t.micro_batch_size * topo.dp) == 0:
+        m = t.global_batch_size // (t.micro_batch_size * topo.dp)
+        if p.schedule == "interleaved_1f1b":
+            group = p.pp_group_size or p.pp
+            if m < p.pp:
+                out.append(f"the interleaved schedule needs at least pp={p.pp} microbatches per step, but "
+                           f"train.global_batch_size / (micro_batch_size × dp) = {t.global_batch_size} / "
+                           f"({t.micro_batch_size} × {topo.dp}) = {m}")
+            elif not p.pp <= group <= m:
+                out.append(f"parallel.pp_group_size={group} must be between pp={p.pp} and the {m} microbatches "
+                           f"per step")
+            elif m % group and m % group < p.pp:
+                out.append(f"{m} microbatches per step in groups of parallel.pp_group_size={group} leave a last "
+                           f"group of {m % group} < pp={p.pp}; use a microbatch count that is a multiple of "
+                           f"{group} or leaves at least {p.pp}")
+    return out
+
+
 def unsupported(cfg) -> list[str]:
     """Dimensions of the config that this build of quintet cannot train with yet."""
     p = cfg.parallel
     return [f"parallel.{k}={getattr(p, k)}: training with {k} > 1 is not available yet"
-            for k in ("pp", "cp", "ep") if getattr(p, k) > 1]
+            for k in ("cp", "ep") if getattr(p, k) > 1]
 
 
 def _layout_problems(cfg, world_size: int) -> tuple[Topology | None, list[str]]:
@@ -140,6 +191,7 @@ def validate(cfg, world_size: int) -> Topology:
     problems += layout
     problems += unsupported(cfg)
     problems += _train_problems(cfg, topo)
+    problems += _pipeline_problems(cfg, topo)
     problems += _device_problems(cfg)
     if cfg.data.name == "tokens" and OmegaConf.is_missing(cfg.data, "path"):
         problems.append("data=tokens needs data.path=<file.npy> "

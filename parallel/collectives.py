@@ -133,3 +133,20 @@ def reduce_scatter_sequence(x, group, dim: int = 1):
 
 def scatter_sequence(x, group, dim: int = 1):
     return ScatterToSequenceParallelRegion.apply(x, dim, group)
+
+
+def all_reduce_grads(params, group) -> None:
+    """Sum the gradients of `params` over `group` in one coalesced all-reduce (no autograd).
+
+    Used after the step's last backward for gradients no wrapper reduces during backward:
+    tensor-parallel partial gradients (sequence-parallel norms, replicated KV heads, as
+    Megatron-LM does for its layer-norm gradients) and pipelined data parallelism."""
+    grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()

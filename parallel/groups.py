@@ -71,4 +71,12 @@ def build_groups(topology: Topology, device_type: str, timeout_s: float,
                 handle = made[key] = dist.new_group(ranks, timeout=timedelta(seconds=timeout_s))
             if rank in ranks:
                 groups.handles[name], groups.ranks[name] = handle, ranks
+    if topology.pp > 1:
+        # A second communicator over each pipeline group for gradients: with interleaving one link
+        # carries activations one way and gradients the same way, and point-to-point matching is
+        # FIFO per communicator, so the two streams must not share one.
+        for ranks in topology.groups("pp"):
+            handle = dist.new_group(ranks, timeout=timedelta(seconds=timeout_s))
+            if rank in ranks:
+                groups.handles["pp_grad"], groups.ranks["pp_grad"] = handle, ranks
     return groups

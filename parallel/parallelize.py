@@ -1,5 +1,6 @@
 """Apply every parallelism to a meta-device model, in DESIGN.md's fixed order, and give the
-trainer what it needs: the model, its loss function and the step's gradient completion.
+trainer what it needs: the local model chunks, the step's forward/backward over microbatches,
+gradient completion, clipping and the reductions of loss and token counts.
 
     pipeline split → tensor/sequence parallel → context parallel → expert parallel (or FSSDP)
     → activation checkpointing → compile → data parallel (FSDP2 / HSDP / DDP)
@@ -8,61 +9,162 @@ Only the stages that exist so far are applied; each lives in its own module.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from parallel.activation_checkpoint import apply_ac
+from parallel.collectives import all_reduce_grads
 from parallel.data_parallel import apply_ddp, apply_fsdp
 from parallel.grad_norm import clip_grad_norm_
 from parallel.groups import Groups
 from parallel.materialize import canonical_name, materialize
+from parallel.microbatch import SequentialExecutor
+from parallel.pipeline.executor import PipelineExecutor
+from parallel.pipeline.partition import rank_stages, stage_layers
+from parallel.pipeline.zero_bubble import WeightGradStore, defer_weight_grads
+from parallel.reduce import DataReducer
 from parallel.sharding import ShardingPlan
-from parallel.tensor import apply_tp, sum_partial_grads
+from parallel.tensor import apply_tp
 
 
 @dataclass
 class Parallelized:
-    model: nn.Module
+    chunks: list[nn.Module]  # this rank's model chunks (one unless pipelining with vpp > 1)
+    stages: list[int]  # the pipeline stage of each chunk
     loss_fn: Callable  # (logits, labels) -> sum of token losses on this rank's part
     plan: ShardingPlan
     groups: Groups
-    dp_impl: str
+    parallel_cfg: object
     init_full: Callable
+    store: WeightGradStore | None = None
+    executor: object = field(default=None, repr=False)
+
+    @property
+    def topology(self):
+        return self.groups.topology
+
+    @property
+    def model(self) -> nn.Module:
+        """The model on this rank when it holds one chunk (no pipeline or vpp = 1)."""
+        if len(self.chunks) != 1:
+            raise ValueError(f"this rank holds {len(self.chunks)} pipeline chunks")
+        return self.chunks[0]
+
+    def named_parameters(self):
+        """(canonical name, parameter) over every local chunk."""
+        for chunk in self.chunks:
+            for name, p in chunk.named_parameters():
+                yield canonical_name(name), p
+
+    def parameters(self):
+        return [p for _, p in self.named_parameters()]
 
     def materialize(self, device: torch.device, seed: int) -> None:
         """Real storage with layout-independent values; DDP wraps the materialised model."""
-        materialize(self.model, self.init_full, device, seed, self.plan)
-        if self.dp_impl == "ddp" and self.groups["dp_cp"] is not None:
-            self.model = apply_ddp(self.model, self.groups["dp_cp"], device)
+        for chunk in self.chunks:
+            materialize(chunk, self.init_full, device, seed, self.plan)
+        dp = self.groups["dp_cp"]
+        if self.parallel_cfg.dp_impl.value == "ddp" and dp is not None and self.topology.pp == 1:
+            self.chunks[0] = apply_ddp(self.chunks[0], dp, device)
 
-    def _named(self):
-        return [(canonical_name(n), p) for n, p in self.model.named_parameters()]
+    def build_executor(self, device: torch.device, tracer, seq_len: int, micro_batch: int) -> None:
+        t, p = self.topology, self.parallel_cfg
+        if t.pp == 1:
+            self.executor = SequentialExecutor(self.chunks[0], self.loss_fn, device, tracer)
+            return
+        seq_local = seq_len // t.tp if p.sp else seq_len
+        dim = self.chunks[0].args.dim
+        dtype = next(self.chunks[0].parameters()).dtype
+        self.executor = PipelineExecutor(
+            self.chunks, self.stages, t.pp * p.vpp, p.schedule, p.vpp, p.pp_group_size or t.pp, self.groups,
+            self.loss_fn, (micro_batch, seq_local, dim), dtype, seq_len, device, tracer, self.store)
+
+    def forward_backward(self, batches, normalizer: float, autocast) -> torch.Tensor:
+        return self.executor.forward_backward(batches, normalizer, autocast)
+
+    def reduce_tokens(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum a per-rank count over the ranks that hold different data."""
+        return DataReducer([self.groups["dp_cp"]]).sum(t)
+
+    def reduce_loss(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum per-rank loss sums: over data ranks, and from the last pipeline stage to all."""
+        return DataReducer([self.groups["dp_cp"], self.groups["pp"]]).sum(t)
 
     def finish_grads(self) -> None:
-        """After the step's last backward: sum the gradients TP ranks hold only parts of."""
-        partial = [p for n, p in self._named() if self.plan.partial_grad(n)]
+        """After the step's last backward: complete every gradient that is still partial."""
+        partial = [p for n, p in self.named_parameters() if self.plan.partial_grad(n)]
         if partial and self.groups["tp"] is not None:
-            sum_partial_grads(partial, self.groups["tp"])
+            all_reduce_grads(partial, self.groups["tp"])
+        dp = self.groups["dp_cp"]
+        if self.parallel_cfg.dp_impl.value == "ddp" and dp is not None and self.topology.pp > 1:
+            # Pipelined DDP reduces after the schedule (no DDP wrapper around chunks).
+            all_reduce_grads(self.parameters(), dp)
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        tp = self.groups["tp"]
-        entries = [(p, (tp,) if self.plan.tp_sharded(n) else ()) for n, p in self._named()]
+        tp, pp = self.groups["tp"], self.groups["pp"]
+        entries = [(p, ((tp,) if self.plan.tp_sharded(n) else ()) + (pp,)) for n, p in self.named_parameters()]
         return clip_grad_norm_(entries, max_norm)
+
+    def pipeline_bubble(self, tracer) -> float | None:
+        """The last step's measured bubble, averaged over pipeline ranks (None without tracing)."""
+        if self.topology.pp == 1 or tracer.bubble is None:
+            return None
+        t = torch.tensor([tracer.bubble], dtype=torch.float64)
+        dist.all_reduce(t, group=self.groups["pp"])
+        return t.item() / self.topology.pp
+
+
+def split_for_pipeline(model: nn.Module, layers: range, first: bool, last: bool) -> nn.Module:
+    """A copy of the meta-device `model` holding only `layers` (keyed by their global index),
+    the embedding if it is the first stage and the norm and head if it is the last."""
+    chunk = copy.deepcopy(model)
+    for key in list(chunk.layers.keys()):
+        if int(key) not in layers:
+            del chunk.layers[key]
+    if not first:
+        chunk.tok_embeddings = None
+    if not last:
+        chunk.norm = chunk.output = None
+    return chunk
 
 
 def parallelize(model: nn.Module, groups: Groups, parallel, loss_fn: Callable) -> Parallelized:
-    """Rewrite the meta-device `model` for this rank. `loss_fn` is the single-process loss,
-    replaced where a parallelism computes it differently (vocabulary-parallel with TP)."""
+    """Rewrite the meta-device `model` into this rank's chunks. `loss_fn` is the single-process
+    loss, replaced where a parallelism computes it differently (vocabulary-parallel with TP)."""
     topo, plan = groups.topology, ShardingPlan()
     init_full = model.init_full
+    # 1. Pipeline split.
+    if topo.pp > 1:
+        layers = stage_layers(model.args.n_layers, topo.pp, parallel.vpp, parallel.pp_layers,
+                              parallel.pp_count_embedding_head)
+        stages = rank_stages(topo.pp, parallel.vpp, groups.index("pp"))
+        n = topo.pp * parallel.vpp
+        chunks = [split_for_pipeline(model, layers[s], s == 0, s == n - 1) for s in stages]
+    else:
+        chunks, stages = [model], [0]
+    # 2. Tensor and sequence parallelism.
     if topo.tp > 1:
-        loss_fn = apply_tp(model, groups["tp"], groups.index("tp"), topo.tp, parallel.sp, plan)
-    apply_ac(model, parallel.activation_checkpoint.value)
-    dp_impl = parallel.dp_impl.value
-    if groups["dp_cp"] is not None and dp_impl == "fsdp":
+        for chunk in chunks:
+            loss_fn = apply_tp(chunk, groups["tp"], groups.index("tp"), topo.tp, parallel.sp, plan)
+    # 3-4. (context and expert parallelism: later)
+    store = None
+    if topo.pp > 1 and parallel.schedule == "zero_bubble":
+        store = WeightGradStore()
+        for chunk in chunks:
+            defer_weight_grads(chunk, store)
+    # 5. Activation checkpointing.
+    for chunk in chunks:
+        apply_ac(chunk, parallel.activation_checkpoint.value)
+    # 7. Data parallelism (DDP wraps after materialisation; pipelined DDP reduces by hand).
+    if groups["dp_cp"] is not None and parallel.dp_impl.value == "fsdp":
         mesh = groups.hsdp_mesh() if topo.dp_replicate > 1 else groups.device_mesh("dp_cp")
-        apply_fsdp(model, mesh, reshard_after_forward=parallel.reshard_after_forward)
-    return Parallelized(model, loss_fn, plan, groups, dp_impl, init_full)
+        # Inside a pipeline schedule a chunk stays gathered from forward to its last backward.
+        reshard = parallel.reshard_after_forward and topo.pp == 1
+        for chunk in chunks:
+            apply_fsdp(chunk, mesh, reshard_after_forward=reshard)
+    return Parallelized(chunks, stages, loss_fn, plan, groups, parallel, init_full, store)

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import torch
 from torch.distributed.tensor import DTensor
 
-from parallel.materialize import canonical_name
 from parallel.sharding import local_block
 
 
@@ -33,8 +32,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 def state_blocks(parallel, optimizer) -> list[StateBlock]:
     """Blocks of the model's parameters and of the optimizer's per-parameter state."""
     out = []
-    for name, p in parallel.model.named_parameters():
-        name = canonical_name(name)
+    for name, p in parallel.named_parameters():
         full, block = parallel.plan.full_shape(name, p), local_block(parallel.plan, name, p)
         out.append(StateBlock(f"model/{name}", _local(p), full, block))
         for key, value in optimizer.state.get(p, {}).items():

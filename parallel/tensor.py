@@ -196,18 +196,3 @@ def apply_tp(model: nn.Module, group, rank: int, size: int, sequence_parallel: b
         column(model, "output", "output")
         _region(model.output, group, sequence_parallel, exit_reduce=False)
     return VocabParallelLoss(rank * vocab_local, group)
-
-
-def sum_partial_grads(params: list[torch.Tensor], group) -> None:
-    """All-reduce, over TP, the gradients that each TP rank holds only part of: one coalesced
-    all-reduce per step, after every microbatch's backward (as Megatron-LM does for its
-    sequence-parallel layer-norm gradients)."""
-    grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=group)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()

@@ -4,14 +4,14 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 
-def build_optimizer(model: nn.Module, optim, lr: float) -> torch.optim.Optimizer:
+def build_optimizer(params, optim, lr: float) -> torch.optim.Optimizer:
+    """AdamW over `params` (this rank's parameters, of any number of model chunks)."""
     if optim.name != "adamw":
         raise ValueError(f"optim.name={optim.name!r} is unknown; valid: adamw")
     decay, no_decay = [], []
-    for p in model.parameters():
+    for p in params:
         # Norm weights (1-D) are not decayed; matrices and embeddings are.
         (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": optim.weight_decay},

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from parallel.data_parallel import gradient_sync
 from runtime.optim import lr_at, set_lr
 from runtime.metrics import StepTimer
 
@@ -41,43 +40,33 @@ class Schedule:
 
 class Trainer:
     def __init__(self, *, parallel, optimizer, schedule: Schedule, loader, checkpointer, metrics,
-                 reducer, device: torch.device, steps: int, grad_clip: float,
+                 tracer, device: torch.device, steps: int, grad_clip: float,
                  autocast_dtype: torch.dtype | None, tokens_per_step: int):
-        """`parallel`: the parallelised model (parallel.parallelize.Parallelized): its module,
-        loss function, gradient completion and global-norm clipping."""
-        self.parallel, self.model = parallel, parallel.model
-        self.optimizer, self.schedule = optimizer, schedule
-        self.loader, self.checkpointer, self.metrics, self.reducer = loader, checkpointer, metrics, reducer
+        """`parallel`: the parallelised model (parallel.parallelize.Parallelized): the step's
+        forward/backward over microbatches, gradient completion, clipping and reductions."""
+        self.parallel, self.optimizer, self.schedule = parallel, optimizer, schedule
+        self.loader, self.checkpointer, self.metrics, self.tracer = loader, checkpointer, metrics, tracer
         self.device, self.steps, self.grad_clip = device, steps, grad_clip
         self.autocast_dtype, self.tokens_per_step = autocast_dtype, tokens_per_step
-        self.loss_dtype = torch.promote_types(next(self.model.parameters()).dtype, torch.float32)
 
     def _autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def forward_backward(self, batches) -> tuple[torch.Tensor, float]:
+    def forward_backward(self, batches, step: int = 0) -> tuple[torch.Tensor, float]:
         """Run every microbatch of the step; returns (this rank's loss sum, global target count)."""
         local_targets = sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches)
-        n_targets = float(self.reducer.sum(torch.tensor(local_targets, dtype=torch.int64,
-                                                        device=self.device)).item())
-        loss_sum = torch.zeros((), dtype=self.loss_dtype, device=self.device)
-        for i, batch in enumerate(batches):
-            tokens, labels = batch.tokens.to(self.device), batch.labels.to(self.device)
-            # Reduce gradients only in the last microbatch's backward.
-            with gradient_sync(self.model, enabled=i == len(batches) - 1):
-                with self._autocast():
-                    logits = self.model(tokens)
-                part = self.parallel.loss_fn(logits, labels)
-                (part / n_targets).backward()
-            loss_sum += part.detach()
+        n_targets = float(self.parallel.reduce_tokens(
+            torch.tensor(local_targets, dtype=torch.int64, device=self.device)).item())
+        with self.tracer.pipeline_step(step):
+            loss_sum = self.parallel.forward_backward(batches, n_targets, self._autocast)
         return loss_sum, n_targets
 
     def train_step(self, step: int) -> dict:
         """Optimizer step `step` (0-based); returns its metrics."""
-        loss_sum, n_targets = self.forward_backward(self.loader.step(step))
-        loss = self.reducer.sum(loss_sum) / n_targets
+        loss_sum, n_targets = self.forward_backward(self.loader.step(step), step)
+        loss = self.parallel.reduce_loss(loss_sum) / n_targets
         self.parallel.finish_grads()
         grad_norm = self.parallel.clip_grad_norm_(self.grad_clip)
         lr = self.schedule(step)
@@ -85,10 +74,20 @@ class Trainer:
         self.checkpointer.wait()  # a pending checkpoint must have copied the state first
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"step": step + 1, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr}
+        metrics = {"step": step + 1, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr}
+        bubble = self.parallel.pipeline_bubble(self.tracer)
+        if bubble is not None:
+            metrics["pp_bubble"] = bubble
+        return metrics
 
     def fit(self, start_step: int, stop_at_step: int = 0) -> None:
         """Train from `start_step` to the end of the schedule, or to `stop_at_step` (>0)."""
+        try:
+            self._fit(start_step, stop_at_step)
+        finally:
+            self.tracer.write()
+
+    def _fit(self, start_step: int, stop_at_step: int) -> None:
         timer = StepTimer()
         end = stop_at_step or self.steps
         for step in range(start_step, end):

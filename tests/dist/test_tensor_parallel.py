@@ -48,7 +48,7 @@ def assert_grads_are_blocks(full_module, tp_module, plan, prefix):
 
 
 def _primitives(rank, world, sp, kv_heads):
-    from parallel.tensor import sum_partial_grads
+    from parallel.collectives import all_reduce_grads
 
     full, par, groups = build(rank, world, sp, [f"model.n_kv_heads={kv_heads}"])
     tp_model, tp = par.model, groups["tp"]
@@ -69,7 +69,7 @@ def _primitives(rank, world, sp, kv_heads):
         out_f.backward(grad_out)
         out_t.backward(shard(grad_out))
         torch.testing.assert_close(xt.grad, shard(xf.grad), **TOL)
-        sum_partial_grads([p for n, p in tp_mod.named_parameters()
+        all_reduce_grads([p for n, p in tp_mod.named_parameters()
                            if par.plan.partial_grad(f"layers.0.{attr}.{n}")], tp)
         assert_grads_are_blocks(full_mod, tp_mod, par.plan, f"layers.0.{attr}")
 
@@ -80,7 +80,7 @@ def _primitives(rank, world, sp, kv_heads):
     tp_norm(xt).backward(shard(grad_out))
     if sp:
         assert par.plan.partial_grad("layers.0.attention_norm.weight")
-        sum_partial_grads([tp_norm.weight], tp)
+        all_reduce_grads([tp_norm.weight], tp)
     torch.testing.assert_close(tp_norm.weight.grad, full.layers["0"].attention_norm.weight.grad, **TOL)
 
     # Vocabulary-parallel embedding (with SP it leaves sequence shards).

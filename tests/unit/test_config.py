@@ -112,3 +112,25 @@ def test_tensor_parallel_problems_are_named(overrides, world, fragment):
 
 def test_kv_heads_may_be_fewer_than_tp_ranks():
     validate(compose(["run_dir=/x", "parallel.tp=8", "model.n_kv_heads=4"]), 8)  # replicated: fine
+
+
+@pytest.mark.parametrize("overrides, world, fragment", [
+    (["parallel.pp=2", "model.n_layers=5"], 2, "model.n_layers=5 is not divisible by pp·vpp = 2·1 = 2; set parallel.pp_layers"),
+    (["parallel.pp=2", "parallel.pp_layers=[3,2]"], 2, "parallel.pp_layers=[3, 2] must be counts ≥ 0 summing to model.n_layers=4"),
+    (["parallel.pp=4", "parallel.vpp=2", "parallel.schedule=interleaved_1f1b", "model.n_layers=8",
+      "train.micro_batch_size=8"], 4,
+     "the interleaved schedule needs at least pp=4 microbatches per step, but train.global_batch_size / "
+     "(micro_batch_size × dp) = 16 / (8 × 1) = 2"),
+    (["parallel.pp=4", "parallel.vpp=2", "parallel.schedule=interleaved_1f1b", "model.n_layers=8",
+      "train.global_batch_size=24", "train.micro_batch_size=4"], 4,
+     "6 microbatches per step in groups of parallel.pp_group_size=4 leave a last group of 2 < pp=4"),
+    (["parallel.vpp=2"], 1, "parallel.vpp=2 needs pipeline parallelism (parallel.pp > 1)"),
+    (["parallel.pp=2", "parallel.vpp=2"], 2, "parallel.schedule=1f1b runs one chunk per rank but parallel.vpp=2"),
+    (["parallel.pp=2", "parallel.schedule=zero_bubble", "parallel.dp=2", "train.micro_batch_size=2"], 4,
+     "parallel.schedule=zero_bubble defers weight gradients past each block's backward, where FSDP2"),
+    (["parallel.pp=2", "parallel.schedule=gpipe"], 2, "parallel.schedule='gpipe' is unknown; valid: 1f1b, interleaved_1f1b, zero_bubble"),
+    (["parallel.pp=2", "parallel.pp_layers=7"], 2, "parallel.pp_layers=7 must be a list of 2 layer counts or null"),
+])
+def test_pipeline_problems_are_named(overrides, world, fragment):
+    found = problems(["run_dir=/x", *overrides], world)
+    assert any(fragment in p for p in found), found

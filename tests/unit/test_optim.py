@@ -19,7 +19,7 @@ def test_warmup_then_cosine_to_the_floor():
 
 def test_norm_weights_are_not_decayed():
     model = Transformer(ModelArgs(n_layers=1, dim=16, n_heads=2, n_kv_heads=1, ffn_dim=32, vocab_size=8))
-    opt = build_optimizer(model, compose().optim, lr=1e-3)
+    opt = build_optimizer(model.parameters(), compose().optim, lr=1e-3)
     decayed, plain = opt.param_groups
     assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
     assert {p.dim() for p in plain["params"]} == {1} and len(plain["params"]) == 3

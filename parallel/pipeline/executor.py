@@ -1,0 +1,98 @@
+"""Run one step's microbatches through this rank's pipeline chunks in the schedule's order.
+
+For each action of `schedules.build(...)` on this rank:
+    F(c, mb): input = the microbatch's tokens (stage 0) or a receive from stage s−1; run chunk c;
+              send the output to stage s+1, or, on the last stage, compute the loss.
+    B(c, mb): output gradient = a receive from stage s+1, or the loss (last stage); backward
+              through chunk c; send the input gradient to stage s−1.
+    W(c, mb): the weight gradients deferred by B (zero-bubble schedules).
+Sends are non-blocking (`isend`, completed at the end of the step); receives block. Activations
+travel on the `pp` communicator and gradients on `pp_grad`, each FIFO per pair of ranks, which
+is the model `schedules.simulate` verifies deadlock-free. With FSDP, each chunk reduces its
+gradients only in its last backward of the step and stays gathered until then.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
+
+from parallel.pipeline import schedules
+from parallel.pipeline.zero_bubble import WeightGradStore
+
+
+class PipelineExecutor:
+    def __init__(self, chunks, stages: list[int], n_stages: int, kind: str, vpp: int, group_size: int,
+                 groups, loss_fn, act_shape: tuple[int, ...], act_dtype: torch.dtype, seq_len: int,
+                 device: torch.device, tracer, store: WeightGradStore | None):
+        self.chunks, self.stages, self.n_stages = chunks, stages, n_stages
+        self.kind, self.vpp, self.group_size = kind, vpp, group_size
+        self.pp, self.pp_grad = groups["pp"], groups["pp_grad"]
+        self.pp_ranks = groups.ranks["pp"]
+        self.p, self.rank = len(self.pp_ranks), groups.index("pp")
+        self.loss_fn, self.act_shape, self.act_dtype = loss_fn, act_shape, act_dtype
+        self.positions = torch.arange(seq_len, device=device)
+        self.device, self.tracer, self.store = device, tracer, store
+        self._sends: list = []
+
+    def _peer(self, stage: int) -> int:
+        return self.pp_ranks[stage % self.p]
+
+    def _recv(self, stage: int, group, what: str, a) -> torch.Tensor:
+        t = torch.empty(self.act_shape, dtype=self.act_dtype, device=self.device)
+        with self.tracer.span(f"recv {what} {a}", "comm", chunk=a.chunk, mb=a.mb):
+            dist.recv(t, src=self._peer(stage), group=group)
+        return t
+
+    def _send(self, t: torch.Tensor, stage: int, group) -> None:
+        if tuple(t.shape) != self.act_shape or t.dtype != self.act_dtype:
+            raise RuntimeError(f"a pipeline stage produced {tuple(t.shape)} {t.dtype}; the stage boundary "
+                               f"carries {self.act_shape} {self.act_dtype}")
+        t = t.contiguous()
+        self._sends.append((dist.isend(t, dst=self._peer(stage), group=group), t))
+
+    def forward_backward(self, batches, normalizer: float, autocast) -> torch.Tensor:
+        """Run the step; returns this rank's loss sum (zero unless it holds the last stage)."""
+        m = len(batches)
+        actions = schedules.build(self.kind, self.p, self.vpp, m, self.rank, self.group_size)
+        last_backward = {a.chunk: i for i, a in enumerate(actions) if a.kind == "B"}
+        saved: dict[tuple[int, int], tuple] = {}
+        loss_sum = torch.zeros((), dtype=torch.promote_types(self.act_dtype, torch.float32), device=self.device)
+        for i, a in enumerate(actions):
+            chunk, stage = self.chunks[a.chunk], self.stages[a.chunk]
+            if a.kind == "F":
+                if stage == 0:
+                    x = batches[a.mb].tokens.to(self.device)
+                else:
+                    x = self._recv(stage - 1, self.pp, "activation", a).requires_grad_()
+                with self.tracer.span(f"F{a.chunk} mb{a.mb}", "forward", chunk=a.chunk, mb=a.mb), autocast():
+                    out = chunk(x, self.positions)
+                    if stage == self.n_stages - 1:
+                        loss = self.loss_fn(out, batches[a.mb].labels.to(self.device))
+                        loss_sum += loss.detach()
+                        out = loss / normalizer
+                if stage < self.n_stages - 1:
+                    self._send(out.detach(), stage + 1, self.pp)
+                saved[(a.chunk, a.mb)] = (x, out)
+            elif a.kind == "B":
+                x, out = saved.pop((a.chunk, a.mb))
+                grad = None if stage == self.n_stages - 1 else self._recv(stage + 1, self.pp_grad, "gradient", a)
+                if isinstance(chunk, FSDPModule):
+                    # Reduce and reshard only in this chunk's last backward of the step.
+                    final = i == last_backward[a.chunk]
+                    chunk.set_requires_gradient_sync(final)
+                    chunk.set_reshard_after_backward(final)
+                if self.store is not None:
+                    self.store.begin((a.chunk, a.mb))
+                with self.tracer.span(f"B{a.chunk} mb{a.mb}", "backward", chunk=a.chunk, mb=a.mb):
+                    torch.autograd.backward(out, grad)
+                if stage > 0:
+                    self._send(x.grad, stage - 1, self.pp_grad)
+            else:
+                with self.tracer.span(f"W{a.chunk} mb{a.mb}", "weight", chunk=a.chunk, mb=a.mb):
+                    self.store.run((a.chunk, a.mb))
+        with self.tracer.span("wait sends", "comm"):
+            for work, _ in self._sends:
+                work.wait()
+        self._sends.clear()
+        return loss_sum

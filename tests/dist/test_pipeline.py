@@ -1,0 +1,109 @@
+"""Pipeline parallelism against one process: every schedule, interleaving, uneven splits, and
+composition with TP, SP, FSDP and DDP; deferred weight gradients; the per-rank trace."""
+import json
+
+import pytest
+import torch
+
+from launch.spawn import run_ranks
+from tests.training import SMALL, assert_same_losses, train
+
+RTOL = {"float32": 1e-5, "float64": 1e-9}
+L4, L8 = ["model.n_layers=4"], ["model.n_layers=8"]
+MB2 = ["train.micro_batch_size=2"]  # 4 microbatches per data-parallel rank
+INTERLEAVED = ["parallel.vpp=2", "parallel.schedule=interleaved_1f1b"]
+
+LAYOUTS = {
+    "pp2": (2, ["parallel.pp=2"]),
+    "pp4": (4, L4 + MB2 + ["parallel.pp=4"]),
+    "pp2-vpp2": (2, L4 + MB2 + ["parallel.pp=2", *INTERLEAVED]),
+    "pp4-vpp2": (4, L8 + MB2 + ["parallel.pp=4", *INTERLEAVED]),
+    "pp2-vpp2-group3": (2, L4 + ["train.global_batch_size=12", "train.micro_batch_size=2",
+                                  "parallel.pp=2", *INTERLEAVED, "parallel.pp_group_size=3"]),
+    "pp2-tp2-dp2": (8, MB2 + ["parallel.pp=2", "parallel.tp=2"]),
+    "pp2-tp2-sp-dp2-vpp2": (8, L4 + ["train.micro_batch_size=1", "parallel.pp=2", "parallel.tp=2", "parallel.sp=true",
+                                     *INTERLEAVED]),
+    "pp2-uneven": (2, L4 + ["parallel.pp=2", "parallel.pp_layers=[3,1]"]),
+    "pp2-count-embedding-head": (2, L4 + ["parallel.pp=2", "parallel.pp_count_embedding_head=true"]),
+    "pp2-zero-bubble": (2, MB2 + ["parallel.pp=2", "parallel.schedule=zero_bubble"]),
+    "pp4-zero-bubble-ddp2": (8, L4 + MB2 + ["parallel.pp=4", "parallel.schedule=zero_bubble", "parallel.dp_impl=ddp"]),
+    "pp2-ddp2-ac": (4, MB2 + ["parallel.pp=2", "parallel.dp_impl=ddp", "parallel.activation_checkpoint=full"]),
+}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    cache = {}
+
+    def get(dtype, same):
+        key = (dtype, tuple(same))
+        if key not in cache:
+            cache[key] = train(tmp_path_factory.mktemp("ref"), [f"train.dtype={dtype}", *same])
+        return cache[key]
+
+    return get
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_pipeline_training_matches_one_process(layout, dtype, reference, tmp_path):
+    world, overrides = LAYOUTS[layout]
+    same = [o for o in overrides if o.startswith(("train.", "model."))]
+    got = train(tmp_path, [f"train.dtype={dtype}", *overrides], world_size=world)
+    assert len(got) == 20
+    assert_same_losses(reference(dtype, same), got, RTOL[dtype])
+
+
+def _zero_bubble_defers(rank, world):
+    from launch.config import compose
+    from launch.train import setup
+
+    run = setup(compose([*SMALL, *MB2, "parallel.pp=2", "parallel.schedule=zero_bubble", "run_dir=unused"]))
+    par = run.parallel
+    executor = par.executor
+    seen = []
+    original = par.store.run
+
+    def run_w(key):
+        # At each W, the weights of the linears still lack this microbatch's contribution.
+        seen.append(len(par.store.pending[key]))
+        original(key)
+
+    par.store.run = run_w
+    executor.forward_backward(run.trainer.loader.step(0), 1.0, lambda: torch.autocast("cpu", enabled=False))
+    assert len(par.store) == 0, "weight gradients left pending"
+    linears_per_chunk = sum(isinstance(m, torch.nn.Linear) for m in par.chunks[0].modules())
+    return seen, linears_per_chunk
+
+
+def test_zero_bubble_defers_every_linear_weight_gradient_to_its_w():
+    for seen, linears in run_ranks(_zero_bubble_defers, 2):
+        assert seen == [linears] * 4  # 4 microbatches, each W runs every linear of the chunk
+
+
+def test_trace_records_the_timeline_and_the_bubble(tmp_path):
+    records = train(tmp_path, L4 + MB2 + ["parallel.pp=2", *INTERLEAVED, "trace=true", "train.steps=3"], world_size=2)
+    # Reported every step (its size on a model this small is mostly communication overhead;
+    # benchmarks/pipeline_bubble.py measures it against theory).
+    assert all(0 < r["pp_bubble"] < float("inf") for r in records)
+    for rank in range(2):
+        events = json.loads((tmp_path / f"trace/rank{rank}.json").read_text())["traceEvents"]
+        compute = [e for e in events if e.get("cat") in ("forward", "backward")]
+        # 3 steps × 4 microbatches × 2 chunks, forward and backward.
+        assert len(compute) == 3 * 4 * 2 * 2
+        assert {(e["args"]["chunk"], e["args"]["mb"]) for e in compute} == {(c, m) for c in range(2) for m in range(4)}
+        assert any(e.get("cat") == "comm" for e in events)
+        assert all(e["dur"] >= 0 for e in events if e.get("ph") == "X")
+
+
+def test_pipeline_checkpoints_resume_and_reshard(tmp_path):
+    ckpt = ["checkpoint.every=5"]
+    layout = L4 + MB2 + ["parallel.pp=2", *INTERLEAVED]
+    whole = train(tmp_path / "whole", ckpt + layout, world_size=2)
+    train(tmp_path / "split", ckpt + layout + ["train.stop_at_step=10"], world_size=2)
+    assert [r["loss"] for r in train(tmp_path / "split", ckpt + layout, world_size=2)] == [r["loss"] for r in whole]
+    # Saved with 4 stages over 2 ranks, resumed with pp=4 (one stage each) and with tp=2.
+    for name, world, other in [("pp4", 4, L4 + MB2 + ["parallel.pp=4"]), ("tp2", 2, L4 + MB2 + ["parallel.tp=2"])]:
+        train(tmp_path / name, ckpt + layout + ["train.stop_at_step=10"], world_size=2)
+        moved = train(tmp_path / name, ckpt + other, world_size=world)
+        assert_same_losses(whole, moved, rtol=1e-5)
