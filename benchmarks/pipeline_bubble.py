@@ -91,7 +91,7 @@ def _run(rank: int, world: int, t: float, ms: list[int], repeats: int) -> dict:
         for m in ms:
             tracer = Tracer(True, rank)
             ex = PipelineExecutor(chunks, stages, P * v, kind, v, P, groups, lambda out, labels: out.sum(), SHAPE,
-                                  torch.float32, SHAPE[1], torch.device("cpu"), tracer, store)
+                                  torch.float32, torch.arange(SHAPE[1]), torch.device("cpu"), tracer, store)
             batches = [Batch(torch.zeros(1, SHAPE[1], dtype=torch.long), torch.zeros(1, SHAPE[1], dtype=torch.long))
                        for _ in range(m)]
             spans, busies = [], []

@@ -82,6 +82,7 @@ class ParallelConfig:
     etp: int = -1  # expert tensor-parallel size; -1 = tp (Megatron-Core's default)
     order: str = "tp-cp-ep-dp-pp"  # rank layout, fastest-varying dimension first
     sp: bool = False  # sequence parallelism: norms and residual stream on sequence shards (needs tp > 1)
+    cp_impl: str = "ring"  # context-parallel attention: ring | ulysses
     vpp: int = 1  # model chunks per pipeline rank (1 = no interleaving)
     schedule: str = "1f1b"  # pipeline schedule: 1f1b | interleaved_1f1b | zero_bubble
     pp_group_size: int = 0  # interleaved schedule: microbatches per group; 0 = pp

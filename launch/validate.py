@@ -153,11 +153,32 @@ def _pipeline_problems(cfg, topo: Topology | None) -> list[str]:
     return out
 
 
+def _context_problems(cfg) -> list[str]:
+    p, t, m = cfg.parallel, cfg.train, cfg.model
+    if p.cp == 1:
+        return []
+    if p.cp_impl not in ("ring", "ulysses"):
+        return [f"parallel.cp_impl={p.cp_impl!r} is unknown; valid: ring, ulysses"]
+    out = []
+    if t.seq_len % (2 * p.cp):
+        out.append(f"train.seq_len={t.seq_len} is not divisible by 2·cp = {2 * p.cp}: context parallelism "
+                   f"cuts the sequence into 2·cp chunks (rank i holds chunks i and 2·cp−1−i, balancing "
+                   f"causal work); use a multiple of {2 * p.cp}")
+    elif p.sp and (t.seq_len // p.cp) % p.tp:
+        out.append(f"train.seq_len / cp = {t.seq_len} / {p.cp} = {t.seq_len // p.cp} tokens per CP rank is not "
+                   f"divisible by parallel.tp={p.tp}, which sequence parallelism splits them over")
+    heads = m.n_heads // p.tp if m.n_heads % p.tp == 0 else None
+    if p.cp_impl == "ulysses" and heads is not None and heads % p.cp:
+        out.append(f"parallel.cp_impl=ulysses splits the attention heads over the CP ranks: model.n_heads / tp = "
+                   f"{m.n_heads} / {p.tp} = {heads} is not divisible by parallel.cp={p.cp} (use ring)")
+    return out
+
+
 def unsupported(cfg) -> list[str]:
     """Dimensions of the config that this build of quintet cannot train with yet."""
     p = cfg.parallel
     return [f"parallel.{k}={getattr(p, k)}: training with {k} > 1 is not available yet"
-            for k in ("cp", "ep") if getattr(p, k) > 1]
+            for k in ("ep",) if getattr(p, k) > 1]
 
 
 def _layout_problems(cfg, world_size: int) -> tuple[Topology | None, list[str]]:
@@ -192,6 +213,7 @@ def validate(cfg, world_size: int) -> Topology:
     problems += unsupported(cfg)
     problems += _train_problems(cfg, topo)
     problems += _pipeline_problems(cfg, topo)
+    problems += _context_problems(cfg)
     problems += _device_problems(cfg)
     if cfg.data.name == "tokens" and OmegaConf.is_missing(cfg.data, "path"):
         problems.append("data=tokens needs data.path=<file.npy> "

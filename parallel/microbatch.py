@@ -8,8 +8,9 @@ from parallel.data_parallel import gradient_sync
 
 
 class SequentialExecutor:
-    def __init__(self, model, loss_fn, device: torch.device, tracer):
+    def __init__(self, model, loss_fn, positions: torch.Tensor, device: torch.device, tracer):
         self.model, self.loss_fn, self.device, self.tracer = model, loss_fn, device, tracer
+        self.positions = positions  # the tokens' positions in the sequence (rotary embeddings)
 
     def forward_backward(self, batches, normalizer: float, autocast) -> torch.Tensor:
         """Returns this rank's loss sum; each microbatch's backward divides by `normalizer`."""
@@ -18,7 +19,7 @@ class SequentialExecutor:
             tokens, labels = batch.tokens.to(self.device), batch.labels.to(self.device)
             with gradient_sync(self.model, enabled=i == len(batches) - 1):
                 with self.tracer.span(f"F mb{i}", "forward", mb=i), autocast():
-                    part = self.loss_fn(self.model(tokens), labels)
+                    part = self.loss_fn(self.model(tokens, self.positions), labels)
                 with self.tracer.span(f"B mb{i}", "backward", mb=i):
                     (part / normalizer).backward()
             loss_sum = part.detach() if loss_sum is None else loss_sum + part.detach()

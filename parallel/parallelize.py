@@ -19,6 +19,7 @@ from torch import nn
 
 from parallel.activation_checkpoint import apply_ac
 from parallel.collectives import all_reduce_grads
+from parallel.context import apply_cp
 from parallel.data_parallel import apply_ddp, apply_fsdp
 from parallel.grad_norm import clip_grad_norm_
 from parallel.groups import Groups
@@ -42,6 +43,7 @@ class Parallelized:
     parallel_cfg: object
     init_full: Callable
     store: WeightGradStore | None = None
+    positions: torch.Tensor | None = None  # this rank's token positions under context parallelism
     executor: object = field(default=None, repr=False)
 
     @property
@@ -74,17 +76,30 @@ class Parallelized:
 
     def build_executor(self, device: torch.device, tracer, seq_len: int, micro_batch: int) -> None:
         t, p = self.topology, self.parallel_cfg
+        positions = self.positions if self.positions is not None else torch.arange(seq_len)
+        positions = positions.to(device)
         if t.pp == 1:
-            self.executor = SequentialExecutor(self.chunks[0], self.loss_fn, device, tracer)
+            self.executor = SequentialExecutor(self.chunks[0], self.loss_fn, positions, device, tracer)
             return
-        seq_local = seq_len // t.tp if p.sp else seq_len
+        # Stage boundaries carry this rank's activations: its CP share of the sequence, and its
+        # SP share of that.
+        seq_local = len(positions) // t.tp if p.sp else len(positions)
         dim = self.chunks[0].args.dim
         dtype = next(self.chunks[0].parameters()).dtype
         self.executor = PipelineExecutor(
             self.chunks, self.stages, t.pp * p.vpp, p.schedule, p.vpp, p.pp_group_size or t.pp, self.groups,
-            self.loss_fn, (micro_batch, seq_local, dim), dtype, seq_len, device, tracer, self.store)
+            self.loss_fn, (micro_batch, seq_local, dim), dtype, positions, device, tracer, self.store)
+
+    def local_batches(self, batches):
+        """This rank's part of each microbatch: under context parallelism, its tokens of each
+        sequence (and their targets); otherwise the microbatches as they are."""
+        if self.positions is None:
+            return batches
+        pos = self.positions.cpu()
+        return [type(b)(b.tokens[:, pos], b.labels[:, pos]) for b in batches]
 
     def forward_backward(self, batches, normalizer: float, autocast) -> torch.Tensor:
+        """Run this rank's microbatches (from `local_batches`); returns its loss sum."""
         return self.executor.forward_backward(batches, normalizer, autocast)
 
     def reduce_tokens(self, t: torch.Tensor) -> torch.Tensor:
@@ -133,7 +148,7 @@ def split_for_pipeline(model: nn.Module, layers: range, first: bool, last: bool)
     return chunk
 
 
-def parallelize(model: nn.Module, groups: Groups, parallel, loss_fn: Callable) -> Parallelized:
+def parallelize(model: nn.Module, groups: Groups, parallel, loss_fn: Callable, seq_len: int) -> Parallelized:
     """Rewrite the meta-device `model` into this rank's chunks. `loss_fn` is the single-process
     loss, replaced where a parallelism computes it differently (vocabulary-parallel with TP)."""
     topo, plan = groups.topology, ShardingPlan()
@@ -151,7 +166,12 @@ def parallelize(model: nn.Module, groups: Groups, parallel, loss_fn: Callable) -
     if topo.tp > 1:
         for chunk in chunks:
             loss_fn = apply_tp(chunk, groups["tp"], groups.index("tp"), topo.tp, parallel.sp, plan)
-    # 3-4. (context and expert parallelism: later)
+    # 3. Context parallelism.
+    positions = None
+    if topo.cp > 1:
+        for chunk in chunks:
+            positions = apply_cp(chunk, groups, parallel.cp_impl, seq_len)
+    # 4. (expert parallelism: later)
     store = None
     if topo.pp > 1 and parallel.schedule == "zero_bubble":
         store = WeightGradStore()
@@ -167,4 +187,4 @@ def parallelize(model: nn.Module, groups: Groups, parallel, loss_fn: Callable) -
         reshard = parallel.reshard_after_forward and topo.pp == 1
         for chunk in chunks:
             apply_fsdp(chunk, mesh, reshard_after_forward=reshard)
-    return Parallelized(chunks, stages, loss_fn, plan, groups, parallel, init_full, store)
+    return Parallelized(chunks, stages, loss_fn, plan, groups, parallel, init_full, store, positions)

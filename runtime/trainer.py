@@ -56,6 +56,7 @@ class Trainer:
 
     def forward_backward(self, batches, step: int = 0) -> tuple[torch.Tensor, float]:
         """Run every microbatch of the step; returns (this rank's loss sum, global target count)."""
+        batches = self.parallel.local_batches(batches)
         local_targets = sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches)
         n_targets = float(self.parallel.reduce_tokens(
             torch.tensor(local_targets, dtype=torch.int64, device=self.device)).item())

@@ -23,7 +23,7 @@ from parallel.pipeline.zero_bubble import WeightGradStore
 
 class PipelineExecutor:
     def __init__(self, chunks, stages: list[int], n_stages: int, kind: str, vpp: int, group_size: int,
-                 groups, loss_fn, act_shape: tuple[int, ...], act_dtype: torch.dtype, seq_len: int,
+                 groups, loss_fn, act_shape: tuple[int, ...], act_dtype: torch.dtype, positions: torch.Tensor,
                  device: torch.device, tracer, store: WeightGradStore | None):
         self.chunks, self.stages, self.n_stages = chunks, stages, n_stages
         self.kind, self.vpp, self.group_size = kind, vpp, group_size
@@ -31,7 +31,7 @@ class PipelineExecutor:
         self.pp_ranks = groups.ranks["pp"]
         self.p, self.rank = len(self.pp_ranks), groups.index("pp")
         self.loss_fn, self.act_shape, self.act_dtype = loss_fn, act_shape, act_dtype
-        self.positions = torch.arange(seq_len, device=device)
+        self.positions = positions  # the tokens' positions in the sequence (rotary embeddings)
         self.device, self.tracer, self.store = device, tracer, store
         self._sends: list = []
 

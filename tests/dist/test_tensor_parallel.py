@@ -32,7 +32,7 @@ def build(rank, world, sp, extra=()):
     with torch.device("meta"):
         full, tp_model = Transformer(args).double(), Transformer(args).double()
     materialize(full, full.init_full, torch.device("cpu"), seed=0)
-    par = parallelize(tp_model, groups, cfg.parallel, cross_entropy_sum)
+    par = parallelize(tp_model, groups, cfg.parallel, cross_entropy_sum, cfg.train.seq_len)
     par.materialize(torch.device("cpu"), seed=0)
     return full, par, groups
 

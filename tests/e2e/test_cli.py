@@ -77,6 +77,8 @@ BAD = {
     "heads not divisible by tp under torchrun": (2, ["parallel.tp=2", "model.n_heads=3", "model.dim=192", "model.n_kv_heads=3"],
                                                  "model.n_heads=3 is not divisible by parallel.tp=2"),
     "sp without tp under torchrun": (2, ["parallel.sp=true"], "parallel.sp=true needs parallel.tp > 1"),
+    "sequence not divisible by 2·cp under torchrun": (2, ["parallel.cp=2", "train.seq_len=250"],
+                                                     "train.seq_len=250 is not divisible by 2·cp = 4"),
     "batch not divisible": (1, ["train.global_batch_size=12", "train.micro_batch_size=8"],
                             "train.global_batch_size=12 is not divisible by train.micro_batch_size × data-parallel size = 8 × 1 = 8"),
     "unknown model": (1, ["model=huge"], "Could not find 'model/huge'"),

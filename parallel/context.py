@@ -1,0 +1,224 @@
+"""Context parallelism: a sequence split over `cp` ranks, attention exact in forward and backward.
+
+Sharding (load-balanced for causal attention): the sequence is cut into 2·cp chunks and rank i
+holds chunks i and 2·cp−1−i, so every rank has the same amount of causal attention work. Rotary
+embeddings use the tokens' original positions; the loss is over the local tokens, normalised by
+the global target count.
+
+Two attention implementations (`parallel.cp_impl`):
+
+- `ring`: ring attention (Liu et al., 2023, "Ring Attention with Blockwise Transformers"; the
+  load-balanced causal variant of Megatron-LM / Brandon et al., 2023 "Striped Attention"). KV
+  blocks travel around the CP ring with point-to-point sends posted before the attention of the
+  current block, so communication overlaps compute. Partial results are merged by online
+  softmax (output and log-sum-exp per block). Backward recomputes the blocks from the saved
+  log-sum-exp (as FlashAttention does) and sends each KV block's gradient around the ring with
+  it, home to its owner after a full turn. Memory per rank: O(local sequence), not O(sequence²).
+- `ulysses`: DeepSpeed-Ulysses (Jacobs et al., 2023): an all-to-all turns sequence shards into
+  head shards, attention runs over the whole sequence for cp-th of the heads, and an all-to-all
+  turns it back. Needs the (TP-local) heads divisible by cp.
+
+    pytest tests/dist/test_context_parallel.py
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from runtime.model import causal_attention
+
+IMPLS = ("ring", "ulysses")
+
+
+def chunk_ids(rank: int, cp: int) -> tuple[int, int]:
+    return rank, 2 * cp - 1 - rank
+
+
+def local_positions(seq_len: int, cp: int, rank: int) -> torch.Tensor:
+    """Original positions of the tokens rank `rank` holds: chunks rank and 2·cp−1−rank."""
+    c = seq_len // (2 * cp)
+    return torch.cat([torch.arange(i * c, (i + 1) * c) for i in chunk_ids(rank, cp)])
+
+
+# --- ring attention ------------------------------------------------------------------------------
+
+def _block_scores(q5, k, scale, causal: bool):
+    """Scores of one (query chunk, key chunk) block: q5 [b, cq, hkv, g, d], k [b, ck, hkv, d]
+    -> [b, hkv, g, cq, ck]; a diagonal block masks keys after the query."""
+    s = torch.einsum("bqhgd,bkhd->bhgqk", q5, k) * scale
+    if causal:
+        n = s.shape[-1]
+        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    return s
+
+
+def _ring_exchange(t: torch.Tensor, group, ranks: list[int], rank: int):
+    """Post a send of `t` to the next rank of the ring and a receive from the previous one."""
+    cp = len(ranks)
+    buf = torch.empty_like(t)
+    ops = [dist.P2POp(dist.isend, t, ranks[(rank + 1) % cp], group),
+           dist.P2POp(dist.irecv, buf, ranks[(rank - 1) % cp], group)]
+    return buf, dist.batch_isend_irecv(ops)
+
+
+class RingAttention(torch.autograd.Function):
+    """Causal attention over a sequence split across the CP ring (load-balanced chunks).
+
+    Forward: for cp steps, attend this rank's two query chunks to the KV block in hand (skipping
+    key chunks after the query chunk, masking the diagonal), merge into (output, log-sum-exp)
+    by online softmax, while the block moves on to the next rank and the previous rank's
+    arrives. Backward: the same walk, recomputing each block's probabilities from the final
+    log-sum-exp; dQ accumulates here, dK/dV accumulate in buffers that travel with their KV
+    block and reach its owner after cp steps."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, group, ranks, rank):
+        cp = len(ranks)
+        b, s, hq, d = q.shape
+        hkv = k.shape[2]
+        g, c = hq // hkv, s // 2
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        scale = 1.0 / math.sqrt(d)
+        q5 = q.to(dtype).view(b, s, hkv, g, d)
+        out = torch.zeros(b, s, hkv, g, d, dtype=dtype, device=q.device)
+        lse = torch.full((b, hkv, g, s), float("-inf"), dtype=dtype, device=q.device)
+        kv = torch.stack([k.to(dtype), v.to(dtype)])  # [2, b, s, hkv, d]: one message per step
+        mine = chunk_ids(rank, cp)
+        for t in range(cp):
+            owner = (rank - t) % cp
+            pending = _ring_exchange(kv, group, ranks, rank) if t < cp - 1 else None
+            for qa, a in enumerate(mine):
+                for kb, bb in enumerate(chunk_ids(owner, cp)):
+                    if bb > a:
+                        continue
+                    qs, ks = slice(qa * c, (qa + 1) * c), slice(kb * c, (kb + 1) * c)
+                    scores = _block_scores(q5[:, qs], kv[0][:, ks], scale, causal=bb == a)
+                    blk_lse = torch.logsumexp(scores, dim=-1)  # [b, hkv, g, c]
+                    blk_out = torch.einsum("bhgqk,bkhd->bqhgd", (scores - blk_lse.unsqueeze(-1)).exp(), kv[1][:, ks])
+                    new_lse = torch.logaddexp(lse[..., qs], blk_lse)
+                    w_old = (lse[..., qs] - new_lse).exp().permute(0, 3, 1, 2).unsqueeze(-1)
+                    w_new = (blk_lse - new_lse).exp().permute(0, 3, 1, 2).unsqueeze(-1)
+                    out[:, qs] = out[:, qs] * w_old + blk_out * w_new
+                    lse[..., qs] = new_lse
+            if pending is not None:
+                buf, works = pending
+                for w in works:
+                    w.wait()
+                kv = buf
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.group, ctx.ranks, ctx.rank = group, ranks, rank
+        return out.view(b, s, hq, d).to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        group, ranks, rank = ctx.group, ctx.ranks, ctx.rank
+        cp = len(ranks)
+        b, s, hq, d = q.shape
+        hkv = k.shape[2]
+        g, c = hq // hkv, s // 2
+        dtype = out.dtype
+        scale = 1.0 / math.sqrt(d)
+        q5 = q.to(dtype).view(b, s, hkv, g, d)
+        do5 = grad_out.to(dtype).reshape(b, s, hkv, g, d)
+        delta = (do5 * out).sum(-1).permute(0, 2, 3, 1)  # [b, hkv, g, s]: rowsum(dO ∘ O)
+        dq = torch.zeros_like(q5)
+        kv = torch.stack([k.to(dtype), v.to(dtype)])
+        dkv = torch.zeros_like(kv)  # gradient of the KV block in hand, travelling with it
+        mine = chunk_ids(rank, cp)
+        for t in range(cp):
+            owner = (rank - t) % cp
+            pending = _ring_exchange(kv, group, ranks, rank) if t < cp - 1 else None
+            for qa, a in enumerate(mine):
+                for kb, bb in enumerate(chunk_ids(owner, cp)):
+                    if bb > a:
+                        continue
+                    qs, ks = slice(qa * c, (qa + 1) * c), slice(kb * c, (kb + 1) * c)
+                    scores = _block_scores(q5[:, qs], kv[0][:, ks], scale, causal=bb == a)
+                    p = (scores - lse[..., qs].unsqueeze(-1)).exp()  # true probabilities
+                    dkv[1][:, ks] += torch.einsum("bhgqk,bqhgd->bkhd", p, do5[:, qs])
+                    dp = torch.einsum("bqhgd,bkhd->bhgqk", do5[:, qs], kv[1][:, ks])
+                    ds = p * (dp - delta[..., qs].unsqueeze(-1)) * scale
+                    dq[:, qs] += torch.einsum("bhgqk,bkhd->bqhgd", ds, kv[0][:, ks])
+                    dkv[0][:, ks] += torch.einsum("bhgqk,bqhgd->bkhd", ds, q5[:, qs])
+            # The gradient moves on with its block; after the last step it goes home (one more hop).
+            dkv, works = _ring_exchange(dkv, group, ranks, rank)
+            for w in works:
+                w.wait()
+            if pending is not None:
+                buf, works = pending
+                for w in works:
+                    w.wait()
+                kv = buf
+        return (dq.view(b, s, hq, d).to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None)
+
+
+class RingAttentionCore:
+    """The `attention.core` of a CP rank: q, k, v [b, s/cp, h, d] in load-balanced order."""
+
+    def __init__(self, group, ranks: list[int], rank: int):
+        self.group, self.ranks, self.rank = group, ranks, rank
+
+    def __call__(self, q, k, v):
+        return RingAttention.apply(q, k, v, self.group, self.ranks, self.rank)
+
+
+# --- Ulysses -------------------------------------------------------------------------------------
+
+def _all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group) -> torch.Tensor:
+    n = dist.get_world_size(group)
+    parts = [p.contiguous() for p in x.chunk(n, dim=scatter_dim)]
+    send = torch.stack(parts)  # [n, ...]: part j goes to rank j
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    return torch.cat(list(recv.unbind(0)), dim=gather_dim)
+
+
+class SeqToHeadAllToAll(torch.autograd.Function):
+    """Forward: all-to-all that scatters `scatter_dim` over the CP ranks and gathers
+    `gather_dim` (sequence shards → head shards, or back). Backward: the inverse all-to-all."""
+
+    @staticmethod
+    def forward(ctx, x, scatter_dim, gather_dim, group):
+        ctx.dims, ctx.group = (scatter_dim, gather_dim), group
+        return _all_to_all(x, scatter_dim, gather_dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        scatter_dim, gather_dim = ctx.dims
+        return _all_to_all(grad, gather_dim, scatter_dim, ctx.group), None, None, None
+
+
+class UlyssesAttentionCore:
+    """The `attention.core` of a CP rank with all-to-all attention."""
+
+    def __init__(self, group, seq_len: int, cp: int):
+        self.group = group
+        gathered = torch.cat([local_positions(seq_len, cp, r) for r in range(cp)])
+        self.order = torch.argsort(gathered)  # gathered sequence → original order
+        self.back = torch.argsort(self.order)
+        self.cp = cp
+
+    def __call__(self, q, k, v):
+        if k.shape[2] % self.cp:  # fewer KV heads than CP ranks: give each query head its own
+            k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
+            v = v.repeat_interleave(q.shape[2] // v.shape[2], dim=2)
+        q, k, v = (SeqToHeadAllToAll.apply(t, 2, 1, self.group)[:, self.order.to(t.device)] for t in (q, k, v))
+        out = causal_attention(q, k, v)[:, self.back.to(q.device)]  # [b, s, h/cp, d]
+        return SeqToHeadAllToAll.apply(out.contiguous(), 1, 2, self.group)
+
+
+def apply_cp(model, groups, impl: str, seq_len: int) -> torch.Tensor:
+    """Swap every attention core of `model` for the context-parallel one; returns this rank's
+    token positions (the model's rotary positions and the batch's token selection)."""
+    cp, rank, ranks = groups.size("cp"), groups.index("cp"), groups.ranks["cp"]
+    for block in model.layers.values():
+        if impl == "ring":
+            block.attention.core = RingAttentionCore(groups["cp"], ranks, rank)
+        elif impl == "ulysses":
+            block.attention.core = UlyssesAttentionCore(groups["cp"], seq_len, cp)
+        else:
+            raise ValueError(f"parallel.cp_impl={impl!r} is unknown; valid: {', '.join(IMPLS)}")
+    return local_positions(seq_len, cp, rank)
