@@ -140,8 +140,8 @@ def test_pipeline_problems_are_named(overrides, world, fragment):
     (["parallel.cp=2", "train.seq_len=250"], 2, "train.seq_len=250 is not divisible by 2·cp = 4: context parallelism cuts"),
     (["parallel.cp=4", "parallel.cp_impl=ulysses", "model.n_heads=6", "model.dim=192", "model.n_kv_heads=6"], 4,
      "parallel.cp_impl=ulysses splits the attention heads over the CP ranks: model.n_heads / tp = 6 / 1 = 6 is not divisible by parallel.cp=4"),
-    (["parallel.cp=2", "parallel.tp=2", "parallel.sp=true", "train.seq_len=12"], 4,
-     "train.seq_len / cp = 12 / 2 = 6 tokens per CP rank is not divisible by parallel.tp=2"),
+    (["parallel.cp=2", "parallel.tp=4", "parallel.sp=true", "train.seq_len=20"], 8,
+     "train.seq_len / cp = 20 / 2 = 10 tokens per CP rank is not divisible by parallel.tp=4"),
     (["parallel.cp=2", "parallel.cp_impl=flash"], 2, "parallel.cp_impl='flash' is unknown; valid: ring, ulysses"),
 ])
 def test_context_parallel_problems_are_named(overrides, world, fragment):
