@@ -10,10 +10,12 @@ Two attention implementations (`parallel.cp_impl`):
 - `ring`: ring attention (Liu et al., 2023, "Ring Attention with Blockwise Transformers"; the
   load-balanced causal variant of Megatron-LM / Brandon et al., 2023 "Striped Attention"). KV
   blocks travel around the CP ring with point-to-point sends posted before the attention of the
-  current block, so communication overlaps compute. Partial results are merged by online
-  softmax (output and log-sum-exp per block). Backward recomputes the blocks from the saved
-  log-sum-exp (as FlashAttention does) and sends each KV block's gradient around the ring with
-  it, home to its owner after a full turn. Memory per rank: O(local sequence), not O(sequence²).
+  current block, so communication overlaps compute. Each block runs PyTorch's fused flash
+  attention kernel, which returns its log-sum-exp; blocks are merged by online softmax.
+  Backward runs the kernel's backward per block with the merged output and log-sum-exp (the
+  true probabilities, as FlashAttention recomputes them) and sends each KV block's gradient
+  around the ring with it, home to its owner after a full turn. Memory per rank: O(local
+  sequence), not O(sequence²).
 - `ulysses`: DeepSpeed-Ulysses (Jacobs et al., 2023): an all-to-all turns sequence shards into
   head shards, attention runs over the whole sequence for cp-th of the heads, and an all-to-all
   turns it back. Needs the (TP-local) heads divisible by cp.
@@ -21,8 +23,6 @@ Two attention implementations (`parallel.cp_impl`):
     pytest tests/dist/test_context_parallel.py
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.distributed as dist
@@ -44,14 +44,17 @@ def local_positions(seq_len: int, cp: int, rank: int) -> torch.Tensor:
 
 # --- ring attention ------------------------------------------------------------------------------
 
-def _block_scores(q5, k, scale, causal: bool):
-    """Scores of one (query chunk, key chunk) block: q5 [b, cq, hkv, g, d], k [b, ck, hkv, d]
-    -> [b, hkv, g, cq, ck]; a diagonal block masks keys after the query."""
-    s = torch.einsum("bqhgd,bkhd->bhgqk", q5, k) * scale
-    if causal:
-        n = s.shape[-1]
-        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
-    return s
+def _flash(q, k, v, causal: bool):
+    """One block of attention with PyTorch's fused CPU flash kernel: q [b, hq, cq, d],
+    k/v [b, hkv, ck, d] (grouped-query attention built in) -> (out, log-sum-exp [b, hq, cq])."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)
+
+
+def _flash_backward(grad_out, q, k, v, out, lse, causal: bool):
+    """The block's (dq, dk, dv) given the *merged* output and log-sum-exp of its queries, so its
+    probabilities are the true ones (FlashAttention's backward, block by block)."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grad_out, q, k, v, out, lse, 0.0, causal)
 
 
 def _ring_exchange(t: torch.Tensor, group, ranks: list[int], rank: int):
@@ -63,96 +66,81 @@ def _ring_exchange(t: torch.Tensor, group, ranks: list[int], rank: int):
     return buf, dist.batch_isend_irecv(ops)
 
 
+def _blocks(rank: int, owner: int, cp: int, c: int):
+    """(query slice, key slice, causal) of every block this rank computes against `owner`'s KV:
+    its two query chunks against the owner's two key chunks, skipping keys after the query."""
+    for qa, a in enumerate(chunk_ids(rank, cp)):
+        for kb, b in enumerate(chunk_ids(owner, cp)):
+            if b <= a:
+                yield slice(qa * c, (qa + 1) * c), slice(kb * c, (kb + 1) * c), b == a
+
+
 class RingAttention(torch.autograd.Function):
     """Causal attention over a sequence split across the CP ring (load-balanced chunks).
 
     Forward: for cp steps, attend this rank's two query chunks to the KV block in hand (skipping
     key chunks after the query chunk, masking the diagonal), merge into (output, log-sum-exp)
     by online softmax, while the block moves on to the next rank and the previous rank's
-    arrives. Backward: the same walk, recomputing each block's probabilities from the final
-    log-sum-exp; dQ accumulates here, dK/dV accumulate in buffers that travel with their KV
-    block and reach its owner after cp steps."""
+    arrives. Backward: the same walk; each block's gradients come from the fused flash backward
+    given the merged output and log-sum-exp; dQ accumulates here, dK/dV accumulate in a buffer
+    that travels with its KV block and reaches the block's owner after cp steps."""
 
     @staticmethod
     def forward(ctx, q, k, v, group, ranks, rank):
         cp = len(ranks)
-        b, s, hq, d = q.shape
-        hkv = k.shape[2]
-        g, c = hq // hkv, s // 2
-        dtype = torch.promote_types(q.dtype, torch.float32)
-        scale = 1.0 / math.sqrt(d)
-        q5 = q.to(dtype).view(b, s, hkv, g, d)
-        out = torch.zeros(b, s, hkv, g, d, dtype=dtype, device=q.device)
-        lse = torch.full((b, hkv, g, s), float("-inf"), dtype=dtype, device=q.device)
-        kv = torch.stack([k.to(dtype), v.to(dtype)])  # [2, b, s, hkv, d]: one message per step
-        mine = chunk_ids(rank, cp)
+        c = q.shape[1] // 2
+        acc = torch.promote_types(q.dtype, torch.float32)
+        qt = q.transpose(1, 2)  # [b, hq, s, d]
+        kv = torch.stack([k.transpose(1, 2), v.transpose(1, 2)]).contiguous()  # one message per step
+        # The output accumulates in [b, s, h, d], the layout the output projection reads.
+        out = torch.zeros(q.shape, dtype=acc, device=q.device)
+        lse = torch.full(qt.shape[:3], float("-inf"), dtype=acc, device=q.device)  # [b, hq, s]
         for t in range(cp):
-            owner = (rank - t) % cp
             pending = _ring_exchange(kv, group, ranks, rank) if t < cp - 1 else None
-            for qa, a in enumerate(mine):
-                for kb, bb in enumerate(chunk_ids(owner, cp)):
-                    if bb > a:
-                        continue
-                    qs, ks = slice(qa * c, (qa + 1) * c), slice(kb * c, (kb + 1) * c)
-                    scores = _block_scores(q5[:, qs], kv[0][:, ks], scale, causal=bb == a)
-                    blk_lse = torch.logsumexp(scores, dim=-1)  # [b, hkv, g, c]
-                    blk_out = torch.einsum("bhgqk,bkhd->bqhgd", (scores - blk_lse.unsqueeze(-1)).exp(), kv[1][:, ks])
-                    new_lse = torch.logaddexp(lse[..., qs], blk_lse)
-                    w_old = (lse[..., qs] - new_lse).exp().permute(0, 3, 1, 2).unsqueeze(-1)
-                    w_new = (blk_lse - new_lse).exp().permute(0, 3, 1, 2).unsqueeze(-1)
-                    out[:, qs] = out[:, qs] * w_old + blk_out * w_new
-                    lse[..., qs] = new_lse
+            for qs, ks, causal in _blocks(rank, (rank - t) % cp, cp, c):
+                blk_out, blk_lse = _flash(qt[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], causal)
+                new = torch.logaddexp(lse[..., qs], blk_lse)
+                w_old = (lse[..., qs] - new).exp().transpose(1, 2).unsqueeze(-1)  # [b, c, hq, 1]
+                w_new = (blk_lse - new).exp().transpose(1, 2).unsqueeze(-1)
+                out[:, qs] = out[:, qs] * w_old + blk_out.transpose(1, 2).to(acc) * w_new
+                lse[..., qs] = new
             if pending is not None:
-                buf, works = pending
+                kv, works = pending
                 for w in works:
                     w.wait()
-                kv = buf
+        out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.group, ctx.ranks, ctx.rank = group, ranks, rank
-        return out.view(b, s, hq, d).to(q.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
         group, ranks, rank = ctx.group, ctx.ranks, ctx.rank
-        cp = len(ranks)
-        b, s, hq, d = q.shape
-        hkv = k.shape[2]
-        g, c = hq // hkv, s // 2
-        dtype = out.dtype
-        scale = 1.0 / math.sqrt(d)
-        q5 = q.to(dtype).view(b, s, hkv, g, d)
-        do5 = grad_out.to(dtype).reshape(b, s, hkv, g, d)
-        delta = (do5 * out).sum(-1).permute(0, 2, 3, 1)  # [b, hkv, g, s]: rowsum(dO ∘ O)
-        dq = torch.zeros_like(q5)
-        kv = torch.stack([k.to(dtype), v.to(dtype)])
-        dkv = torch.zeros_like(kv)  # gradient of the KV block in hand, travelling with it
-        mine = chunk_ids(rank, cp)
+        cp, c = len(ranks), q.shape[1] // 2
+        acc = torch.promote_types(q.dtype, torch.float32)
+        qt, ot, dot = q.transpose(1, 2), out.transpose(1, 2), grad_out.transpose(1, 2).contiguous()
+        dq = torch.zeros(qt.shape, dtype=acc, device=q.device)
+        kv = torch.stack([k.transpose(1, 2), v.transpose(1, 2)]).contiguous()
+        dkv = torch.zeros(kv.shape, dtype=acc, device=q.device)  # travels with its KV block
         for t in range(cp):
-            owner = (rank - t) % cp
             pending = _ring_exchange(kv, group, ranks, rank) if t < cp - 1 else None
-            for qa, a in enumerate(mine):
-                for kb, bb in enumerate(chunk_ids(owner, cp)):
-                    if bb > a:
-                        continue
-                    qs, ks = slice(qa * c, (qa + 1) * c), slice(kb * c, (kb + 1) * c)
-                    scores = _block_scores(q5[:, qs], kv[0][:, ks], scale, causal=bb == a)
-                    p = (scores - lse[..., qs].unsqueeze(-1)).exp()  # true probabilities
-                    dkv[1][:, ks] += torch.einsum("bhgqk,bqhgd->bkhd", p, do5[:, qs])
-                    dp = torch.einsum("bqhgd,bkhd->bhgqk", do5[:, qs], kv[1][:, ks])
-                    ds = p * (dp - delta[..., qs].unsqueeze(-1)) * scale
-                    dq[:, qs] += torch.einsum("bhgqk,bkhd->bqhgd", ds, kv[0][:, ks])
-                    dkv[0][:, ks] += torch.einsum("bhgqk,bqhgd->bkhd", ds, q5[:, qs])
+            for qs, ks, causal in _blocks(rank, (rank - t) % cp, cp, c):
+                bq, bk, bv = _flash_backward(dot[:, :, qs], qt[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks],
+                                             ot[:, :, qs], lse[..., qs], causal)
+                dq[:, :, qs] += bq
+                dkv[0][:, :, ks] += bk
+                dkv[1][:, :, ks] += bv
             # The gradient moves on with its block; after the last step it goes home (one more hop).
             dkv, works = _ring_exchange(dkv, group, ranks, rank)
             for w in works:
                 w.wait()
             if pending is not None:
-                buf, works = pending
+                kv, works = pending
                 for w in works:
                     w.wait()
-                kv = buf
-        return (dq.view(b, s, hq, d).to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None)
+        return (dq.to(q.dtype).transpose(1, 2), dkv[0].to(k.dtype).transpose(1, 2),
+                dkv[1].to(v.dtype).transpose(1, 2), None, None, None)
 
 
 class RingAttentionCore:
