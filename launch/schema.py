@@ -56,6 +56,22 @@ class WandbMode(enum.Enum):
 
 
 @dataclass
+class MoEConfig:
+    """Mixture-of-Experts feed-forward blocks (num_experts = 0: a dense model)."""
+
+    num_experts: int = 0  # experts per MoE layer; 0 = no MoE
+    top_k: int = 2  # experts per token
+    expert_ffn_dim: int = 0  # SwiGLU hidden size of each expert; 0 = model.ffn_dim
+    every: int = 1  # layer i is MoE when i % every == 0 (the others are dense)
+    shared_expert: bool = False  # one more expert, of expert_ffn_dim, that every token goes through
+    renormalize: bool = True  # rescale the top-k routing probabilities to sum to 1
+    aux_loss_coef: float = 0.01  # Switch load-balancing loss
+    z_loss_coef: float = 0.001  # router z-loss
+    bias_update_rate: float = 0.0  # aux-loss-free balancing: per-expert bias step per update; 0 = off
+    capacity_factor: float = 0.0  # 0 = dropless; else each expert keeps factor·tokens·top_k/experts of the local tokens
+
+
+@dataclass
 class ModelConfig:
     """A Llama-style decoder: RMSNorm, rotary embeddings, SwiGLU, grouped-query attention."""
 
@@ -68,6 +84,7 @@ class ModelConfig:
     vocab_size: int = MISSING  # embedding and output rows
     norm_eps: float = 1e-5  # RMSNorm epsilon
     rope_theta: float = 10000.0  # rotary embedding base
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
 
 @dataclass

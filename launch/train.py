@@ -109,6 +109,7 @@ def setup(cfg: DictConfig) -> TrainingRun:
     par.materialize(device, cfg.seed)
     tracer = Tracer(cfg.trace, rank, cfg.run_dir)
     par.build_executor(device, tracer, cfg.train.seq_len, cfg.train.micro_batch_size)
+    par.set_global_microbatches(cfg.train.global_batch_size // cfg.train.micro_batch_size)
     if rank == 0:
         log.info("model %s: %.2fM parameters; world %d (%s); device %s; run_dir %s", cfg.model.name,
                  n_params / 1e6, topo.world_size, " ".join(f"{k}={v}" for k, v in topo.sizes().items()

@@ -23,6 +23,32 @@ class ConfigError(ValueError):
         return "invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems)
 
 
+def _moe_problems(cfg, topo: Topology | None) -> list[str]:
+    m, p = cfg.model.moe, cfg.parallel
+    if m.num_experts == 0:
+        return [f"parallel.ep={p.ep} needs a model with experts (model=tiny_moe, or model.moe.num_experts > 0)"] \
+            if p.ep > 1 else []
+    out = []
+    if m.num_experts < 1 or m.top_k < 1 or m.top_k > m.num_experts:
+        out.append(f"model.moe.top_k={m.top_k} must be between 1 and model.moe.num_experts={m.num_experts}")
+    if m.num_experts % p.ep:
+        out.append(f"model.moe.num_experts={m.num_experts} is not divisible by parallel.ep={p.ep}: each EP rank "
+                   f"holds num_experts/ep experts")
+    hidden = m.expert_ffn_dim or cfg.model.ffn_dim
+    etp = topo.etp if topo is not None else (p.tp if p.etp == -1 else p.etp)
+    if hidden % etp:
+        out.append(f"the expert hidden size {hidden} (model.moe.expert_ffn_dim) is not divisible by the expert "
+                   f"tensor-parallel size etp={etp}")
+    if p.tp > 1 and not p.sp:
+        out.append(f"MoE with parallel.tp={p.tp} needs parallel.sp=true: the experts see each TP rank's "
+                   f"sequence shard of the tokens (as in Megatron-Core)")
+    if m.every < 1:
+        out.append(f"model.moe.every={m.every} must be ≥ 1")
+    if m.capacity_factor < 0:
+        out.append(f"model.moe.capacity_factor={m.capacity_factor} must be ≥ 0 (0 = dropless)")
+    return out
+
+
 def _tp_problems(m, tp: int) -> list[str]:
     """Attention and matrices must split evenly over the tensor-parallel ranks."""
     if tp == 1:
@@ -174,13 +200,6 @@ def _context_problems(cfg) -> list[str]:
     return out
 
 
-def unsupported(cfg) -> list[str]:
-    """Dimensions of the config that this build of quintet cannot train with yet."""
-    p = cfg.parallel
-    return [f"parallel.{k}={getattr(p, k)}: training with {k} > 1 is not available yet"
-            for k in ("ep",) if getattr(p, k) > 1]
-
-
 def _layout_problems(cfg, world_size: int) -> tuple[Topology | None, list[str]]:
     problems: list[str] = []
     try:
@@ -192,6 +211,7 @@ def _layout_problems(cfg, world_size: int) -> tuple[Topology | None, list[str]]:
     problems += model
     if not model:
         problems += _tp_problems(cfg.model, cfg.parallel.tp)
+        problems += _moe_problems(cfg, topo)
     return topo, problems
 
 
@@ -210,7 +230,6 @@ def validate(cfg, world_size: int) -> Topology:
     problems += [f"{k} is required" for k in missing]
     topo, layout = _layout_problems(cfg, world_size)
     problems += layout
-    problems += unsupported(cfg)
     problems += _train_problems(cfg, topo)
     problems += _pipeline_problems(cfg, topo)
     problems += _context_problems(cfg)

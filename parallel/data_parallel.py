@@ -18,18 +18,28 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 
-def apply_fsdp(model: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool = True) -> nn.Module:
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool = True,
+               expert_mesh: DeviceMesh | None = None, experts: list[nn.Module] = ()) -> nn.Module:
     """Shard every Transformer block, then the rest (embedding, final norm, head) at the root.
 
     Call on the meta-device model; parameters become DTensors sharded on dim 0 over `mesh`
     (a 1-D mesh: fully sharded; a 2-D (replicate, shard) mesh: HSDP). With
     `reshard_after_forward=False` blocks keep their gathered parameters until backward
     (ZeRO-2-like: gradients and optimizer states stay sharded, no re-gather in backward).
+
+    MoE `experts` modules are replicated over a different group (EDP): they get their own FSDP
+    units on `expert_mesh`, or — when EDP has one rank — stay outside FSDP altogether.
     """
+    ignored = set()
+    for module in experts:
+        if expert_mesh is not None:
+            fully_shard(module, mesh=expert_mesh, reshard_after_forward=reshard_after_forward)
+        else:
+            ignored |= set(module.parameters())
     for layer in model.layers.values():
-        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored or None)
     # The root's parameters are used again right at the start of backward: keep them gathered.
-    fully_shard(model, mesh=mesh, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh, reshard_after_forward=False, ignored_params=ignored or None)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             # Each FSDP group has its own settings. A divide factor of 1 turns the mean into a

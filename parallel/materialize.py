@@ -46,3 +46,6 @@ def materialize(model: nn.Module, init_full, device: torch.device, seed: int,
             full = init_full(name, torch.Size(plan.full_shape(name, param)), generator)
             target = param.to_local() if isinstance(param, DTensor) else param
             target.copy_(full[local_block(plan, name, param)])
+        for name, buf in model.named_buffers():  # whole on every rank (e.g. MoE routing biases)
+            name = canonical_name(name)
+            buf.copy_(init_full(name, buf.shape, torch.Generator().manual_seed(name_seed(seed, name))))

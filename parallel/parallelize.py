@@ -21,6 +21,7 @@ from parallel.activation_checkpoint import apply_ac
 from parallel.collectives import all_reduce_grads
 from parallel.context import apply_cp
 from parallel.data_parallel import apply_ddp, apply_fsdp
+from parallel.expert import apply_ep
 from parallel.grad_norm import clip_grad_norm_
 from parallel.groups import Groups
 from parallel.materialize import canonical_name, materialize
@@ -44,6 +45,7 @@ class Parallelized:
     init_full: Callable
     store: WeightGradStore | None = None
     positions: torch.Tensor | None = None  # this rank's token positions under context parallelism
+    moe_layers: dict[int, nn.Module] = field(default_factory=dict)  # global layer index -> MoE block
     executor: object = field(default=None, repr=False)
 
     @property
@@ -66,12 +68,18 @@ class Parallelized:
     def parameters(self):
         return [p for _, p in self.named_parameters()]
 
+    @property
+    def manual_ddp(self) -> bool:
+        """DDP done by hand after the step's backward: pipelined chunks, and MoE models (whose
+        experts reduce over EDP, not the dense group) have no DDP wrapper."""
+        return self.parallel_cfg.dp_impl.value == "ddp" and (self.topology.pp > 1 or bool(self.moe_layers))
+
     def materialize(self, device: torch.device, seed: int) -> None:
         """Real storage with layout-independent values; DDP wraps the materialised model."""
         for chunk in self.chunks:
             materialize(chunk, self.init_full, device, seed, self.plan)
         dp = self.groups["dp_cp"]
-        if self.parallel_cfg.dp_impl.value == "ddp" and dp is not None and self.topology.pp == 1:
+        if self.parallel_cfg.dp_impl.value == "ddp" and dp is not None and not self.manual_ddp:
             self.chunks[0] = apply_ddp(self.chunks[0], dp, device)
 
     def build_executor(self, device: torch.device, tracer, seq_len: int, micro_batch: int) -> None:
@@ -98,6 +106,12 @@ class Parallelized:
         pos = self.positions.cpu()
         return [type(b)(b.tokens[:, pos], b.labels[:, pos]) for b in batches]
 
+    def set_global_microbatches(self, n: int) -> None:
+        """The step's MoE balancing losses are means over all `n` microbatches of the global batch,
+        whichever rank runs them."""
+        for m in self.moe_layers.values():
+            m.loss_scale = 1.0 / n
+
     def forward_backward(self, batches, normalizer: float, autocast) -> torch.Tensor:
         """Run this rank's microbatches (from `local_batches`); returns its loss sum."""
         return self.executor.forward_backward(batches, normalizer, autocast)
@@ -112,18 +126,53 @@ class Parallelized:
 
     def finish_grads(self) -> None:
         """After the step's last backward: complete every gradient that is still partial."""
-        partial = [p for n, p in self.named_parameters() if self.plan.partial_grad(n)]
-        if partial and self.groups["tp"] is not None:
-            all_reduce_grads(partial, self.groups["tp"])
-        dp = self.groups["dp_cp"]
-        if self.parallel_cfg.dp_impl.value == "ddp" and dp is not None and self.topology.pp > 1:
-            # Pipelined DDP reduces after the schedule (no DDP wrapper around chunks).
-            all_reduce_grads(self.parameters(), dp)
+        by_group: dict[str, list] = {}
+        for n, p in self.named_parameters():
+            if self.plan.partial_grad(n):
+                by_group.setdefault(self.plan.partial_grad(n), []).append(p)
+        for name, params in by_group.items():
+            if self.groups[name] is not None:
+                all_reduce_grads(params, self.groups[name])
+        if self.manual_ddp:
+            experts = {id(p) for m in self.moe_layers.values() for p in m.experts.parameters()}
+            named = self.parameters()
+            for group, params in (("dp_cp", [p for p in named if id(p) not in experts]),
+                                  ("edp", [p for p in named if id(p) in experts])):
+                if self.groups[group] is not None:
+                    all_reduce_grads(params, self.groups[group])
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        tp, pp = self.groups["tp"], self.groups["pp"]
-        entries = [(p, ((tp,) if self.plan.tp_sharded(n) else ()) + (pp,)) for n, p in self.named_parameters()]
+        pp = self.groups["pp"]
+        entries = [(p, tuple(self.groups[g] for g in self.plan.split_groups(n)) + (pp,))
+                   for n, p in self.named_parameters()]
         return clip_grad_norm_(entries, max_norm)
+
+    def moe_step(self) -> dict:
+        """After the optimizer step: the step's auxiliary and z losses and each MoE layer's
+        global expert load (tokens per expert), the aux-loss-free bias update from those loads,
+        and fresh statistics for the next step. Every rank calls it (it reduces)."""
+        n_layers = self.chunks[0].args.n_layers if self.chunks else 0
+        moe = self.chunks[0].args.moe
+        if moe is None:
+            return {}
+        # Rows of every MoE layer of the model; each pipeline stage fills its own.
+        loads = torch.zeros(n_layers, moe.num_experts, dtype=torch.float64)
+        losses = torch.zeros(2, dtype=torch.float64)
+        for layer, m in self.moe_layers.items():
+            loads[layer] = m.step_counts
+            losses += torch.stack([m.step_aux, m.step_z])
+        # Counts and losses are already summed over the ranks sharing a microbatch's tokens (TP
+        # with SP, and CP); data ranks hold different microbatches, pipeline ranks other layers.
+        DataReducer([self.groups["dp"], self.groups["pp"]]).sum(loads)
+        if self.groups.index("cp") != 0 or self.groups.index("tp") != 0:
+            losses.zero_()  # counted once per token group
+        DataReducer([self.groups["dp_cp"], self.groups["tp"], self.groups["pp"]]).sum(losses)
+        for layer, m in self.moe_layers.items():
+            m.update_bias(loads[layer])
+            m.reset_step_stats()
+        moe_rows = [i for i in range(n_layers) if self.chunks[0].args.is_moe(i)]
+        return {"aux_loss": losses[0].item(), "z_loss": losses[1].item(),
+                "expert_load": {str(i): loads[i].tolist() for i in moe_rows}}
 
     def pipeline_bubble(self, tracer) -> float | None:
         """The last step's measured bubble, averaged over pipeline ranks (None without tracing)."""
@@ -171,7 +220,12 @@ def parallelize(model: nn.Module, groups: Groups, parallel, loss_fn: Callable, s
     if topo.cp > 1:
         for chunk in chunks:
             positions = apply_cp(chunk, groups, parallel.cp_impl, seq_len)
-    # 4. (expert parallelism: later)
+    # 4. Expert parallelism (and MoE statistics over the ranks sharing tokens).
+    moe_layers = {}
+    if model.args.moe is not None:
+        for chunk in chunks:
+            for moe in apply_ep(chunk, groups, plan, parallel.sp):
+                moe_layers[moe.layer] = moe
     store = None
     if topo.pp > 1 and parallel.schedule == "zero_bubble":
         store = WeightGradStore()
@@ -185,6 +239,8 @@ def parallelize(model: nn.Module, groups: Groups, parallel, loss_fn: Callable, s
         mesh = groups.hsdp_mesh() if topo.dp_replicate > 1 else groups.device_mesh("dp_cp")
         # Inside a pipeline schedule a chunk stays gathered from forward to its last backward.
         reshard = parallel.reshard_after_forward and topo.pp == 1
+        expert_mesh = groups.device_mesh("edp") if groups["edp"] is not None else None
         for chunk in chunks:
-            apply_fsdp(chunk, mesh, reshard_after_forward=reshard)
-    return Parallelized(chunks, stages, loss_fn, plan, groups, parallel, init_full, store, positions)
+            experts = [m.experts for m in moe_layers.values() if any(m is x for x in chunk.modules())]
+            apply_fsdp(chunk, mesh, reshard_after_forward=reshard, expert_mesh=expert_mesh, experts=experts)
+    return Parallelized(chunks, stages, loss_fn, plan, groups, parallel, init_full, store, positions, moe_layers)

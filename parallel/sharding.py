@@ -1,11 +1,11 @@
 """What part of each full parameter this rank holds, and how its gradient must be completed.
 
-Tensor parallelism replaces parameters by slices of the full ones; the plan records, per
-canonical parameter name, the full shape and the slice (`TPSpec`). Data parallelism (FSDP2)
-then shards the TP-local tensor again, which its DTensor records. Together they give the
-rectangle of the full tensor this rank holds (`local_block`): initialisation draws the full
-tensor and keeps that rectangle, the gradient norm counts each piece once, and checkpoints
-store rectangles that any other layout can read.
+Tensor and expert parallelism replace parameters by slices of the full ones; the plan records,
+per canonical parameter name, the full shape and its splits (`ParamSpec`: which dimension, which
+piece, over which group). Data parallelism (FSDP2) then shards the local tensor again, which its
+DTensor records. Together they give the rectangle of the full tensor this rank holds
+(`local_block`): initialisation draws the full tensor and keeps that rectangle, the gradient
+norm counts each piece once, and checkpoints store rectangles that any other layout can read.
 """
 from __future__ import annotations
 
@@ -16,37 +16,57 @@ from torch.distributed.tensor import DTensor, Shard
 
 
 @dataclass(frozen=True)
-class TPSpec:
+class Split:
+    dim: int  # dimension of the full tensor
+    index: int  # this rank's piece
+    parts: int  # number of pieces
+    group: str  # the group the pieces are spread over: "tp", "ep" or "etp"
+
+
+@dataclass(frozen=True)
+class ParamSpec:
     full_shape: tuple[int, ...]
-    dim: int | None  # dimension of the full tensor split over TP ranks; None = a full copy
-    index: int = 0  # this rank's piece
-    parts: int = 1  # number of pieces
-    # Each TP rank computes only part of this parameter's gradient (sequence-parallel norms see
-    # a shard of the tokens; replicated KV heads serve some query heads): sum it over TP.
-    partial_grad: bool = False
+    splits: tuple[Split, ...] = ()
+    # A group whose ranks each compute only part of this parameter's gradient (sequence-parallel
+    # norms and MoE routers see a shard of the tokens; replicated KV heads serve some query
+    # heads): the gradient is summed over it after backward.
+    partial_grad: str | None = None
 
     def slices(self) -> tuple[slice, ...]:
         out = [slice(0, n) for n in self.full_shape]
-        if self.dim is not None:
-            size = self.full_shape[self.dim] // self.parts
-            out[self.dim] = slice(self.index * size, (self.index + 1) * size)
+        for s in self.splits:
+            size = (out[s.dim].stop - out[s.dim].start) // s.parts
+            start = out[s.dim].start + s.index * size
+            out[s.dim] = slice(start, start + size)
         return tuple(out)
+
+    @property
+    def local_shape(self) -> tuple[int, ...]:
+        return tuple(s.stop - s.start for s in self.slices())
+
+
+def split(full_shape, *splits: Split, partial_grad: str | None = None) -> ParamSpec:
+    return ParamSpec(tuple(full_shape), tuple(splits), partial_grad)
 
 
 @dataclass
 class ShardingPlan:
-    """TP specs by canonical parameter name; parameters not listed are whole on every TP rank."""
+    """Specs by canonical parameter name; parameters not listed are whole on every rank."""
 
-    tp: dict[str, TPSpec] = field(default_factory=dict)
+    specs: dict[str, ParamSpec] = field(default_factory=dict)
+
+    def __setitem__(self, name: str, spec: ParamSpec) -> None:
+        self.specs[name] = spec
 
     def full_shape(self, name: str, param: torch.Tensor) -> tuple[int, ...]:
-        return self.tp[name].full_shape if name in self.tp else tuple(param.shape)
+        return self.specs[name].full_shape if name in self.specs else tuple(param.shape)
 
-    def tp_sharded(self, name: str) -> bool:
-        return name in self.tp and self.tp[name].dim is not None
+    def split_groups(self, name: str) -> tuple[str, ...]:
+        """The groups this parameter's pieces are spread over (each piece counted once)."""
+        return tuple(s.group for s in self.specs[name].splits) if name in self.specs else ()
 
-    def partial_grad(self, name: str) -> bool:
-        return name in self.tp and self.tp[name].partial_grad
+    def partial_grad(self, name: str) -> str | None:
+        return self.specs[name].partial_grad if name in self.specs else None
 
 
 def _dtensor_slices(param: DTensor) -> tuple[slice, ...]:
@@ -67,9 +87,9 @@ def _dtensor_slices(param: DTensor) -> tuple[slice, ...]:
 
 def local_block(plan: ShardingPlan, name: str, param: torch.Tensor) -> tuple[slice, ...]:
     """The rectangle of the full parameter `name` that `param` holds on this rank."""
-    block = list(plan.tp[name].slices()) if name in plan.tp else [slice(0, n) for n in param.shape]
+    block = list(plan.specs[name].slices()) if name in plan.specs else [slice(0, n) for n in param.shape]
     if isinstance(param, DTensor):
-        # FSDP slices the TP-local tensor: compose its slices inside the TP block.
+        # FSDP slices the local tensor: compose its slices inside the block.
         for d, inner in enumerate(_dtensor_slices(param)):
             block[d] = slice(block[d].start + inner.start, block[d].start + inner.stop)
     return tuple(block)

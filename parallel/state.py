@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch.distributed.tensor import DTensor
 
+from parallel.materialize import canonical_name
 from parallel.sharding import local_block
 
 
@@ -30,8 +31,13 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def state_blocks(parallel, optimizer) -> list[StateBlock]:
-    """Blocks of the model's parameters and of the optimizer's per-parameter state."""
+    """Blocks of the model's parameters, its persistent buffers (whole on every rank, e.g. MoE
+    routing biases) and the optimizer's per-parameter state."""
     out = []
+    for chunk in parallel.chunks:
+        for name, buf in chunk.named_buffers():
+            name = canonical_name(name)
+            out.append(StateBlock(f"buffer/{name}", buf, tuple(buf.shape), tuple(slice(0, n) for n in buf.shape)))
     for name, p in parallel.named_parameters():
         full, block = parallel.plan.full_shape(name, p), local_block(parallel.plan, name, p)
         out.append(StateBlock(f"model/{name}", _local(p), full, block))

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from parallel.collectives import (copy_to_tp, gather_sequence, reduce_from_tp, reduce_scatter_sequence)
-from parallel.sharding import ShardingPlan, TPSpec
+from runtime.model import FeedForward
+from parallel.sharding import ShardingPlan, Split, split
 
 IGNORE_INDEX = -100
 
@@ -153,12 +154,12 @@ def apply_tp(model: nn.Module, group, rank: int, size: int, sequence_parallel: b
     def column(parent: nn.Module, attr: str, name: str) -> None:
         full = getattr(parent, attr)
         setattr(parent, attr, _linear(ColumnParallelLinear, full, full.in_features, full.out_features // size))
-        plan.tp[f"{name}.weight"] = TPSpec(tuple(full.weight.shape), 0, rank, size)
+        plan[f"{name}.weight"] = split(full.weight.shape, Split(0, rank, size, "tp"))
 
     def row(parent: nn.Module, attr: str, name: str) -> None:
         full = getattr(parent, attr)
         setattr(parent, attr, _linear(RowParallelLinear, full, full.in_features // size, full.out_features))
-        plan.tp[f"{name}.weight"] = TPSpec(tuple(full.weight.shape), 1, rank, size)
+        plan[f"{name}.weight"] = split(full.weight.shape, Split(1, rank, size, "tp"))
 
     for i, block in model.layers.items():
         prefix = f"layers.{i}"
@@ -173,25 +174,26 @@ def apply_tp(model: nn.Module, group, rank: int, size: int, sequence_parallel: b
             for attr in ("wk", "wv"):
                 full = getattr(attn, attr)
                 setattr(attn, attr, ReplicatedHeadLinear(full, rows))
-                plan.tp[f"{prefix}.attention.{attr}.weight"] = TPSpec(tuple(full.weight.shape), None, partial_grad=True)
+                plan[f"{prefix}.attention.{attr}.weight"] = split(full.weight.shape, partial_grad="tp")
         row(attn, "wo", f"{prefix}.attention.wo")
-        column(ffn, "w1", f"{prefix}.feed_forward.w1")
-        column(ffn, "w3", f"{prefix}.feed_forward.w3")
-        row(ffn, "w2", f"{prefix}.feed_forward.w2")
         _region(attn, group, sequence_parallel)
-        _region(ffn, group, sequence_parallel)
+        if isinstance(ffn, FeedForward):  # an MoE block is left to expert parallelism
+            column(ffn, "w1", f"{prefix}.feed_forward.w1")
+            column(ffn, "w3", f"{prefix}.feed_forward.w3")
+            row(ffn, "w2", f"{prefix}.feed_forward.w2")
+            _region(ffn, group, sequence_parallel)
         if sequence_parallel:  # norms see a shard of the tokens: their gradients are partial
             for norm in ("attention_norm", "ffn_norm"):
-                plan.tp[f"{prefix}.{norm}.weight"] = TPSpec((args.dim,), None, partial_grad=True)
+                plan[f"{prefix}.{norm}.weight"] = split((args.dim,), partial_grad="tp")
 
     vocab_local = args.vocab_size // size
     if model.tok_embeddings is not None:
         full = model.tok_embeddings
         model.tok_embeddings = VocabParallelEmbedding(vocab_local, args.dim, rank * vocab_local, group,
                                                       sequence_parallel, full.weight.dtype)
-        plan.tp["tok_embeddings.weight"] = TPSpec(tuple(full.weight.shape), 0, rank, size)
+        plan["tok_embeddings.weight"] = split(full.weight.shape, Split(0, rank, size, "tp"))
     if model.norm is not None and sequence_parallel:
-        plan.tp["norm.weight"] = TPSpec((args.dim,), None, partial_grad=True)
+        plan["norm.weight"] = split((args.dim,), partial_grad="tp")
     if model.output is not None:
         column(model, "output", "output")
         _region(model.output, group, sequence_parallel, exit_reduce=False)

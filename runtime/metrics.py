@@ -74,8 +74,7 @@ class MetricsSink:
             f.write(json.dumps(metrics) + "\n")
         self.progress.update(metrics)
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in metrics.items() if k != "step" and _finite(v)},
-                           step=metrics["step"])
+            self.wandb.log(wandb_row(metrics), step=metrics["step"])
 
     def close(self) -> None:
         if self.wandb is not None:
@@ -85,6 +84,21 @@ class MetricsSink:
 
 def _finite(v) -> bool:
     return not isinstance(v, float) or math.isfinite(v)
+
+
+def wandb_row(metrics: dict) -> dict:
+    """Scalars for wandb: MoE expert loads become each expert's share of its layer's tokens and
+    the layer's max/mean load (1 = balanced)."""
+    row = {}
+    for key, value in metrics.items():
+        if key == "expert_load":
+            for layer, counts in value.items():
+                total = sum(counts) or 1.0
+                row[f"moe/layer{layer}/max_over_mean"] = max(counts) * len(counts) / total
+                row.update({f"moe/layer{layer}/expert{e}": c / total for e, c in enumerate(counts)})
+        elif key != "step" and isinstance(value, (int, float)) and _finite(value):
+            row[key] = value
+    return row
 
 
 def _start_wandb(run_dir: str, cfg, config: dict):

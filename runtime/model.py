@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runtime.moe import MoE, MoEArgs
+
 
 @dataclass(frozen=True)
 class ModelArgs:
@@ -29,14 +31,27 @@ class ModelArgs:
     vocab_size: int
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    moe: MoEArgs | None = None  # Mixture-of-Experts feed-forward blocks
+    moe_every: int = 1  # layer i is MoE when i % moe_every == 0
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
 
+    def is_moe(self, layer: int) -> bool:
+        return self.moe is not None and layer % self.moe_every == 0
+
     @classmethod
     def from_config(cls, cfg) -> "ModelArgs":
-        return cls(**{f: getattr(cfg, f) for f in cls.__dataclass_fields__})
+        base = {f: getattr(cfg, f) for f in cls.__dataclass_fields__ if f not in ("moe", "moe_every")}
+        m = cfg.moe
+        if m.num_experts == 0:
+            return cls(**base)
+        moe = MoEArgs(num_experts=m.num_experts, top_k=m.top_k, expert_ffn_dim=m.expert_ffn_dim or cfg.ffn_dim,
+                      shared_expert=m.shared_expert, renormalize=m.renormalize, aux_loss_coef=m.aux_loss_coef,
+                      z_loss_coef=m.z_loss_coef, bias_update_rate=m.bias_update_rate,
+                      capacity_factor=m.capacity_factor)
+        return cls(**base, moe=moe, moe_every=m.every)
 
     @classmethod
     def tiny(cls) -> "ModelArgs":
@@ -121,12 +136,16 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.attention = Attention(args)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.feed_forward = FeedForward(args.dim, args.ffn_dim)
+        if args.is_moe(layer):
+            hidden = args.moe.expert_ffn_dim
+            self.feed_forward = MoE(args.dim, args.moe, lambda: FeedForward(args.dim, hidden))
+        else:
+            self.feed_forward = FeedForward(args.dim, args.ffn_dim)
 
     def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), rope)
@@ -138,7 +157,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.args = args
         self.tok_embeddings: nn.Embedding | None = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleDict({str(i): Block(args) for i in range(args.n_layers)})
+        self.layers = nn.ModuleDict({str(i): Block(args, i) for i in range(args.n_layers)})
         self.norm: RMSNorm | None = RMSNorm(args.dim, args.norm_eps)
         self.output: nn.Linear | None = nn.Linear(args.dim, args.vocab_size, bias=False)
 
@@ -169,9 +188,14 @@ class Transformer(nn.Module):
         Layout-independent by construction: parallel code calls this with the full shape and
         keeps the slice its rank holds. Drawn in fp32 so fp32 and fp64 runs start equal.
         """
-        leaf = name.rsplit(".", 2)[-2]  # module attribute: wq, w2, attention_norm, ...
+        parts = name.split(".")
+        # The module a weight belongs to (wq, w2, attention_norm, router, ...), or the stacked
+        # expert weight itself (experts.w1).
+        leaf = parts[-2] if parts[-1] == "weight" else parts[-1]
         if leaf.endswith("norm"):
             return torch.ones(shape)
+        if leaf == "expert_bias":  # a buffer: the aux-loss-free balancing bias starts at 0
+            return torch.zeros(shape)
         t = torch.empty(shape)
         if leaf == "tok_embeddings":
             return nn.init.normal_(t, std=1.0, generator=generator)

@@ -10,13 +10,15 @@ def build_optimizer(params, optim, lr: float) -> torch.optim.Optimizer:
     """AdamW over `params` (this rank's parameters, of any number of model chunks)."""
     if optim.name != "adamw":
         raise ValueError(f"optim.name={optim.name!r} is unknown; valid: adamw")
-    decay, no_decay = [], []
+    groups: dict[tuple[bool, type], list] = {}
     for p in params:
-        # Norm weights (1-D) are not decayed; matrices and embeddings are.
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": optim.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
+        # Norm weights (1-D) are not decayed; matrices and embeddings are. Sharded (DTensor) and
+        # plain parameters — MoE experts outside FSDP — go in separate groups: a fused foreach
+        # update cannot mix the two.
+        groups.setdefault((p.dim() >= 2, type(p)), []).append(p)
+    param_groups = [{"params": ps, "weight_decay": optim.weight_decay if decay else 0.0}
+                    for (decay, _), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1].__name__))]
+    return torch.optim.AdamW(param_groups, lr=lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
                              foreach=True)
 
 

@@ -76,6 +76,9 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         metrics = {"step": step + 1, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr}
+        moe = self.parallel.moe_step()
+        if moe:  # the language-model loss above; the balancing terms beside it
+            metrics.update(total_loss=metrics["loss"] + moe["aux_loss"] + moe["z_loss"], **moe)
         bubble = self.parallel.pipeline_bubble(self.tracer)
         if bubble is not None:
             metrics["pp_bubble"] = bubble

@@ -57,3 +57,17 @@ def test_tensor_parallel_checkpoints_resume_exactly_and_reshard(tmp_path):
     assert_same_losses(single, moved, rtol=1e-5)
     shards = sorted(p.name for p in (tmp_path / "moved/checkpoints/step_00000010").glob("shard-*.bin"))
     assert shards == [f"shard-{r:05d}.bin" for r in range(4)]
+
+
+def test_moe_checkpoints_resume_exactly_and_reshard_expert_parallelism(tmp_path):
+    """The routing bias (aux-loss-free balancing) is saved too; ep=4 resumes as ep=2."""
+    moe = ["model=tiny_moe", "model.moe.expert_ffn_dim=48", "model.moe.bias_update_rate=0.01",
+           "train.micro_batch_size=2"]
+    whole = train(tmp_path / "whole", CKPT + moe + ["parallel.ep=4"], world_size=4)
+    train(tmp_path / "split", CKPT + moe + ["parallel.ep=4", "train.stop_at_step=10"], world_size=4)
+    second = train(tmp_path / "split", CKPT + moe + ["parallel.ep=4"], world_size=4)
+    assert [r["total_loss"] for r in second] == [r["total_loss"] for r in whole]
+    train(tmp_path / "moved", CKPT + moe + ["parallel.ep=4", "train.stop_at_step=10"], world_size=4)
+    moved = train(tmp_path / "moved", CKPT + moe + ["parallel.ep=2"], world_size=4)
+    assert_same_losses([{**r, "loss": r["total_loss"]} for r in whole],
+                       [{**r, "loss": r["total_loss"]} for r in moved], rtol=1e-5)

@@ -147,3 +147,18 @@ def test_pipeline_problems_are_named(overrides, world, fragment):
 def test_context_parallel_problems_are_named(overrides, world, fragment):
     found = problems(["run_dir=/x", *overrides], world)
     assert any(fragment in p for p in found), found
+
+
+@pytest.mark.parametrize("overrides, world, fragment", [
+    (["model=tiny_moe", "parallel.ep=3", "model.moe.num_experts=8"], 3,
+     "model.moe.num_experts=8 is not divisible by parallel.ep=3"),
+    (["model=tiny_moe", "model.moe.top_k=9"], 1, "model.moe.top_k=9 must be between 1 and model.moe.num_experts=8"),
+    (["model=tiny_moe", "parallel.ep=3", "parallel.dp=2"], 2, "etp·ep = 1·3 = 3 does not divide the ranks of a pipeline stage"),
+    (["model=tiny_moe", "parallel.tp=2", "parallel.ep=2", "parallel.etp=1"], 2, "MoE with parallel.tp=2 needs parallel.sp=true"),
+    (["model=tiny_moe", "parallel.tp=2", "parallel.sp=true", "model.moe.expert_ffn_dim=343"], 2,
+     "the expert hidden size 343 (model.moe.expert_ffn_dim) is not divisible by the expert tensor-parallel size etp=2"),
+    (["parallel.ep=2"], 2, "parallel.ep=2 needs a model with experts"),
+])
+def test_moe_problems_are_named(overrides, world, fragment):
+    found = problems(["run_dir=/x", *overrides], world)
+    assert any(fragment in p for p in found), found

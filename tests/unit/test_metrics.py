@@ -37,3 +37,12 @@ def test_only_the_active_sink_writes(tmp_path):
     sink.log(RECORD)
     assert read_metrics(tmp_path / "b") == [RECORD]
     assert json.loads((tmp_path / "b/metrics.jsonl").read_text()) == RECORD
+
+
+def test_wandb_gets_scalars_for_expert_loads():
+    from runtime.metrics import wandb_row
+
+    row = wandb_row({**RECORD, "expert_load": {"0": [3.0, 1.0], "2": [2.0, 2.0]}, "note": "x"})
+    assert row["moe/layer0/max_over_mean"] == 1.5 and row["moe/layer2/max_over_mean"] == 1.0
+    assert row["moe/layer0/expert1"] == 0.25
+    assert "step" not in row and "note" not in row and row["loss"] == 2.5

@@ -1,0 +1,185 @@
+"""Mixture-of-Experts feed-forward block, in plain PyTorch (no rank logic).
+
+A router scores every token against E experts (softmax), picks the top k (optionally after
+adding a per-expert balancing bias), and the token's output is the routing-weighted sum of those
+experts' SwiGLU outputs, plus an optional shared expert every token goes through. Experts are one
+batched computation over stacked weights [E, …]: tokens are sorted by expert and laid out as
+[E, most tokens of an expert, dim] for a batched matrix multiply, not a Python loop over experts.
+
+Load balancing (all layout-independent, computed over the tokens of the microbatch):
+- the Switch Transformer auxiliary loss, coef · E · Σ_e f_e · P_e (Fedus et al., 2021), with f_e
+  the fraction of routed assignments and P_e the mean router probability of expert e;
+- the router z-loss, coef · mean over tokens of (log Σ exp logits)² (Zoph et al., 2022, ST-MoE);
+- auxiliary-loss-free balancing (Wang et al., 2024; DeepSeek-V3): a per-expert bias added to the
+  scores when choosing experts (not to the weights), moved after each step by
+  rate · sign(mean load − load) from the global token counts.
+
+How tokens reach the experts is the `dispatcher`'s job: `LocalDispatcher` computes every expert
+here; expert parallelism (parallel/expert.py) swaps in one that moves tokens between ranks.
+`stats_sum` (identity here) sums routing statistics over the ranks that share a microbatch's
+tokens, so the balancing losses do not depend on how the tokens are split.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class MoEArgs:
+    num_experts: int
+    top_k: int
+    expert_ffn_dim: int
+    shared_expert: bool = False
+    renormalize: bool = True
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.001
+    bias_update_rate: float = 0.0
+    capacity_factor: float = 0.0  # 0 = dropless
+
+
+class AttachAuxLoss(torch.autograd.Function):
+    """Forward: return `out` unchanged. Backward: pass the output gradient through and give
+    `aux` (an already scaled loss term) the gradient 1, so the term joins the objective inside
+    the layer — in any pipeline stage — without being returned by the model (Megatron-LM's
+    MoEAuxLossAutoScaler)."""
+
+    @staticmethod
+    def forward(ctx, out, aux):
+        ctx.aux_shape, ctx.aux_dtype = aux.shape, aux.dtype
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, torch.ones(ctx.aux_shape, dtype=ctx.aux_dtype, device=grad.device)
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts as stacked weights: w1, w3 [E, dim, hidden], w2 [E, hidden, dim]."""
+
+    def __init__(self, num_experts: int, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.w3 = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x: [M, dim] tokens sorted by expert, counts[e] of them for expert e (of this module's
+        experts). One batched computation: tokens padded to [E, max count, dim]."""
+        n_experts, dim, out_dim = self.w1.shape[0], x.shape[-1], self.w2.shape[-1]
+        # No early return for zero tokens: the output must stay in the autograd graph, so that a
+        # rank that routed nothing still joins the backward's collectives.
+        cap = int(counts.max()) if counts.numel() else 0
+        starts = torch.cumsum(counts, 0) - counts
+        expert = torch.repeat_interleave(torch.arange(n_experts, device=x.device), counts)
+        slot = torch.arange(x.shape[0], device=x.device) - starts[expert]
+        flat = expert * cap + slot  # each token's row in the padded [E·cap, dim] layout
+        padded = x.new_zeros(n_experts * cap, dim).index_copy(0, flat, x).view(n_experts, cap, dim)
+        h = F.silu(torch.bmm(padded, self.w1)) * torch.bmm(padded, self.w3)
+        return torch.bmm(h, self.w2).view(n_experts * cap, out_dim).index_select(0, flat)
+
+
+class LocalDispatcher:
+    """Every expert is on this rank: sort the token-expert assignments by expert, compute, undo
+    the sort, combine by routing weight."""
+
+    def __call__(self, x, experts: GroupedExperts, idx, weights, keep):
+        n_experts = experts.w1.shape[0]
+        flat_expert = idx.reshape(-1)
+        token = torch.arange(x.shape[0], device=x.device).repeat_interleave(idx.shape[1])
+        weight = weights.reshape(-1)
+        if keep is not None:
+            kept = keep.reshape(-1)
+            flat_expert, token, weight = flat_expert[kept], token[kept], weight[kept]
+        order = torch.argsort(flat_expert, stable=True)
+        counts = torch.bincount(flat_expert, minlength=n_experts)
+        y = experts(x.index_select(0, token[order]), counts)
+        out = x.new_zeros(x.shape)
+        return out.index_add(0, token[order], y * weight[order].unsqueeze(-1).to(y.dtype))
+
+
+def capacity_keep(probs_topk: torch.Tensor, idx: torch.Tensor, num_experts: int, factor: float) -> torch.Tensor:
+    """Token dropping on the local tokens: each expert keeps at most
+    capacity = ceil(factor · tokens · top_k / experts) assignments, those with the highest
+    routing weight (ties: the earlier token, then the earlier of its k choices). Returns a
+    [tokens, top_k] keep mask."""
+    n, k = idx.shape
+    capacity = math.ceil(factor * n * k / num_experts)
+    flat_e, flat_p = idx.reshape(-1), probs_topk.detach().reshape(-1)
+    order = torch.argsort(-flat_p, stable=True)  # highest weight first, ties in position order
+    order = order[torch.argsort(flat_e[order], stable=True)]  # grouped by expert, keeping that order
+    ranked = flat_e[order]
+    rank_in_expert = torch.arange(n * k, device=idx.device) - torch.searchsorted(ranked, ranked)
+    keep = torch.empty(n * k, dtype=torch.bool, device=idx.device)
+    keep[order] = rank_in_expert < capacity
+    return keep.view(n, k)
+
+
+class MoE(nn.Module):
+    def __init__(self, dim: int, args: MoEArgs, ffn_factory):
+        super().__init__()
+        self.args = args
+        self.router = nn.Linear(dim, args.num_experts, bias=False)
+        self.experts = GroupedExperts(args.num_experts, dim, args.expert_ffn_dim)
+        self.shared = ffn_factory() if args.shared_expert else None
+        # Aux-loss-free balancing bias; a buffer: it is moved by the rule above, not by gradients.
+        self.register_buffer("expert_bias", torch.zeros(args.num_experts), persistent=True)
+        self.dispatcher = LocalDispatcher()
+        self.stats_sum = lambda t: t  # summed over the ranks sharing the microbatch's tokens
+        self.loss_scale = 1.0  # 1 / microbatches per global batch, set by the trainer
+        self.reset_step_stats()
+
+    def reset_step_stats(self) -> None:
+        # Host-side running sums of the step (explicitly on the CPU: the model may be built on
+        # the meta device).
+        self.step_counts = torch.zeros(self.args.num_experts, dtype=torch.float64, device="cpu")
+        self.step_aux = torch.zeros((), dtype=torch.float64, device="cpu")
+        self.step_z = torch.zeros((), dtype=torch.float64, device="cpu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [tokens, dim]
+        logits = self.router(x).float() if x.dtype != torch.float64 else self.router(x)
+        probs = logits.softmax(dim=-1)
+        choose = probs + self.expert_bias.to(probs.dtype) if self.args.bias_update_rate else probs
+        idx = torch.topk(choose, self.args.top_k, dim=-1).indices  # [tokens, k]
+        weights = probs.gather(-1, idx)
+        if self.args.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        keep = None
+        if self.args.capacity_factor > 0:
+            keep = capacity_keep(weights, idx, self.args.num_experts, self.args.capacity_factor)
+        out = self.dispatcher(x, self.experts, idx, weights, keep).to(x.dtype)
+        if self.shared is not None:
+            out = out + self.shared(x)
+        out = self._balance(out, logits, probs, idx)
+        return out.view(shape)
+
+    def _balance(self, out, logits, probs, idx):
+        """Add the auxiliary and z losses of this microbatch and record the expert load (routed
+        assignments, before any capacity dropping)."""
+        e = self.args.num_experts
+        counts = self.stats_sum(F.one_hot(idx, e).to(probs.dtype).sum(dim=(0, 1)))
+        stats = self.stats_sum(torch.cat([probs.sum(0), torch.logsumexp(logits, -1).pow(2).sum().unsqueeze(0),
+                                          torch.tensor([probs.shape[0]], dtype=probs.dtype, device=probs.device)]))
+        n_tokens = stats[-1].detach()
+        prob_mean, z = stats[:e] / n_tokens, stats[e] / n_tokens
+        aux = e * (counts / (n_tokens * self.args.top_k) * prob_mean).sum()
+        term = self.loss_scale * (self.args.aux_loss_coef * aux + self.args.z_loss_coef * z)
+        self.step_counts += counts.detach().double().cpu()
+        self.step_aux += self.loss_scale * self.args.aux_loss_coef * aux.detach().double().cpu()
+        self.step_z += self.loss_scale * self.args.z_loss_coef * z.detach().double().cpu()
+        if term.requires_grad:
+            out = AttachAuxLoss.apply(out, term)
+        return out
+
+    @torch.no_grad()
+    def update_bias(self, counts: torch.Tensor) -> None:
+        """Aux-loss-free balancing: move each expert's bias toward the mean load."""
+        if self.args.bias_update_rate:
+            counts = counts.to(self.expert_bias)
+            self.expert_bias += self.args.bias_update_rate * torch.sign(counts.mean() - counts)
