@@ -13,13 +13,18 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+# The dim-0 tensor collectives, under their torch ≥ 2.13 names where they exist (the older
+# all_gather_into_tensor / reduce_scatter_tensor are deprecated there).
+all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 def all_gather_along(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     """Concatenate every rank's `x` along `dim` (rank order)."""
     n = dist.get_world_size(group)
     front = x.movedim(dim, 0).contiguous()
     out = torch.empty((n * front.shape[0], *front.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, front, group=group)
+    all_gather_tensor(out, front, group=group)
     return out.movedim(0, dim)
 
 
@@ -30,7 +35,7 @@ def reduce_scatter_along(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     if front.shape[0] % n:
         raise ValueError(f"dimension {dim} of size {front.shape[0]} does not split over {n} ranks")
     out = torch.empty((front.shape[0] // n, *front.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.reduce_scatter_tensor(out, front, group=group)
+    reduce_scatter_tensor(out, front, group=group)
     return out.movedim(0, dim)
 
 

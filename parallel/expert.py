@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from parallel.collectives import reduce_from_tp
+from parallel.collectives import all_gather_tensor, reduce_from_tp, reduce_scatter_tensor
 from parallel.sharding import ShardingPlan, Split, split
 from runtime.moe import MoE
 
@@ -57,7 +57,7 @@ def _gather_v(x: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
     padded = x.new_zeros((cap, *x.shape[1:]))
     padded[: x.shape[0]] = x
     out = x.new_empty((len(sizes) * cap, *x.shape[1:]))
-    dist.all_gather_into_tensor(out, padded, group=group)
+    all_gather_tensor(out, padded, group=group)
     return torch.cat([out[j * cap: j * cap + n] for j, n in enumerate(sizes)])
 
 
@@ -70,7 +70,7 @@ def _reduce_scatter_v(x: torch.Tensor, sizes: list[int], group, rank: int) -> to
         padded[j * cap: j * cap + n] = x[offset: offset + n]
         offset += n
     out = x.new_empty((cap, *x.shape[1:]))
-    dist.reduce_scatter_tensor(out, padded, group=group)
+    reduce_scatter_tensor(out, padded, group=group)
     return out[: sizes[rank]]
 
 
