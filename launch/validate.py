@@ -26,8 +26,7 @@ class ConfigError(ValueError):
 def _moe_problems(cfg, topo: Topology | None) -> list[str]:
     m, p = cfg.model.moe, cfg.parallel
     if m.num_experts == 0:
-        return [f"parallel.ep={p.ep} needs a model with experts (model=tiny_moe, or model.moe.num_experts > 0)"] \
-            if p.ep > 1 else []
+        return []
     out = []
     if m.num_experts < 1 or m.top_k < 1 or m.top_k > m.num_experts:
         out.append(f"model.moe.top_k={m.top_k} must be between 1 and model.moe.num_experts={m.num_experts}")
@@ -231,6 +230,9 @@ def validate(cfg, world_size: int) -> Topology:
     topo, layout = _layout_problems(cfg, world_size)
     problems += layout
     problems += _train_problems(cfg, topo)
+    if cfg.parallel.ep > 1 and cfg.model.moe.num_experts == 0:  # a layout may show EP; training needs experts
+        problems.append(f"parallel.ep={cfg.parallel.ep} needs a model with experts (model=tiny_moe, or "
+                        f"model.moe.num_experts > 0)")
     problems += _pipeline_problems(cfg, topo)
     problems += _context_problems(cfg)
     problems += _device_problems(cfg)

@@ -46,6 +46,7 @@ class Parallelized:
     store: WeightGradStore | None = None
     positions: torch.Tensor | None = None  # this rank's token positions under context parallelism
     moe_layers: dict[int, nn.Module] = field(default_factory=dict)  # global layer index -> MoE block
+    model_args: object = None  # runtime.model.ModelArgs of the whole model
     executor: object = field(default=None, repr=False)
 
     @property
@@ -92,7 +93,7 @@ class Parallelized:
         # Stage boundaries carry this rank's activations: its CP share of the sequence, and its
         # SP share of that.
         seq_local = len(positions) // t.tp if p.sp else len(positions)
-        dim = self.chunks[0].args.dim
+        dim = self.model_args.dim
         dtype = next(self.chunks[0].parameters()).dtype
         self.executor = PipelineExecutor(
             self.chunks, self.stages, t.pp * p.vpp, p.schedule, p.vpp, p.pp_group_size or t.pp, self.groups,
@@ -151,10 +152,10 @@ class Parallelized:
         """After the optimizer step: the step's auxiliary and z losses and each MoE layer's
         global expert load (tokens per expert), the aux-loss-free bias update from those loads,
         and fresh statistics for the next step. Every rank calls it (it reduces)."""
-        n_layers = self.chunks[0].args.n_layers if self.chunks else 0
-        moe = self.chunks[0].args.moe
-        if moe is None:
+        args = self.model_args
+        if args.moe is None:
             return {}
+        n_layers, moe = args.n_layers, args.moe
         # Rows of every MoE layer of the model; each pipeline stage fills its own.
         loads = torch.zeros(n_layers, moe.num_experts, dtype=torch.float64)
         losses = torch.zeros(2, dtype=torch.float64)
@@ -170,7 +171,7 @@ class Parallelized:
         for layer, m in self.moe_layers.items():
             m.update_bias(loads[layer])
             m.reset_step_stats()
-        moe_rows = [i for i in range(n_layers) if self.chunks[0].args.is_moe(i)]
+        moe_rows = [i for i in range(n_layers) if args.is_moe(i)]
         return {"aux_loss": losses[0].item(), "z_loss": losses[1].item(),
                 "expert_load": {str(i): loads[i].tolist() for i in moe_rows}}
 
@@ -243,4 +244,5 @@ def parallelize(model: nn.Module, groups: Groups, parallel, loss_fn: Callable, s
         for chunk in chunks:
             experts = [m.experts for m in moe_layers.values() if any(m is x for x in chunk.modules())]
             apply_fsdp(chunk, mesh, reshard_after_forward=reshard, expert_mesh=expert_mesh, experts=experts)
-    return Parallelized(chunks, stages, loss_fn, plan, groups, parallel, init_full, store, positions, moe_layers)
+    return Parallelized(chunks, stages, loss_fn, plan, groups, parallel, init_full, store, positions, moe_layers,
+                        model.args)
