@@ -88,6 +88,19 @@ class ModelConfig:
 
 
 @dataclass
+class FSSDPConfig:
+    """Fully sharded sparse data parallelism for MoE layers (parallel.moe_backend=fssdp)."""
+
+    window: int = 5  # steps in the sliding average of expert loads
+    hot: int = 2  # experts to replicate per layer (the top by load)
+    hot_min_ratio: float = 1.25  # ... and only those with load above this × the mean expert load
+    budget: int = 2  # materialised experts per device beyond those it owns
+    reshard_every: int = 100  # re-plan expert ownership every N steps; 0 = never
+    rematerialize: bool = False  # free gathered experts after forward, gather again for backward
+    calibrate: bool = False  # plan replicas from each microbatch's actual routing (no gather overlap)
+
+
+@dataclass
 class ParallelConfig:
     """Sizes of the parallel dimensions; their product is the world size."""
 
@@ -109,6 +122,8 @@ class ParallelConfig:
     dp_replicate: int = 1  # HSDP: replicas of an FSDP group sharded over dp·cp/dp_replicate ranks
     reshard_after_forward: bool = True  # false = ZeRO-2-like: keep gathered parameters until backward
     activation_checkpoint: ActivationCheckpoint = ActivationCheckpoint.none  # none | full | selective
+    moe_backend: str = "ep"  # MoE layers: ep (expert parallelism) | fssdp (Hecate's sparse data parallelism)
+    fssdp: FSSDPConfig = field(default_factory=FSSDPConfig)
     timeout_s: float = 600.0  # timeout of every process group (a hang fails, never waits forever)
 
 

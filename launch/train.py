@@ -103,7 +103,7 @@ def setup(cfg: DictConfig) -> TrainingRun:
     with torch.device("meta"):
         model = Transformer(args).to(param_dtype(cfg))
     n_params = num_params(model)
-    par = parallelize(model, groups, cfg.parallel, cross_entropy_sum, cfg.train.seq_len)
+    par = parallelize(model, groups, cfg.parallel, cross_entropy_sum, cfg.train.seq_len, launch.local_world_size)
 
     # 5. Real storage and the same initial values as one process.
     par.materialize(device, cfg.seed)

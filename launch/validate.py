@@ -45,6 +45,16 @@ def _moe_problems(cfg, topo: Topology | None) -> list[str]:
         out.append(f"model.moe.every={m.every} must be ≥ 1")
     if m.capacity_factor < 0:
         out.append(f"model.moe.capacity_factor={m.capacity_factor} must be ≥ 0 (0 = dropless)")
+    if p.moe_backend not in ("ep", "fssdp"):
+        out.append(f"parallel.moe_backend={p.moe_backend!r} is unknown; valid: ep, fssdp")
+    elif p.moe_backend == "fssdp" and topo is not None and (topo.etp != 1 or topo.edp != 1):
+        stage = topo.tp * topo.cp * topo.dp
+        out.append(f"parallel.moe_backend=fssdp shards whole experts over all {stage} ranks of a pipeline stage: "
+                   f"set parallel.ep={stage} and parallel.etp=1 (now ep={topo.ep}, etp={topo.etp}, edp={topo.edp})")
+    f = p.fssdp
+    if p.moe_backend == "fssdp" and (f.window < 1 or f.hot < 0 or f.budget < 0 or f.reshard_every < 0):
+        out.append(f"parallel.fssdp: window={f.window} must be ≥ 1, and hot={f.hot}, budget={f.budget}, "
+                   f"reshard_every={f.reshard_every} ≥ 0")
     return out
 
 
@@ -230,6 +240,8 @@ def validate(cfg, world_size: int) -> Topology:
     topo, layout = _layout_problems(cfg, world_size)
     problems += layout
     problems += _train_problems(cfg, topo)
+    if cfg.parallel.moe_backend == "fssdp" and cfg.model.moe.num_experts == 0:
+        problems.append("parallel.moe_backend=fssdp needs a model with experts (model=tiny_moe)")
     if cfg.parallel.ep > 1 and cfg.model.moe.num_experts == 0:  # a layout may show EP; training needs experts
         problems.append(f"parallel.ep={cfg.parallel.ep} needs a model with experts (model=tiny_moe, or "
                         f"model.moe.num_experts > 0)")

@@ -174,23 +174,36 @@ class EPDispatcher:
         return result.index_add(0, token, out * weight.unsqueeze(-1).to(out.dtype))
 
 
+def moe_common(moe: MoE, layer: int, groups, plan: ShardingPlan, sequence_parallel: bool) -> None:
+    """What every parallel MoE block needs whatever moves its tokens: its layer index, routing
+    statistics summed over the ranks that share a microbatch's tokens (TP under sequence
+    parallelism, and CP), and the router's and shared expert's gradients summed over TP (each TP
+    rank routes its sequence shard)."""
+    topo = groups.topology
+    moe.layer = layer
+    token_group = groups["tp_cp"] if (topo.tp > 1 and sequence_parallel) else groups["cp"]
+    if token_group is not None:
+        moe.stats_sum = lambda t, g=token_group: reduce_from_tp(t, g)
+    if topo.tp > 1:
+        prefix = f"layers.{layer}.feed_forward"
+        plan[f"{prefix}.router.weight"] = split(moe.router.weight.shape, partial_grad="tp")
+        if moe.shared is not None:
+            for name, p in moe.shared.named_parameters():
+                plan[f"{prefix}.shared.{name}"] = split(p.shape, partial_grad="tp")
+
+
 def apply_ep(model: nn.Module, groups, plan: ShardingPlan, sequence_parallel: bool) -> list[MoE]:
     """Rewrite every MoE block of the meta-device `model` for this rank: its slice of the experts
-    (E/ep experts, each hidden/etp wide), the EP dispatcher, routing statistics summed over the
-    ranks that share a microbatch's tokens (TP under sequence parallelism, and CP), and the
-    gradients those ranks hold only parts of. Returns the MoE blocks."""
+    (E/ep experts, each hidden/etp wide) and the EP dispatcher. Returns the MoE blocks."""
     topo = groups.topology
     ep, etp = topo.ep, topo.etp
     ep_rank, etp_rank = groups.index("ep"), groups.index("etp")
-    token_group = groups["tp_cp"] if (topo.tp > 1 and sequence_parallel) else groups["cp"]
-    partial = "tp" if topo.tp > 1 else None  # tokens are split over TP by sequence parallelism
     found = []
     for i, block in model.layers.items():
         moe = block.feed_forward
         if not isinstance(moe, MoE):
             continue
         prefix = f"layers.{i}.feed_forward"
-        e, dim, hidden = moe.experts.w1.shape
         local = moe.experts
         for name, hidden_dim in (("w1", 2), ("w3", 2), ("w2", 1)):
             full = getattr(local, name)
@@ -198,14 +211,7 @@ def apply_ep(model: nn.Module, groups, plan: ShardingPlan, sequence_parallel: bo
             setattr(local, name, nn.Parameter(torch.empty(spec.local_shape, dtype=full.dtype, device="meta")))
             plan[f"{prefix}.experts.{name}"] = spec
         if ep > 1 or etp > 1:
-            moe.dispatcher = EPDispatcher(groups, e)
-        if token_group is not None:
-            moe.stats_sum = lambda t, g=token_group: reduce_from_tp(t, g)
-        moe.layer = int(i)
-        if partial is not None:
-            plan[f"{prefix}.router.weight"] = split(moe.router.weight.shape, partial_grad=partial)
-            if moe.shared is not None:
-                for name, p in moe.shared.named_parameters():
-                    plan[f"{prefix}.shared.{name}"] = split(p.shape, partial_grad=partial)
+            moe.dispatcher = EPDispatcher(groups, local.w1.shape[0] * ep)
+        moe_common(moe, int(i), groups, plan, sequence_parallel)
         found.append(moe)
     return found

@@ -11,9 +11,7 @@ import hashlib
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
-
-from parallel.sharding import ShardingPlan, local_block
+from parallel.sharding import ShardingPlan, local_blocks
 
 # Prefixes that wrappers insert into parameter names (DDP, activation checkpointing, compile).
 _WRAPPER_PARTS = ("module", "_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_module")
@@ -44,8 +42,8 @@ def materialize(model: nn.Module, init_full, device: torch.device, seed: int,
             name = canonical_name(name)
             generator = torch.Generator().manual_seed(name_seed(seed, name))
             full = init_full(name, torch.Size(plan.full_shape(name, param)), generator)
-            target = param.to_local() if isinstance(param, DTensor) else param
-            target.copy_(full[local_block(plan, name, param)])
+            for view, block in local_blocks(plan, name, param):
+                view.copy_(full[block])
         for name, buf in model.named_buffers():  # whole on every rank (e.g. MoE routing biases)
             name = canonical_name(name)
             buf.copy_(init_full(name, buf.shape, torch.Generator().manual_seed(name_seed(seed, name))))

@@ -22,6 +22,7 @@ from parallel.collectives import all_reduce_grads
 from parallel.context import apply_cp
 from parallel.data_parallel import apply_ddp, apply_fsdp
 from parallel.expert import apply_ep
+from parallel.fssdp.layer import FSSDPExperts, MaterializedMemory, apply_fssdp
 from parallel.grad_norm import clip_grad_norm_
 from parallel.groups import Groups
 from parallel.materialize import canonical_name, materialize
@@ -47,6 +48,7 @@ class Parallelized:
     positions: torch.Tensor | None = None  # this rank's token positions under context parallelism
     moe_layers: dict[int, nn.Module] = field(default_factory=dict)  # global layer index -> MoE block
     model_args: object = None  # runtime.model.ModelArgs of the whole model
+    fssdp_memory: MaterializedMemory | None = None  # FSSDP's materialised expert bytes on this rank
     executor: object = field(default=None, repr=False)
 
     @property
@@ -125,8 +127,23 @@ class Parallelized:
         """Sum per-rank loss sums: over data ranks, and from the last pipeline stage to all."""
         return DataReducer([self.groups["dp_cp"], self.groups["pp"]]).sum(t)
 
+    def fssdp_layers(self) -> list[FSSDPExperts]:
+        return [m.experts for m in self.moe_layers.values() if isinstance(m.experts, FSSDPExperts)]
+
+    def begin_step(self, step: int, optimizer) -> None:
+        """Before the step's first forward: FSSDP re-plans ownership every N steps (moving rows
+        and optimizer state) and plans this step's replicas."""
+        cfg = self.parallel_cfg.fssdp
+        for layer, m in self.moe_layers.items():
+            if isinstance(m.experts, FSSDPExperts):
+                if cfg.reshard_every and step > 0 and step % cfg.reshard_every == 0:
+                    m.experts.reshard(optimizer, self.plan, f"layers.{layer}.feed_forward.experts")
+                m.experts.plan_step()
+
     def finish_grads(self) -> None:
         """After the step's last backward: complete every gradient that is still partial."""
+        for experts in self.fssdp_layers():
+            experts.finish()
         by_group: dict[str, list] = {}
         for n, p in self.named_parameters():
             if self.plan.partial_grad(n):
@@ -171,6 +188,8 @@ class Parallelized:
         for layer, m in self.moe_layers.items():
             m.update_bias(loads[layer])
             m.reset_step_stats()
+            if isinstance(m.experts, FSSDPExperts):
+                m.experts.observe(loads[layer].tolist())
         moe_rows = [i for i in range(n_layers) if args.is_moe(i)]
         return {"aux_loss": losses[0].item(), "z_loss": losses[1].item(),
                 "expert_load": {str(i): loads[i].tolist() for i in moe_rows}}
@@ -198,7 +217,8 @@ def split_for_pipeline(model: nn.Module, layers: range, first: bool, last: bool)
     return chunk
 
 
-def parallelize(model: nn.Module, groups: Groups, parallel, loss_fn: Callable, seq_len: int) -> Parallelized:
+def parallelize(model: nn.Module, groups: Groups, parallel, loss_fn: Callable, seq_len: int,
+                node_size: int = 0) -> Parallelized:
     """Rewrite the meta-device `model` into this rank's chunks. `loss_fn` is the single-process
     loss, replaced where a parallelism computes it differently (vocabulary-parallel with TP)."""
     topo, plan = groups.topology, ShardingPlan()
@@ -221,12 +241,17 @@ def parallelize(model: nn.Module, groups: Groups, parallel, loss_fn: Callable, s
     if topo.cp > 1:
         for chunk in chunks:
             positions = apply_cp(chunk, groups, parallel.cp_impl, seq_len)
-    # 4. Expert parallelism (and MoE statistics over the ranks sharing tokens).
-    moe_layers = {}
+    # 4. Expert parallelism or FSSDP (and MoE statistics over the ranks sharing tokens).
+    moe_layers, memory = {}, None
     if model.args.moe is not None:
+        if parallel.moe_backend == "fssdp":
+            ep_ranks = groups.ranks["ep"]
+            node_of = (lambda d: ep_ranks[d] // node_size) if node_size else (lambda d: 0)
+            memory = MaterializedMemory()
         for chunk in chunks:
-            for moe in apply_ep(chunk, groups, plan, parallel.sp):
-                moe_layers[moe.layer] = moe
+            found = apply_fssdp(chunk, groups, plan, parallel.fssdp, parallel.sp, node_of, memory) \
+                if parallel.moe_backend == "fssdp" else apply_ep(chunk, groups, plan, parallel.sp)
+            moe_layers.update({moe.layer: moe for moe in found})
     store = None
     if topo.pp > 1 and parallel.schedule == "zero_bubble":
         store = WeightGradStore()
@@ -245,4 +270,4 @@ def parallelize(model: nn.Module, groups: Groups, parallel, loss_fn: Callable, s
             experts = [m.experts for m in moe_layers.values() if any(m is x for x in chunk.modules())]
             apply_fsdp(chunk, mesh, reshard_after_forward=reshard, expert_mesh=expert_mesh, experts=experts)
     return Parallelized(chunks, stages, loss_fn, plan, groups, parallel, init_full, store, positions, moe_layers,
-                        model.args)
+                        model.args, memory)

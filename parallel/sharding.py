@@ -31,8 +31,14 @@ class ParamSpec:
     # norms and MoE routers see a shard of the tokens; replicated KV heads serve some query
     # heads): the gradient is summed over it after backward.
     partial_grad: str | None = None
+    # Explicit dim-0 rows of the full tensor held here, in order (FSSDP's owned experts, any
+    # set), spread over the group `rows_group`; instead of `splits`.
+    rows: tuple[int, ...] | None = None
+    rows_group: str | None = None
 
     def slices(self) -> tuple[slice, ...]:
+        if self.rows is not None:
+            raise ValueError("a row-set parameter is not one rectangle; use local_blocks")
         out = [slice(0, n) for n in self.full_shape]
         for s in self.splits:
             size = (out[s.dim].stop - out[s.dim].start) // s.parts
@@ -63,7 +69,10 @@ class ShardingPlan:
 
     def split_groups(self, name: str) -> tuple[str, ...]:
         """The groups this parameter's pieces are spread over (each piece counted once)."""
-        return tuple(s.group for s in self.specs[name].splits) if name in self.specs else ()
+        if name not in self.specs:
+            return ()
+        spec = self.specs[name]
+        return (spec.rows_group,) if spec.rows is not None else tuple(s.group for s in spec.splits)
 
     def partial_grad(self, name: str) -> str | None:
         return self.specs[name].partial_grad if name in self.specs else None
@@ -93,3 +102,15 @@ def local_block(plan: ShardingPlan, name: str, param: torch.Tensor) -> tuple[sli
         for d, inner in enumerate(_dtensor_slices(param)):
             block[d] = slice(block[d].start + inner.start, block[d].start + inner.stop)
     return tuple(block)
+
+
+def local_blocks(plan: ShardingPlan, name: str, param: torch.Tensor, like: torch.Tensor | None = None):
+    """[(view, block)]: the pieces of `like` (default: the parameter's local tensor; any tensor of
+    its local shape, such as an optimizer state) and the rectangle of the full tensor each is."""
+    local = like if like is not None else param
+    local = local.to_local() if isinstance(local, DTensor) else local
+    spec = plan.specs.get(name)
+    if spec is not None and spec.rows is not None:
+        rest = tuple(slice(0, n) for n in spec.full_shape[1:])
+        return [(local[i:i + 1], (slice(e, e + 1), *rest)) for i, e in enumerate(spec.rows)]
+    return [(local, local_block(plan, name, param))]

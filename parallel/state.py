@@ -9,10 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from parallel.materialize import canonical_name
-from parallel.sharding import local_block
+from parallel.sharding import local_blocks
 
 
 @dataclass
@@ -26,10 +25,6 @@ class StateBlock:
         return [[s.start, s.stop] for s in self.block]
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 def state_blocks(parallel, optimizer) -> list[StateBlock]:
     """Blocks of the model's parameters, its persistent buffers (whole on every rank, e.g. MoE
     routing biases) and the optimizer's per-parameter state."""
@@ -38,14 +33,16 @@ def state_blocks(parallel, optimizer) -> list[StateBlock]:
         for name, buf in chunk.named_buffers():
             name = canonical_name(name)
             out.append(StateBlock(f"buffer/{name}", buf, tuple(buf.shape), tuple(slice(0, n) for n in buf.shape)))
+    plan = parallel.plan
     for name, p in parallel.named_parameters():
-        full, block = parallel.plan.full_shape(name, p), local_block(parallel.plan, name, p)
-        out.append(StateBlock(f"model/{name}", _local(p), full, block))
+        full = plan.full_shape(name, p)
+        out += [StateBlock(f"model/{name}", view, full, block) for view, block in local_blocks(plan, name, p)]
         for key, value in optimizer.state.get(p, {}).items():
             if not torch.is_tensor(value):
                 continue
             if value.dim() == 0:
                 out.append(StateBlock(f"optim/{name}/{key}", value, (), ()))
             else:
-                out.append(StateBlock(f"optim/{name}/{key}", _local(value), full, block))
+                out += [StateBlock(f"optim/{name}/{key}", view, full, block)
+                        for view, block in local_blocks(plan, name, p, like=value)]
     return out

@@ -69,18 +69,25 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x: [M, dim] tokens sorted by expert, counts[e] of them for expert e (of this module's
-        experts). One batched computation: tokens padded to [E, max count, dim]."""
-        n_experts, dim, out_dim = self.w1.shape[0], x.shape[-1], self.w2.shape[-1]
-        # No early return for zero tokens: the output must stay in the autograd graph, so that a
-        # rank that routed nothing still joins the backward's collectives.
-        cap = int(counts.max()) if counts.numel() else 0
-        starts = torch.cumsum(counts, 0) - counts
-        expert = torch.repeat_interleave(torch.arange(n_experts, device=x.device), counts)
-        slot = torch.arange(x.shape[0], device=x.device) - starts[expert]
-        flat = expert * cap + slot  # each token's row in the padded [E·cap, dim] layout
-        padded = x.new_zeros(n_experts * cap, dim).index_copy(0, flat, x).view(n_experts, cap, dim)
-        h = F.silu(torch.bmm(padded, self.w1)) * torch.bmm(padded, self.w3)
-        return torch.bmm(h, self.w2).view(n_experts * cap, out_dim).index_select(0, flat)
+        experts)."""
+        return grouped_swiglu(x, counts, self.w1, self.w3, self.w2)
+
+
+def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, w1, w3, w2) -> torch.Tensor:
+    """SwiGLU of each token by its expert, for tokens sorted by expert, as one batched
+    computation: tokens padded to [E, most tokens of an expert, dim] and multiplied by the stacked
+    weights w1, w3 [E, dim, hidden] and w2 [E, hidden, dim]."""
+    n_experts, dim, out_dim = w1.shape[0], x.shape[-1], w2.shape[-1]
+    # No early return for zero tokens: the output must stay in the autograd graph, so that a
+    # rank that routed nothing still joins the backward's collectives.
+    cap = int(counts.max()) if counts.numel() else 0
+    starts = torch.cumsum(counts, 0) - counts
+    expert = torch.repeat_interleave(torch.arange(n_experts, device=x.device), counts)
+    slot = torch.arange(x.shape[0], device=x.device) - starts[expert]
+    flat = expert * cap + slot  # each token's row in the padded [E·cap, dim] layout
+    padded = x.new_zeros(n_experts * cap, dim).index_copy(0, flat, x).view(n_experts, cap, dim)
+    h = F.silu(torch.bmm(padded, w1)) * torch.bmm(padded, w3)
+    return torch.bmm(h, w2).view(n_experts * cap, out_dim).index_select(0, flat)
 
 
 class LocalDispatcher:

@@ -66,6 +66,7 @@ class Trainer:
 
     def train_step(self, step: int) -> dict:
         """Optimizer step `step` (0-based); returns its metrics."""
+        self.parallel.begin_step(step, self.optimizer)
         loss_sum, n_targets = self.forward_backward(self.loader.step(step), step)
         loss = self.parallel.reduce_loss(loss_sum) / n_targets
         self.parallel.finish_grads()
