@@ -162,3 +162,14 @@ def test_context_parallel_problems_are_named(overrides, world, fragment):
 def test_moe_problems_are_named(overrides, world, fragment):
     found = problems(["run_dir=/x", *overrides], world)
     assert any(fragment in p for p in found), found
+
+
+@pytest.mark.parametrize("overrides, world, fragment", [
+    (["model=tiny_moe", "parallel.moe_backend=fssdp", "parallel.ep=2", "parallel.dp=4", "train.micro_batch_size=2"], 4,
+     "parallel.moe_backend=fssdp shards whole experts over all 4 ranks of a pipeline stage: set parallel.ep=4 and parallel.etp=1"),
+    (["parallel.moe_backend=fssdp"], 1, "parallel.moe_backend=fssdp needs a model with experts"),
+    (["model=tiny_moe", "parallel.moe_backend=sharded"], 1, "parallel.moe_backend='sharded' is unknown; valid: ep, fssdp"),
+])
+def test_fssdp_problems_are_named(overrides, world, fragment):
+    found = problems(["run_dir=/x", *overrides], world)
+    assert any(fragment in p for p in found), found
