@@ -84,6 +84,8 @@ class ModelConfig:
     vocab_size: int = MISSING  # embedding and output rows
     norm_eps: float = 1e-5  # RMSNorm epsilon
     rope_theta: float = 10000.0  # rotary embedding base
+    residual: str = "standard"  # standard | ladder (ladder residual: branches overlap TP all-reduces)
+    ladder_layers: int = 0  # with residual=ladder: how many of the last layers are ladder; 0 = all
     moe: MoEConfig = field(default_factory=MoEConfig)
 
 

@@ -77,6 +77,21 @@ def _tp_problems(m, tp: int) -> list[str]:
     return out
 
 
+def _ladder_problems(cfg) -> list[str]:
+    m, p = cfg.model, cfg.parallel
+    out = []
+    if m.residual not in ("standard", "ladder"):
+        return [f"model.residual={m.residual!r} is unknown; valid: standard, ladder"]
+    if not 0 <= m.ladder_layers <= m.n_layers:
+        out.append(f"model.ladder_layers={m.ladder_layers} must be between 0 (all layers) and model.n_layers={m.n_layers}")
+    if m.residual == "ladder" and m.moe.num_experts and p.tp > 1:
+        out.append("model.residual=ladder with MoE blocks and parallel.tp > 1 is not supported: an MoE branch's "
+                   "output is not a tensor-parallel partial sum for the ladder runner to reduce")
+    if m.residual == "ladder" and p.cp > 1:
+        out.append("model.residual=ladder with parallel.cp > 1 is not supported yet")
+    return out
+
+
 def _model_problems(m) -> list[str]:
     out = []
     for key in ("n_layers", "dim", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
@@ -247,6 +262,7 @@ def validate(cfg, world_size: int) -> Topology:
                         f"model.moe.num_experts > 0)")
     problems += _pipeline_problems(cfg, topo)
     problems += _context_problems(cfg)
+    problems += _ladder_problems(cfg)
     problems += _device_problems(cfg)
     if cfg.data.name == "tokens" and OmegaConf.is_missing(cfg.data, "path"):
         problems.append("data=tokens needs data.path=<file.npy> "

@@ -13,10 +13,19 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+
+
 # The dim-0 tensor collectives, under their torch ≥ 2.13 names where they exist (the older
-# all_gather_into_tensor / reduce_scatter_tensor are deprecated there).
-all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+# all_gather_into_tensor / reduce_scatter_tensor are deprecated there). Looked up at each call,
+# so that a test or benchmark can wrap torch.distributed's functions (emulated slow links).
+def all_gather_tensor(output, input, group=None, async_op=False):
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return fn(output, input, group=group, async_op=async_op)
+
+
+def reduce_scatter_tensor(output, input, group=None, async_op=False):
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    return fn(output, input, group=group, async_op=async_op)
 
 
 def all_gather_along(x: torch.Tensor, dim: int, group) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from parallel.activation_checkpoint import apply_ac
-from parallel.collectives import all_reduce_grads
+from parallel.collectives import all_gather_along, all_reduce_grads
 from parallel.context import apply_cp
 from parallel.data_parallel import apply_ddp, apply_fsdp
 from parallel.expert import apply_ep
@@ -93,13 +93,15 @@ class Parallelized:
             self.executor = SequentialExecutor(self.chunks[0], self.loss_fn, positions, device, tracer)
             return
         # Stage boundaries carry this rank's activations: its CP share of the sequence, and its
-        # SP share of that.
+        # SP share of that; a ladder model also sends the two branch outputs still to be added.
         seq_local = len(positions) // t.tp if p.sp else len(positions)
-        dim = self.model_args.dim
+        shape = (micro_batch, seq_local, self.model_args.dim)
+        if self.model_args.residual == "ladder":
+            shape = (3, *shape)
         dtype = next(self.chunks[0].parameters()).dtype
         self.executor = PipelineExecutor(
             self.chunks, self.stages, t.pp * p.vpp, p.schedule, p.vpp, p.pp_group_size or t.pp, self.groups,
-            self.loss_fn, (micro_batch, seq_local, dim), dtype, positions, device, tracer, self.store)
+            self.loss_fn, shape, dtype, positions, device, tracer, self.store)
 
     def local_batches(self, batches):
         """This rank's part of each microbatch: under context parallelism, its tokens of each
@@ -108,6 +110,11 @@ class Parallelized:
             return batches
         pos = self.positions.cpu()
         return [type(b)(b.tokens[:, pos], b.labels[:, pos]) for b in batches]
+
+    def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The whole vocabulary's logits from this rank's part (tensor parallelism splits the
+        head by vocabulary rows), for generation."""
+        return all_gather_along(logits, -1, self.groups["tp"]) if self.groups["tp"] is not None else logits
 
     def set_global_microbatches(self, n: int) -> None:
         """The step's MoE balancing losses are means over all `n` microbatches of the global batch,

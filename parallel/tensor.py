@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from parallel.collectives import (copy_to_tp, gather_sequence, reduce_from_tp, reduce_scatter_sequence)
+from parallel.ladder import TPLadderRunner
 from runtime.model import FeedForward
 from parallel.sharding import ShardingPlan, Split, split
 
@@ -161,9 +162,12 @@ def apply_tp(model: nn.Module, group, rank: int, size: int, sequence_parallel: b
         setattr(parent, attr, _linear(RowParallelLinear, full, full.in_features // size, full.out_features))
         plan[f"{name}.weight"] = split(full.weight.shape, Split(1, rank, size, "tp"))
 
+    ladder_start = args.ladder_start
     for i, block in model.layers.items():
         prefix = f"layers.{i}"
         attn, ffn = block.attention, block.feed_forward
+        # A ladder block's branch collectives are done by the ladder runner, which overlaps them.
+        ladder = int(i) >= ladder_start
         column(attn, "wq", f"{prefix}.attention.wq")
         if args.n_kv_heads % size == 0:
             column(attn, "wk", f"{prefix}.attention.wk")
@@ -176,13 +180,18 @@ def apply_tp(model: nn.Module, group, rank: int, size: int, sequence_parallel: b
                 setattr(attn, attr, ReplicatedHeadLinear(full, rows))
                 plan[f"{prefix}.attention.{attr}.weight"] = split(full.weight.shape, partial_grad="tp")
         row(attn, "wo", f"{prefix}.attention.wo")
-        _region(attn, group, sequence_parallel)
+        if not ladder:
+            _region(attn, group, sequence_parallel)
         if isinstance(ffn, FeedForward):  # an MoE block is left to expert parallelism
             column(ffn, "w1", f"{prefix}.feed_forward.w1")
             column(ffn, "w3", f"{prefix}.feed_forward.w3")
             row(ffn, "w2", f"{prefix}.feed_forward.w2")
-            _region(ffn, group, sequence_parallel)
-        if sequence_parallel:  # norms see a shard of the tokens: their gradients are partial
+            if not ladder:
+                _region(ffn, group, sequence_parallel)
+        if sequence_parallel or ladder:
+            # The norms' gradients are partial: with sequence parallelism they see a shard of the
+            # tokens; in a ladder branch (whose f/g the runner does around the whole branch) the
+            # gradient reaching the norm is each rank's part of the column-parallel inputs'.
             for norm in ("attention_norm", "ffn_norm"):
                 plan[f"{prefix}.{norm}.weight"] = split((args.dim,), partial_grad="tp")
 
@@ -194,6 +203,8 @@ def apply_tp(model: nn.Module, group, rank: int, size: int, sequence_parallel: b
         plan["tok_embeddings.weight"] = split(full.weight.shape, Split(0, rank, size, "tp"))
     if model.norm is not None and sequence_parallel:
         plan["norm.weight"] = split((args.dim,), partial_grad="tp")
+    if ladder_start < args.n_layers:
+        model.ladder = TPLadderRunner(group, sequence_parallel)
     if model.output is not None:
         column(model, "output", "output")
         _region(model.output, group, sequence_parallel, exit_reduce=False)

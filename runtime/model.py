@@ -33,6 +33,8 @@ class ModelArgs:
     rope_theta: float = 10000.0
     moe: MoEArgs | None = None  # Mixture-of-Experts feed-forward blocks
     moe_every: int = 1  # layer i is MoE when i % moe_every == 0
+    residual: str = "standard"  # standard | ladder
+    ladder_layers: int = 0  # with residual=ladder: how many of the last layers are ladder (0 = all)
 
     @property
     def head_dim(self) -> int:
@@ -41,9 +43,17 @@ class ModelArgs:
     def is_moe(self, layer: int) -> bool:
         return self.moe is not None and layer % self.moe_every == 0
 
+    @property
+    def ladder_start(self) -> int:
+        """The first ladder layer (n_layers when the model has none)."""
+        if self.residual != "ladder":
+            return self.n_layers
+        return self.n_layers - (self.ladder_layers or self.n_layers)
+
     @classmethod
     def from_config(cls, cfg) -> "ModelArgs":
         base = {f: getattr(cfg, f) for f in cls.__dataclass_fields__ if f not in ("moe", "moe_every")}
+        base["residual"] = str(base["residual"])
         m = cfg.moe
         if m.num_experts == 0:
             return cls(**base)
@@ -100,6 +110,16 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return out.transpose(1, 2)  # [b, s, hq, d]
 
 
+def attention_after(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
+    """Attention of s new queries at positions past..past+s−1 over past + s cached keys (each
+    query sees the keys up to its own position); shapes as in causal_attention."""
+    s, total = q.shape[1], k.shape[1]
+    allowed = torch.arange(total, device=q.device)[None, :] <= (past + torch.arange(s, device=q.device))[:, None]
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=k.shape[1] != q.shape[1])
+    return out.transpose(1, 2)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -111,14 +131,23 @@ class Attention(nn.Module):
         # Replaceable by parallel code (context parallelism swaps in ring attention).
         self.core = causal_attention
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache=None) -> torch.Tensor:
+        """`cache` (runtime.generate.LayerCache) keeps earlier positions' keys and values for
+        generation; new queries attend to them and to themselves causally."""
         b, s, _ = x.shape
         # Head counts follow from the projection widths, so a sharded projection just has fewer.
         q = self.wq(x).view(b, s, -1, self.head_dim)
         k = self.wk(x).view(b, s, -1, self.head_dim)
         v = self.wv(x).view(b, s, -1, self.head_dim)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        out = self.core(q, k, v)  # [b, s, hq, d]
+        if cache is not None and cache.length:
+            past = cache.length
+            k, v = cache.append(k, v)
+            out = attention_after(q, k, v, past)
+        else:
+            if cache is not None:
+                cache.append(k, v)
+            out = self.core(q, k, v)  # [b, s, hq, d]
         return self.wo(out.reshape(b, s, -1))
 
 
@@ -147,9 +176,32 @@ class Block(nn.Module):
         else:
             self.feed_forward = FeedForward(args.dim, args.ffn_dim)
 
-    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope)
+    def forward(self, x: torch.Tensor, rope, branch: str | None = None, cache=None) -> torch.Tensor:
+        """The block, or one of its two residual branches alone (`branch="attention"` or
+        `"mlp"`: the branch's output, not added to x), which the ladder wiring adds later."""
+        if branch == "attention":
+            return self.attention(self.attention_norm(x), rope, cache)
+        if branch == "mlp":
+            return self.feed_forward(self.ffn_norm(x))
+        h = x + self.attention(self.attention_norm(x), rope, cache)
         return h + self.feed_forward(self.ffn_norm(h))
+
+
+def ladder_blocks(blocks, x, pending_attention, pending_mlp, rope, cache=None):
+    """Ladder residual (Zhang, Mishra et al., 2025) over consecutive blocks: each branch reads the
+    stream without the previous branch's output, which is added only afterwards —
+    r_j = r_{j−1} + h_j(r_{j−2}). Per block: add the previous attention output, run attention,
+    add the previous MLP output, run the MLP. Returns (stream, attention output, MLP output):
+    the last two are still to be added. With one device the all-reduces these outputs wait for
+    in tensor parallelism are the identity, so this is the architecture itself."""
+    for block in blocks:
+        if pending_attention is not None:
+            x = x + pending_attention
+        pending_attention = block(x, rope, branch="attention", cache=cache.layer(block) if cache else None)
+        if pending_mlp is not None:
+            x = x + pending_mlp
+        pending_mlp = block(x, rope, branch="mlp")
+    return x, pending_attention, pending_mlp
 
 
 class Transformer(nn.Module):
@@ -160,20 +212,42 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): Block(args, i) for i in range(args.n_layers)})
         self.norm: RMSNorm | None = RMSNorm(args.dim, args.norm_eps)
         self.output: nn.Linear | None = nn.Linear(args.dim, args.vocab_size, bias=False)
+        # Runs the ladder blocks; tensor parallelism swaps in one that overlaps the all-reduces.
+        self.ladder = ladder_blocks
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens: [b, s] ids (or [b, s, dim] activations when this part has no embedding).
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """tokens: [b, s] ids, or this pipeline part's input activations: [b, s, dim], or, for a
+        ladder model, [3, b, s, dim] (the stream and the two branch outputs still to be added).
 
         positions: [s] original token positions (default 0..s-1 for the s positions of `tokens`;
-        a part whose input activations are sequence-sharded must pass them). Returns [b, s, vocab] logits,
-        or [b, s, dim] activations when this part has no head.
+        a part whose input activations are sequence-sharded must pass them). `cache`
+        (runtime.generate.KVCache) holds earlier positions during generation. Returns
+        [b, s, vocab] logits, or the activations to pass on when this part has no head.
         """
+        ladder_state = tokens.dim() == 4
         if positions is None:
-            positions = torch.arange(tokens.shape[1], device=tokens.device)
-        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+            positions = torch.arange(tokens.shape[-2] if tokens.is_floating_point() else tokens.shape[1],
+                                     device=tokens.device)
+        pending_attention = pending_mlp = None
+        if ladder_state:
+            h, pending_attention, pending_mlp = tokens.unbind(0)
+        else:
+            h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         rope = rotary_tables(positions, self.args.head_dim, self.args.rope_theta, h.dtype)
-        for layer in self.layers.values():
-            h = layer(h, rope)
+        start = self.args.ladder_start
+        standard = [b for i, b in self.layers.items() if int(i) < start]
+        ladder = [b for i, b in self.layers.items() if int(i) >= start]
+        for block in standard:
+            h = block(h, rope, cache=cache.layer(block) if cache else None)
+        if ladder:
+            h, pending_attention, pending_mlp = self.ladder(ladder, h, pending_attention, pending_mlp, rope, cache)
+        if self.output is None and self.args.residual == "ladder":
+            zero = torch.zeros_like(h)  # a part ending before any ladder block has nothing pending
+            return torch.stack([h, zero if pending_attention is None else pending_attention,
+                                zero if pending_mlp is None else pending_mlp])
+        for pending in (pending_attention, pending_mlp):
+            if pending is not None:
+                h = h + pending
         if self.norm is not None:
             h = self.norm(h)
         if self.output is not None:

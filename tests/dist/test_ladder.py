@@ -1,0 +1,129 @@
+"""Ladder residual: the same numbers in every layout, the same generated tokens, and the overlap
+of tensor-parallel reductions with compute, proven by delaying each reduction."""
+import time
+
+import pytest
+import torch
+
+from launch.spawn import run_ranks
+from tests.training import SMALL, assert_same_losses, losses, train
+
+LADDER = ["model.residual=ladder", "model.n_layers=4"]
+RTOL = {"float32": 1e-5, "float64": 1e-9}
+LAYOUTS = {
+    "tp2": (2, ["parallel.tp=2"]),
+    "tp4": (4, ["parallel.tp=4"]),
+    "tp2-sp": (2, ["parallel.tp=2", "parallel.sp=true"]),
+    "tp2-pp2": (4, ["parallel.tp=2", "parallel.pp=2"]),
+    "tp2-dp2": (4, ["parallel.tp=2", "train.micro_batch_size=2"]),
+    "pp2": (2, ["parallel.pp=2"]),
+    "tp2-last-2-layers": (2, ["parallel.tp=2", "model.ladder_layers=2"]),
+}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    cache = {}
+
+    def get(dtype, same):
+        key = (dtype, tuple(same))
+        if key not in cache:
+            cache[key] = train(tmp_path_factory.mktemp("ref"), [f"train.dtype={dtype}", *LADDER, *same])
+        return cache[key]
+
+    return get
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_ladder_training_matches_one_process(layout, dtype, reference, tmp_path):
+    world, overrides = LAYOUTS[layout]
+    same = [o for o in overrides if o.startswith(("train.", "model."))]
+    got = train(tmp_path, [f"train.dtype={dtype}", *LADDER, *overrides], world_size=world)
+    assert_same_losses(reference(dtype, same), got, RTOL[dtype])
+
+
+def test_ladder_is_not_the_standard_residual(reference, tmp_path):
+    """Fails if the wiring silently fell back to the standard residual."""
+    standard = losses(train(tmp_path, ["train.dtype=float64", "model.n_layers=4"]))
+    ladder = losses(reference("float64", []))
+    assert ladder[0] == pytest.approx(standard[0], rel=1e-6)  # the same initial weights...
+    assert max(abs(a - b) / a for a, b in zip(ladder, standard)) > 1e-3  # ...a different function
+
+
+def _build(world, residual, n_layers=4, dim=64, extra=()):
+    from launch.config import compose
+    from launch.validate import validate
+    from parallel.groups import build_groups
+    from parallel.parallelize import parallelize
+    from runtime.model import ModelArgs, Transformer
+    from runtime.trainer import cross_entropy_sum
+
+    cfg = compose([*SMALL, f"model.residual={residual}", f"model.n_layers={n_layers}", f"model.dim={dim}",
+                   f"parallel.tp={world}", "train.dtype=float64", "run_dir=unused", *extra])
+    groups = build_groups(validate(cfg, world), "cpu", timeout_s=60)
+    with torch.device("meta"):
+        model = Transformer(ModelArgs.from_config(cfg.model)).double()
+    par = parallelize(model, groups, cfg.parallel, cross_entropy_sum, cfg.train.seq_len)
+    par.materialize(torch.device("cpu"), seed=0)
+    return par
+
+
+def _generate(rank, world, residual):
+    from runtime.generate import generate
+
+    par = _build(world, residual)
+    prompt = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(3))
+    return generate(par.model, prompt, 12, gather_logits=par.gather_logits).tolist()
+
+
+@pytest.mark.parametrize("residual", ["ladder", "standard"])
+def test_generated_tokens_are_identical_under_tensor_parallelism(residual):
+    one = run_ranks(_generate, 1, args=(residual,))[0]
+    for world in (2, 4):
+        assert run_ranks(_generate, world, args=(residual,)) == [one] * world
+    assert len(one[0]) == 17
+
+
+DELAY, L = 0.03, 4
+
+
+def _timed(rank, world, residual, train_step):
+    from launch.slowlink import SlowLink
+
+    par = _build(world, residual, n_layers=L, dim=32)
+    model = par.model
+    tokens = torch.randint(0, 256, (1, 8))
+    model(tokens)  # warm up
+
+    def run():
+        if train_step:
+            out = model(tokens)
+            par.loss_fn(out, tokens).backward()
+        else:
+            with torch.no_grad():
+                model(tokens)
+
+    with SlowLink(latency=DELAY) as link:  # every all-reduce takes DELAY, concurrently if posted together
+        start = time.perf_counter()
+        run()
+        elapsed = time.perf_counter() - start
+    return elapsed, link.collectives
+
+
+def test_ladder_overlaps_each_reduction_with_compute():
+    """Forward over L layers: the standard residual waits for each of its 2·L all-reduces; the
+    ladder keeps the next branch running while one is in flight."""
+    standard, n_std = run_ranks(_timed, 2, args=("standard", False))[0]
+    ladder, n_lad = run_ranks(_timed, 2, args=("ladder", False))[0]
+    assert n_std == n_lad == 2 * L + 1  # two per block, and the vocabulary-parallel embedding's
+    assert standard >= 2 * L * DELAY
+    assert ladder < 0.7 * 2 * L * DELAY, (ladder, standard)
+
+
+def test_ladder_overlaps_the_backward_reductions_too():
+    standard, n_std = run_ranks(_timed, 2, args=("standard", True))[0]
+    ladder, n_lad = run_ranks(_timed, 2, args=("ladder", True))[0]
+    assert n_std >= 4 * L and n_lad >= 4 * L  # forward and backward reductions
+    assert standard >= 4 * L * DELAY
+    assert ladder < 0.7 * standard, (ladder, standard)
