@@ -1,14 +1,25 @@
 """Where this process sits in the job, read from the launcher's environment.
 
-torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE and TORCHELASTIC_RUN_ID;
-Slurm sets SLURM_JOB_ID. Without either, the process is a world of one.
+- torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT and
+  TORCHELASTIC_RUN_ID;
+- Slurm, when `srun` starts one task per rank without torchrun, sets SLURM_PROCID,
+  SLURM_NTASKS, SLURM_LOCALID, SLURM_NODEID and SLURM_JOB_NODELIST (the first host is the master);
+- without either, the process is a world of one.
+
+`socket_interface` finds the network interface on the route to the master, which gloo and NCCL
+are told to use (GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME) unless set already.
 """
 from __future__ import annotations
 
 import functools
 import os
+import re
+import socket
+import subprocess
 import time
 from dataclasses import dataclass
+
+DEFAULT_PORT = 29500
 
 
 @dataclass(frozen=True)
@@ -18,7 +29,9 @@ class LaunchEnv:
     local_rank: int
     local_world_size: int
     run_id: str | None  # a name every rank of this job agrees on, or None
-    launcher: str  # "torchrun" | "single"
+    launcher: str  # "torchrun" | "slurm" | "single"
+    master_addr: str | None = None
+    master_port: int | None = None
 
     @property
     def is_distributed(self) -> bool:
@@ -30,17 +43,44 @@ def _int(env: dict, key: str, default: int) -> int:
     return default if value in (None, "") else int(value)
 
 
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Slurm's compressed host list: "gpu[01-03,07],login1" -> gpu01, gpu02, gpu03, gpu07, login1."""
+    hosts, depth, token = [], 0, ""
+    for ch in nodelist + ",":
+        if ch == "," and depth == 0:
+            if token:
+                match = re.fullmatch(r"(.*?)\[(.*)\](.*)", token)
+                if not match:
+                    hosts.append(token)
+                else:
+                    prefix, ranges, suffix = match.groups()
+                    for part in ranges.split(","):
+                        lo, _, hi = part.partition("-")
+                        for n in range(int(lo), int(hi or lo) + 1):
+                            hosts.append(f"{prefix}{n:0{len(lo)}d}{suffix}")
+            token = ""
+            continue
+        depth += (ch == "[") - (ch == "]")
+        token += ch
+    return hosts
+
+
 def detect(env: dict | None = None) -> LaunchEnv:
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
-        return LaunchEnv(
-            rank=_int(env, "RANK", 0),
-            world_size=_int(env, "WORLD_SIZE", 1),
-            local_rank=_int(env, "LOCAL_RANK", 0),
-            local_world_size=_int(env, "LOCAL_WORLD_SIZE", 1),
-            run_id=_job_id(env),
-            launcher="torchrun",
-        )
+        return LaunchEnv(rank=_int(env, "RANK", 0), world_size=_int(env, "WORLD_SIZE", 1),
+                         local_rank=_int(env, "LOCAL_RANK", 0), local_world_size=_int(env, "LOCAL_WORLD_SIZE", 1),
+                         run_id=_job_id(env), launcher="torchrun", master_addr=env.get("MASTER_ADDR"),
+                         master_port=_int(env, "MASTER_PORT", DEFAULT_PORT))
+    if _int(env, "SLURM_NTASKS", 1) > 1 and "SLURM_PROCID" in env:
+        nodes = expand_nodelist(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "")))
+        per_node = _int(env, "SLURM_NTASKS_PER_NODE", 0) or max(1, _int(env, "SLURM_NTASKS", 1) // max(len(nodes), 1))
+        # A port all tasks agree on, different between concurrent jobs.
+        port = _int(env, "MASTER_PORT", 0) or 20000 + _int(env, "SLURM_JOB_ID", 0) % 20000
+        return LaunchEnv(rank=_int(env, "SLURM_PROCID", 0), world_size=_int(env, "SLURM_NTASKS", 1),
+                         local_rank=_int(env, "SLURM_LOCALID", 0), local_world_size=per_node, run_id=_job_id(env),
+                         launcher="slurm", master_addr=env.get("MASTER_ADDR") or (nodes[0] if nodes else "localhost"),
+                         master_port=port)
     return LaunchEnv(0, 1, 0, 1, _job_id(env), "single")
 
 
@@ -54,6 +94,31 @@ def _job_id(env: dict) -> str | None:
         # under --max-restarts keep it.
         return run_id
     return None
+
+
+def socket_interface(master_addr: str) -> str | None:
+    """The interface this host uses to reach `master_addr` (the interface holding that address
+    when it is this host's own), or None when it cannot be told."""
+    try:
+        master_addr = socket.gethostbyname(master_addr)
+        route = subprocess.run(["ip", "-o", "route", "get", master_addr], capture_output=True, text=True,
+                               timeout=5).stdout
+    except (OSError, subprocess.SubprocessError, socket.error):
+        return None
+    dev = re.search(r"\bdev (\S+)", route)
+    if dev and dev.group(1) != "lo":
+        return dev.group(1)
+    # The master is this host: name the interface that carries its address, not loopback,
+    # so that peers reach the address this rank advertises.
+    try:
+        addrs = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True, timeout=5).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in addrs.splitlines():
+        fields = line.split()
+        if len(fields) > 3 and fields[3].split("/")[0] == master_addr:
+            return fields[1]
+    return dev.group(1) if dev else None
 
 
 class RunDirError(ValueError):

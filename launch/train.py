@@ -54,10 +54,24 @@ def init_distributed(launch: launch_env.LaunchEnv, device: torch.device, timeout
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = timedelta(seconds=timeout_s)
-    if launch.is_distributed:
-        dist.init_process_group(backend, timeout=timeout)
-    else:
+    if not launch.is_distributed:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        return
+    # Collectives go over the interface on the route to the master, unless the user said otherwise.
+    if launch.master_addr and not (os.environ.get("GLOO_SOCKET_IFNAME") or os.environ.get("NCCL_SOCKET_IFNAME")):
+        interface = launch_env.socket_interface(launch.master_addr)
+        if interface:
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)
+            os.environ.setdefault("NCCL_SOCKET_IFNAME", interface)
+    if launch.rank == 0:
+        log.info("rendezvous %s:%s (%s), %d ranks, interface %s", launch.master_addr, launch.master_port,
+                 launch.launcher, launch.world_size,
+                 os.environ.get("GLOO_SOCKET_IFNAME") or os.environ.get("NCCL_SOCKET_IFNAME") or "default")
+    if launch.launcher == "slurm":
+        dist.init_process_group(backend, init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+                                rank=launch.rank, world_size=launch.world_size, timeout=timeout)
+    else:
+        dist.init_process_group(backend, timeout=timeout)
 
 
 def param_dtype(cfg) -> torch.dtype:

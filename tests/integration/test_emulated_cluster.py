@@ -1,0 +1,84 @@
+"""torchrun across emulated nodes (network namespaces on a bridge): the numbers of one node, the
+traffic over the namespaces' addresses, a rate limit that bites, and nothing left behind."""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launch.cluster import EmulatedCluster, available
+from runtime.metrics import read_metrics
+from tests.training import SMALL, assert_same_losses
+
+REASON = available()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
+REPO = Path(__file__).resolve().parents[2]
+LAYOUT = [*SMALL, "parallel.tp=2", "train.micro_batch_size=2"]  # tp=2 inside a node, dp=2 across
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+
+
+def quintet_processes() -> list[str]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if "launch.train" in line and "ps -eo" not in line]
+
+
+def one_node(run_dir, overrides, nproc=4):
+    proc = subprocess.run([TORCHRUN, "--standalone", f"--nproc-per-node={nproc}", "-m", "launch.train", *overrides,
+                           f"run_dir={run_dir}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return read_metrics(run_dir)
+
+
+def test_two_nodes_match_one_node_and_talk_over_the_namespaces(tmp_path):
+    reference = one_node(tmp_path / "one", LAYOUT)
+    with EmulatedCluster(2) as cluster:
+        results = cluster.torchrun(2, LAYOUT, str(tmp_path / "two"), deadline_s=240)
+        address0 = cluster.address(0)
+        leftovers_inside = cluster.leftovers()
+    assert [r.returncode for r in results] == [0, 0], results[0].output[-3000:] + results[1].output[-3000:]
+    assert_same_losses(reference, read_metrics(tmp_path / "two"), rtol=1e-5)
+    # Rank 0 logs where the ranks met and the interface they use: the first namespace's address
+    # and its veth, not loopback.
+    log = next(r.output for r in results if "rendezvous" in r.output)
+    match = re.search(r"rendezvous (\S+):\d+ \(torchrun\), 4 ranks, interface (\S+)", log)
+    assert match and match.group(1) == address0 and match.group(2).startswith("qv"), log[-2000:]
+    assert leftovers_inside  # the namespaces existed while the cluster was up...
+    assert not cluster.leftovers()  # ...and are gone
+
+
+def median_step_time(run_dir) -> float:
+    times = sorted(r["step_time_s"] for r in read_metrics(run_dir)[2:])
+    return times[len(times) // 2]
+
+
+def test_a_rate_limited_link_makes_the_run_measurably_slower(tmp_path):
+    """One node's link at 100 Mbit/s: the data-parallel reductions cross it every step."""
+    overrides = ["model.dim=256", "model.ffn_dim=512", "model.n_heads=8", "model.n_kv_heads=4", "model.n_layers=2",
+                 "train.seq_len=64", "train.steps=8", "train.global_batch_size=8", "train.micro_batch_size=4"]
+    timings = {}
+    for name, rates in (("fast", None), ("slow", [None, "100mbit"])):
+        with EmulatedCluster(2, rates=rates) as cluster:
+            results = cluster.torchrun(1, overrides, str(tmp_path / name), deadline_s=240)
+        assert [r.returncode for r in results] == [0, 0], results[0].output[-3000:]
+        timings[name] = median_step_time(tmp_path / name)
+    assert timings["slow"] > 1.5 * timings["fast"], timings
+
+
+def test_nothing_is_left_behind_when_the_run_fails(tmp_path):
+    with EmulatedCluster(2) as cluster:
+        # Bad input: every worker exits 2, torchrun exits non-zero.
+        results = cluster.torchrun(2, [*SMALL, "parallel.tp=3"], str(tmp_path / "bad"), deadline_s=120)
+    assert all(r.returncode not in (0, None) for r in results)
+    assert "is not divisible by tp·cp·pp" in results[0].output
+    assert not cluster.leftovers()
+    # And when the processes are still running at the deadline, or the body raises.
+    with pytest.raises(RuntimeError, match="inside"):
+        with EmulatedCluster(2) as cluster:
+            cluster.run(lambda i: ["sleep", "600"], tmp_path / "sleep", deadline_s=1)
+            raise RuntimeError("a failure inside the cluster")
+    assert not cluster.leftovers()
+    assert not [p for p in quintet_processes() if str(tmp_path) in p]
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert "sleep 600" not in ps
