@@ -3,6 +3,8 @@ equivalent of `torchrun -m launch.train`, used by the parity tests."""
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 
 from runtime.metrics import read_metrics
 from launch.spawn import run_ranks
@@ -13,6 +15,10 @@ SMALL = [
     "train.seq_len=32", "train.global_batch_size=8", "train.micro_batch_size=4", "train.steps=20",
     "optim.warmup_steps=5", "logging.every=1000",
 ]
+
+# For tests that call launch.train.setup() without a run of their own: rank 0 writes config.yaml
+# there, outside the checkout.
+SCRATCH_RUN_DIR = "run_dir=" + os.path.join(tempfile.gettempdir(), "quintet-scratch")
 
 
 def _train_rank(rank: int, world_size: int, overrides: list[str]) -> None:

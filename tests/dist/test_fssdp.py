@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from launch.spawn import run_ranks
-from tests.training import assert_same_losses, train
+from tests.training import SCRATCH_RUN_DIR, assert_same_losses, train
 
 ROW = 6  # parameters per expert row
 
@@ -103,7 +103,7 @@ def _placement_changes(rank, world):
                          "parallel.moe_backend=fssdp", "parallel.ep=4", "parallel.fssdp.reshard_every=5",
                          "parallel.fssdp.hot=3", "parallel.fssdp.budget=2", "model.n_layers=2", "train.seq_len=32",
                          "train.global_batch_size=8", "model.dim=64", "model.n_heads=4", "model.n_kv_heads=2",
-                         "model.ffn_dim=96", "run_dir=unused"]))
+                         "model.ffn_dim=96", SCRATCH_RUN_DIR]))
     layers = run.parallel.fssdp_layers()
     initial = [list(x.owners) for x in layers]
     for step in range(20):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from launch.spawn import run_ranks
-from tests.training import SMALL, assert_same_losses, losses, train
+from tests.training import SCRATCH_RUN_DIR, SMALL, assert_same_losses, losses, train
 
 LADDER = ["model.residual=ladder", "model.n_layers=4"]
 RTOL = {"float32": 1e-5, "float64": 1e-9}
@@ -60,7 +60,7 @@ def _build(world, residual, n_layers=4, dim=64, extra=()):
     from runtime.trainer import cross_entropy_sum
 
     cfg = compose([*SMALL, f"model.residual={residual}", f"model.n_layers={n_layers}", f"model.dim={dim}",
-                   f"parallel.tp={world}", "train.dtype=float64", "run_dir=unused", *extra])
+                   f"parallel.tp={world}", "train.dtype=float64", SCRATCH_RUN_DIR, *extra])
     groups = build_groups(validate(cfg, world), "cpu", timeout_s=60)
     with torch.device("meta"):
         model = Transformer(ModelArgs.from_config(cfg.model)).double()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from launch.spawn import run_ranks
-from tests.training import SMALL, assert_same_losses, train
+from tests.training import SCRATCH_RUN_DIR, SMALL, assert_same_losses, train
 
 RTOL = {"float32": 1e-5, "float64": 1e-9}
 L4, L8 = ["model.n_layers=4"], ["model.n_layers=8"]
@@ -58,7 +58,7 @@ def _zero_bubble_defers(rank, world):
     from launch.config import compose
     from launch.train import setup
 
-    run = setup(compose([*SMALL, *MB2, "parallel.pp=2", "parallel.schedule=zero_bubble", "run_dir=unused"]))
+    run = setup(compose([*SMALL, *MB2, "parallel.pp=2", "parallel.schedule=zero_bubble", SCRATCH_RUN_DIR]))
     par = run.parallel
     executor = par.executor
     seen = []

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from launch.spawn import run_ranks
-from tests.training import SMALL, assert_same_losses, train
+from tests.training import SCRATCH_RUN_DIR, SMALL, assert_same_losses, train
 
 TOL = dict(rtol=1e-10, atol=1e-12)
 
@@ -26,7 +26,7 @@ def build(rank, world, sp, extra=()):
     from runtime.trainer import cross_entropy_sum
 
     cfg = compose([*SMALL, f"parallel.tp={world}", f"parallel.sp={sp}", "train.dtype=float64",
-                   "run_dir=unused", *extra])
+                   SCRATCH_RUN_DIR, *extra])
     groups = build_groups(validate(cfg, world), "cpu", timeout_s=30)
     args = ModelArgs.from_config(cfg.model)
     with torch.device("meta"):
