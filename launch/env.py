@@ -6,7 +6,7 @@
   SLURM_NTASKS, SLURM_LOCALID, SLURM_NODEID and SLURM_JOB_NODELIST (the first host is the master);
 - without either, the process is a world of one.
 
-`socket_interface` finds the network interface on the route to the master, which gloo and NCCL
+`nic_class` tells this node's kind of network card (Holmes placement). `socket_interface` finds the network interface on the route to the master, which gloo and NCCL
 are told to use (GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME) unless set already.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ import socket
 import subprocess
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 DEFAULT_PORT = 29500
 
@@ -32,6 +33,7 @@ class LaunchEnv:
     launcher: str  # "torchrun" | "slurm" | "single"
     master_addr: str | None = None
     master_port: int | None = None
+    node_rank: int = 0  # which node of the job this process runs on
 
     @property
     def is_distributed(self) -> bool:
@@ -71,7 +73,7 @@ def detect(env: dict | None = None) -> LaunchEnv:
         return LaunchEnv(rank=_int(env, "RANK", 0), world_size=_int(env, "WORLD_SIZE", 1),
                          local_rank=_int(env, "LOCAL_RANK", 0), local_world_size=_int(env, "LOCAL_WORLD_SIZE", 1),
                          run_id=_job_id(env), launcher="torchrun", master_addr=env.get("MASTER_ADDR"),
-                         master_port=_int(env, "MASTER_PORT", DEFAULT_PORT))
+                         master_port=_int(env, "MASTER_PORT", DEFAULT_PORT), node_rank=_int(env, "GROUP_RANK", 0))
     if _int(env, "SLURM_NTASKS", 1) > 1 and "SLURM_PROCID" in env:
         nodes = expand_nodelist(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "")))
         per_node = _int(env, "SLURM_NTASKS_PER_NODE", 0) or max(1, _int(env, "SLURM_NTASKS", 1) // max(len(nodes), 1))
@@ -80,7 +82,7 @@ def detect(env: dict | None = None) -> LaunchEnv:
         return LaunchEnv(rank=_int(env, "SLURM_PROCID", 0), world_size=_int(env, "SLURM_NTASKS", 1),
                          local_rank=_int(env, "SLURM_LOCALID", 0), local_world_size=per_node, run_id=_job_id(env),
                          launcher="slurm", master_addr=env.get("MASTER_ADDR") or (nodes[0] if nodes else "localhost"),
-                         master_port=port)
+                         master_port=port, node_rank=_int(env, "SLURM_NODEID", 0))
     return LaunchEnv(0, 1, 0, 1, _job_id(env), "single")
 
 
@@ -119,6 +121,25 @@ def socket_interface(master_addr: str) -> str | None:
         if len(fields) > 3 and fields[3].split("/")[0] == master_addr:
             return fields[1]
     return dev.group(1) if dev else None
+
+
+def nic_class(env: dict | None = None, sysfs: str = "/sys/class/infiniband") -> str:
+    """This node's NIC class: QUINTET_NIC_CLASS when set; else `ib` when an RDMA port has an
+    InfiniBand link layer, `roce` when one has an Ethernet link layer (RDMA over Converged
+    Ethernet), and plain `ethernet` without RDMA devices."""
+    env = os.environ if env is None else env
+    if env.get("QUINTET_NIC_CLASS"):
+        return env["QUINTET_NIC_CLASS"]
+    layers = set()
+    root = Path(sysfs)
+    for layer in root.glob("*/ports/*/link_layer") if root.is_dir() else ():
+        try:
+            layers.add(layer.read_text().strip().lower())
+        except OSError:
+            continue
+    if "infiniband" in layers:
+        return "ib"
+    return "roce" if "ethernet" in layers else "ethernet"
 
 
 class RunDirError(ValueError):

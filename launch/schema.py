@@ -118,7 +118,8 @@ class ParallelConfig:
     vpp: int = 1  # model chunks per pipeline rank (1 = no interleaving)
     schedule: str = "1f1b"  # pipeline schedule: 1f1b | interleaved_1f1b | zero_bubble
     pp_group_size: int = 0  # interleaved schedule: microbatches per group; 0 = pp
-    pp_layers: Any = None  # layers per stage, a list of pp·vpp counts; null = an even split
+    pp_layers: Any = None  # layers per stage: a list of pp·vpp counts; null = even; auto = by stage speed
+    placement: str = "holmes"  # logical ranks -> processes: holmes (by NIC class, node) | megatron (identity)
     pp_count_embedding_head: bool = False  # balance stages counting the embedding and head as a layer each
     dp_impl: DataParallel = DataParallel.fsdp  # how data parallelism shards and reduces
     dp_replicate: int = 1  # HSDP: replicas of an FSDP group sharded over dp·cp/dp_replicate ranks
@@ -188,6 +189,43 @@ class LoggingConfig:
 
 
 @dataclass
+class NicClassConfig:
+    """One kind of network interface card: what groups inside the class use, and how fast it is."""
+
+    gbps: float = 10.0  # bandwidth of one node's link in this class, Gbit/s (partition and planner)
+    speed_rank: int = 0  # placement order: lower = faster class, placed on earlier pipeline stages
+    nccl_net: str = "Socket"  # NCCL network module for groups inside the class: IB | Socket
+    nccl_env: dict[str, str] = field(default_factory=dict)  # e.g. NCCL_IB_HCA, NCCL_IB_GID_INDEX
+    gloo_ifname: Optional[str] = None  # interface for gloo groups inside the class; null = the default
+
+
+@dataclass
+class NodeConfig:
+    nic: str = "ethernet"  # NIC class (a key of cluster.classes)
+    ranks: int = 1  # processes (GPUs) on the node
+    tflops: Optional[float] = None  # device throughput per rank; null = measured when needed
+
+
+def _default_classes() -> dict[str, NicClassConfig]:
+    return {
+        "ib": NicClassConfig(gbps=200.0, speed_rank=0, nccl_net="IB"),
+        "roce": NicClassConfig(gbps=100.0, speed_rank=1, nccl_net="IB", nccl_env={"NCCL_IB_GID_INDEX": "3"}),
+        "ethernet": NicClassConfig(gbps=25.0, speed_rank=2, nccl_net="Socket"),
+    }
+
+
+@dataclass
+class ClusterConfig:
+    """The machines a run is placed on (Holmes): nodes in node-rank order with their NIC class.
+    No nodes: each rank detects its node's class at launch (QUINTET_NIC_CLASS overrides)."""
+
+    name: str = "detect"
+    nodes: list[NodeConfig] = field(default_factory=list)
+    classes: dict[str, NicClassConfig] = field(default_factory=_default_classes)
+    cross_gbps: Optional[float] = None  # between classes (sockets); null = the slower class's gbps
+
+
+@dataclass
 class QuintetConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -196,6 +234,7 @@ class QuintetConfig:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     seed: int = 0  # initialisation and data order
     trace: bool = False  # per-rank timeline of forward/backward/communication in <run_dir>/trace/
     run_dir: str = MISSING  # one directory shared by all ranks of a job

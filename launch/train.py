@@ -23,7 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 from launch import config as launch_config
 from launch import env as launch_env
 from launch.validate import ConfigError, validate
+from parallel import network
 from parallel.groups import build_groups
+from parallel.placement import placement_warnings
 from parallel.parallelize import parallelize
 from runtime.checkpoint import SyncCheckpointer
 from runtime.data import BatchLoader, load_tokens
@@ -104,19 +106,34 @@ def setup(cfg: DictConfig) -> TrainingRun:
     # 2-3. Join the job and build the rank groups.
     device = select_device(cfg, launch.local_rank)
     init_distributed(launch, device, cfg.parallel.timeout_s)
-    groups = build_groups(topo, device.type, cfg.parallel.timeout_s)
     rank = dist.get_rank()
-    torch.manual_seed(cfg.seed)
+    # Logical ranks go to processes by NIC class and node (Holmes), and each group gets the
+    # transport of its members' class.
+    procs = network.process_ranks(cfg.cluster, topo.world_size, launch.node_rank, launch.local_rank,
+                                  launch_env.nic_class())
+    topo = network.place(topo, procs, cfg.cluster, cfg.parallel.placement)
     if rank == 0:
-        os.makedirs(cfg.run_dir, exist_ok=True)
-        with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
-            f.write(OmegaConf.to_yaml(cfg, resolve=True))
+        for warning in placement_warnings(topo, procs):
+            log.warning("placement: %s", warning)
+        if topo.placement is not None and topo.placement != tuple(range(topo.world_size)):
+            log.info("placement (%s): logical rank i runs on process %s", cfg.parallel.placement, list(topo.placement))
+    groups = build_groups(topo, device.type, cfg.parallel.timeout_s, nics=[p.nic for p in procs],
+                          classes=cfg.cluster.classes)
+    torch.manual_seed(cfg.seed)
 
     # 4. The model on the meta device, then parallelised in DESIGN.md's fixed order.
     args = ModelArgs.from_config(cfg.model)
     with torch.device("meta"):
         model = Transformer(args).to(param_dtype(cfg))
     n_params = num_params(model)
+    if cfg.parallel.pp_layers == "auto":
+        cfg.parallel.pp_layers = network.auto_pp_layers(cfg, model, topo, groups, procs, device)
+        if rank == 0:
+            log.info("pipeline layers per stage (auto): %s", list(cfg.parallel.pp_layers))
+    if rank == 0:
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
+            f.write(OmegaConf.to_yaml(cfg, resolve=True))
     par = parallelize(model, groups, cfg.parallel, cross_entropy_sum, cfg.train.seq_len, launch.local_world_size)
 
     # 5. Real storage and the same initial values as one process.

@@ -5,6 +5,8 @@ would be valid; `launch.train` prints them and exits with code 2.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from omegaconf import OmegaConf
 
@@ -12,6 +14,8 @@ from parallel.mesh import Topology, TopologyError
 from parallel.pipeline.partition import PartitionError, stage_layers
 from parallel.pipeline.schedules import SCHEDULES
 from runtime.data.sources import check_source
+
+PLACEMENTS = ("holmes", "megatron")
 
 
 class ConfigError(ValueError):
@@ -167,13 +171,18 @@ def _pipeline_problems(cfg, topo: Topology | None) -> list[str]:
                        f"interleave chunks over pipeline ranks")
         return out
     pp_layers = p.pp_layers
-    if pp_layers is not None and not isinstance(pp_layers, (list, tuple)) and not OmegaConf.is_list(pp_layers):
-        return [f"parallel.pp_layers={pp_layers!r} must be a list of {p.pp * p.vpp} layer counts or null"]
-    try:
-        stage_layers(cfg.model.n_layers, p.pp, p.vpp, None if pp_layers is None else list(pp_layers),
-                     p.pp_count_embedding_head)
-    except (PartitionError, ValueError, TypeError) as e:
-        out.append(str(e))
+    if pp_layers == "auto":
+        if cfg.model.n_layers < p.pp * p.vpp:
+            out.append(f"parallel.pp_layers=auto needs at least one layer per stage, but model.n_layers="
+                       f"{cfg.model.n_layers} < pp·vpp = {p.pp}·{p.vpp}")
+    elif pp_layers is not None and not isinstance(pp_layers, (list, tuple)) and not OmegaConf.is_list(pp_layers):
+        return [f"parallel.pp_layers={pp_layers!r} must be a list of {p.pp * p.vpp} layer counts, auto, or null"]
+    else:
+        try:
+            stage_layers(cfg.model.n_layers, p.pp, p.vpp, None if pp_layers is None else list(pp_layers),
+                         p.pp_count_embedding_head)
+        except (PartitionError, ValueError, TypeError) as e:
+            out.append(str(e))
     if p.schedule == "1f1b" and p.vpp > 1:
         out.append(f"parallel.schedule=1f1b runs one chunk per rank but parallel.vpp={p.vpp}; use "
                    f"parallel.schedule=interleaved_1f1b")
@@ -224,6 +233,29 @@ def _context_problems(cfg) -> list[str]:
     return out
 
 
+def _cluster_problems(cfg, world_size: int) -> list[str]:
+    """The cluster description and placement (Holmes): what every rank can check alone."""
+    c, out = cfg.cluster, []
+    if cfg.parallel.placement not in PLACEMENTS:
+        out.append(f"parallel.placement={cfg.parallel.placement!r} is unknown; valid: {', '.join(PLACEMENTS)}")
+    known = sorted(c.classes)
+    unknown = sorted({n.nic for n in c.nodes if n.nic not in c.classes})
+    if unknown:
+        out.append(f"cluster={c.name} names NIC class(es) {unknown} that cluster.classes does not describe "
+                   f"(known: {', '.join(known)})")
+    bad = [i for i, n in enumerate(c.nodes) if n.ranks < 1]
+    if bad:
+        out.append(f"cluster={c.name}: node(s) {bad} have ranks < 1")
+    elif c.nodes and sum(n.ranks for n in c.nodes) != world_size:
+        counts = "+".join(str(n.ranks) for n in c.nodes)
+        out.append(f"cluster={c.name} describes {counts} = {sum(n.ranks for n in c.nodes)} processes but the world "
+                   f"size is {world_size}; launch that many or use cluster=detect")
+    override = os.environ.get("QUINTET_NIC_CLASS")
+    if override and override not in c.classes:
+        out.append(f"QUINTET_NIC_CLASS={override!r} is not a class of cluster.classes (known: {', '.join(known)})")
+    return out
+
+
 def _layout_problems(cfg, world_size: int) -> tuple[Topology | None, list[str]]:
     problems: list[str] = []
     try:
@@ -231,6 +263,7 @@ def _layout_problems(cfg, world_size: int) -> tuple[Topology | None, list[str]]:
     except TopologyError as e:
         topo = None
         problems.append(str(e))
+    problems += _cluster_problems(cfg, world_size)
     model = _model_problems(cfg.model)
     problems += model
     if not model:

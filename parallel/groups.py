@@ -5,6 +5,10 @@ torch.distributed) and keeps the handles of the groups it belongs to. Groups wit
 ranks (tp and etp when etp = tp, dp and dp_cp when cp = 1, ...) share one process group. A group
 of one rank creates nothing (its handle is None and collectives over it are skipped), except
 where a DeviceMesh needs one (HSDP with a shard or replica group of one).
+
+Given every process's NIC class, each group is created with the transport of its members' class
+(parallel/transport.py, Holmes): NCCL's network module per communicator plus the class's
+variables while the group is made and warmed up; gloo's interface of the class.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from torch.distributed.device_mesh import DeviceMesh
 import numpy as np
 
 from parallel.mesh import GROUP_SPECS, HSDP_GROUPS, Topology
+from parallel.transport import Transport, group_transport, transport_env
 
 
 @dataclass
@@ -28,6 +33,7 @@ class Groups:
     device_type: str
     handles: dict[str, dist.ProcessGroup | None] = field(default_factory=dict)
     ranks: dict[str, list[int]] = field(default_factory=dict)
+    transports: dict[str, Transport] = field(default_factory=dict)  # when NIC classes were given
 
     def __getitem__(self, name: str) -> dist.ProcessGroup | None:
         return self.handles[name]
@@ -53,10 +59,30 @@ class Groups:
                                      mesh=mesh, mesh_dim_names=("dp_replicate", "dp_shard"))
 
 
+def _new_group(ranks: list[int], timeout_s: float, transport: Transport | None, backend: str):
+    options = None
+    if transport is not None and backend == "nccl":
+        options = dist.ProcessGroupNCCL.Options()
+        options.config.net_name = transport.nccl_net
+    with transport_env(transport):
+        handle = dist.new_group(ranks, timeout=timedelta(seconds=timeout_s), pg_options=options)
+        if transport is not None and backend == "nccl" and dist.get_rank() in ranks:
+            dist.barrier(group=handle)  # NCCL builds the communicator now, under the class's variables
+    return handle
+
+
 def build_groups(topology: Topology, device_type: str, timeout_s: float,
-                 names: tuple[str, ...] = (*GROUP_SPECS, *HSDP_GROUPS)) -> Groups:
+                 names: tuple[str, ...] = (*GROUP_SPECS, *HSDP_GROUPS),
+                 nics: list[str] | None = None, classes=None) -> Groups:
+    """This rank's groups; `nics[p]` (process p's NIC class) and `classes` (cluster.classes)
+    choose each group's transport."""
     rank = dist.get_rank()
+    backend = "nccl" if device_type == "cuda" else "gloo"
     groups = Groups(rank=rank, topology=topology, device_type=device_type)
+
+    def transport(ranks: list[int]) -> Transport | None:
+        return None if nics is None else group_transport([nics[r] for r in ranks], classes, backend)
+
     made: dict[tuple[int, ...], dist.ProcessGroup] = {}
     # HSDP's DeviceMesh needs a process group for each of its two dimensions, even one of size 1.
     keep_singletons = set(HSDP_GROUPS) if topology.dp_replicate > 1 else set()
@@ -68,15 +94,17 @@ def build_groups(topology: Topology, device_type: str, timeout_s: float,
             elif key in made:
                 handle = made[key]
             else:
-                handle = made[key] = dist.new_group(ranks, timeout=timedelta(seconds=timeout_s))
+                handle = made[key] = _new_group(ranks, timeout_s, transport(ranks), backend)
             if rank in ranks:
                 groups.handles[name], groups.ranks[name] = handle, ranks
+                if nics is not None:
+                    groups.transports[name] = transport(ranks)
     if topology.pp > 1:
         # A second communicator over each pipeline group for gradients: with interleaving one link
         # carries activations one way and gradients the same way, and point-to-point matching is
         # FIFO per communicator, so the two streams must not share one.
         for ranks in topology.groups("pp"):
-            handle = dist.new_group(ranks, timeout=timedelta(seconds=timeout_s))
+            handle = _new_group(ranks, timeout_s, transport(ranks), backend)
             if rank in ranks:
                 groups.handles["pp_grad"], groups.ranks["pp_grad"] = handle, ranks
     return groups

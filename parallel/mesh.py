@@ -90,6 +90,9 @@ class Topology:
     etp: int = 1
     order: str = DEFAULT_ORDER
     dp_replicate: int = 1
+    # Logical rank i (its 5D coordinates) runs on process placement[i]; None = the identity.
+    # Groups are listed in physical ranks, members still in logical order (parallel/placement.py).
+    placement: tuple[int, ...] | None = None
 
     @property
     def edp(self) -> int:
@@ -181,6 +184,9 @@ class Topology:
         shard = len(groups["dp_cp"][0]) // self.dp_replicate
         groups["dp_shard"] = [g[i:i + shard] for g in groups["dp_cp"] for i in range(0, len(g), shard)]
         groups["dp_replicate"] = [g[j::shard] for g in groups["dp_cp"] for j in range(shard)]
+        if self.placement is not None:
+            where = self.placement
+            groups = {name: [[where[r] for r in g] for g in gs] for name, gs in groups.items()}
         return groups
 
     def group_of(self, name: str, rank: int) -> list[int]:
@@ -190,7 +196,7 @@ class Topology:
         raise ValueError(f"rank {rank} is outside a world of {self.world_size}")
 
     def coords(self) -> list[dict[str, int]]:
-        """For each rank, its position in every dimension (its index within that group)."""
+        """For each process rank, its position in every dimension (its index within that group)."""
         out = [dict.fromkeys(COORD_DIMS, 0) for _ in range(self.world_size)]
         for dim in COORD_DIMS:
             for ranks in self.groups(dim):

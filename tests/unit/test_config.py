@@ -129,7 +129,7 @@ def test_kv_heads_may_be_fewer_than_tp_ranks():
     (["parallel.pp=2", "parallel.schedule=zero_bubble", "parallel.dp=2", "train.micro_batch_size=2"], 4,
      "parallel.schedule=zero_bubble defers weight gradients past each block's backward, where FSDP2"),
     (["parallel.pp=2", "parallel.schedule=gpipe"], 2, "parallel.schedule='gpipe' is unknown; valid: 1f1b, interleaved_1f1b, zero_bubble"),
-    (["parallel.pp=2", "parallel.pp_layers=7"], 2, "parallel.pp_layers=7 must be a list of 2 layer counts or null"),
+    (["parallel.pp=2", "parallel.pp_layers=7"], 2, "parallel.pp_layers=7 must be a list of 2 layer counts, auto, or null"),
 ])
 def test_pipeline_problems_are_named(overrides, world, fragment):
     found = problems(["run_dir=/x", *overrides], world)
