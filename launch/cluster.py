@@ -176,7 +176,8 @@ class EmulatedCluster:
 
     def run(self, argv_of, log_dir: str | os.PathLike, deadline_s: float, env: dict | None = None) -> list[NodeResult]:
         """Run argv_of(node) in every node's namespace at once; wait for all of them until the
-        deadline (then kill what is left). Returns each node's exit code and log."""
+        deadline (then kill what is left). Returns each node's exit code and log. Each node's
+        environment carries its NIC class label as QUINTET_NIC_CLASS (launch/env.py)."""
         log_dir = Path(log_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
         started, logs = [], []
@@ -185,7 +186,8 @@ class EmulatedCluster:
             logs.append(log)
             with open(log, "w") as out:
                 proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv_of(i)], stdout=out, stderr=subprocess.STDOUT,
-                                        env={**os.environ, **(env or {})}, start_new_session=True)
+                                        env={**os.environ, **(env or {}), "QUINTET_NIC_CLASS": self.nic_classes[i]},
+                                        start_new_session=True)
             self._procs.append(proc)
             started.append(proc)
         end = time.monotonic() + deadline_s
@@ -202,18 +204,24 @@ class EmulatedCluster:
         return [NodeResult(i, codes[i], logs[i]) for i in range(self.nodes)]
 
     def torchrun(self, nproc_per_node: int, args: list[str], run_dir: str, deadline_s: float = 300,
-                 module: str = "launch.train", torchrun: str | None = None) -> list[NodeResult]:
-        """`torchrun -m launch.train args` on every node, c10d rendezvous on node 0."""
+                 module: str = "launch.train", torchrun: str | None = None, static: bool = False) -> list[NodeResult]:
+        """`torchrun -m launch.train args` on every node, c10d rendezvous on node 0. c10d numbers
+        the nodes in the order they join; `static=True` makes node i node rank i (torchrun's
+        static rendezvous), for runs whose rank order must be known in advance."""
         torchrun = torchrun or str(Path(sys.executable).with_name("torchrun"))
         rdzv_id = f"emulated-{self.bridge}"
 
         def argv(i: int) -> list[str]:
-            # Node 0 hosts the rendezvous store: say so, since torchrun's check by hostname sees
-            # the root namespace's name in every namespace.
-            host = [f"--rdzv-conf=is_host={int(i == 0)}"]
-            return [torchrun, f"--nnodes={self.nodes}", f"--nproc-per-node={nproc_per_node}",
-                    "--rdzv-backend=c10d", f"--rdzv-endpoint={self.address(0)}:{RDZV_PORT}", f"--rdzv-id={rdzv_id}",
-                    *host, f"--local-addr={self.address(i)}", "-m", module, *args, f"run_dir={run_dir}"]
+            common = [torchrun, f"--nnodes={self.nodes}", f"--nproc-per-node={nproc_per_node}",
+                      f"--local-addr={self.address(i)}"]
+            if static:
+                rdzv = [f"--node-rank={i}", f"--master-addr={self.address(0)}", f"--master-port={RDZV_PORT}"]
+            else:
+                # Node 0 hosts the rendezvous store: say so, since torchrun's check by hostname sees
+                # the root namespace's name in every namespace.
+                rdzv = ["--rdzv-backend=c10d", f"--rdzv-endpoint={self.address(0)}:{RDZV_PORT}", f"--rdzv-id={rdzv_id}",
+                        f"--rdzv-conf=is_host={int(i == 0)}"]
+            return [*common, *rdzv, "-m", module, *args, f"run_dir={run_dir}"]
 
         return self.run(argv, Path(run_dir) / "nodes", deadline_s)
 
@@ -224,6 +232,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nproc-per-node", type=int, default=1)
     parser.add_argument("--rate", action="append", default=None, help="per-node link rate (tc tbf), e.g. 100mbit; "
                         "repeat once per node, 'none' for unlimited")
+    parser.add_argument("--nic", action="append", default=None, help="per-node NIC class label (QUINTET_NIC_CLASS), "
+                        "e.g. ib; repeat once per node")
+    parser.add_argument("--static", action="store_true", help="node i is node rank i (static rendezvous)")
     parser.add_argument("--deadline", type=float, default=600)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for launch.train (include run_dir=...)")
     args = parser.parse_args(argv)
@@ -235,8 +246,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("give run_dir=<dir> once among the overrides")
     rates = [None if r in (None, "none") else r for r in args.rate] if args.rate else None
     overrides = [o for o in args.overrides if not o.startswith("run_dir=")]
-    with EmulatedCluster(args.nodes, rates) as cluster:
-        results = cluster.torchrun(args.nproc_per_node, overrides, run_dirs[0], args.deadline)
+    with EmulatedCluster(args.nodes, rates, args.nic) as cluster:
+        results = cluster.torchrun(args.nproc_per_node, overrides, run_dirs[0], args.deadline, static=args.static)
     for r in results:
         print(f"node {r.node}: exit {r.returncode}, log {r.log}")
     sys.exit(max((r.returncode if r.returncode is not None else 124) for r in results))

@@ -82,3 +82,21 @@ def test_nothing_is_left_behind_when_the_run_fails(tmp_path):
     assert not [p for p in quintet_processes() if str(tmp_path) in p]
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert "sleep 600" not in ps
+
+
+def test_holmes_on_a_mixed_cluster_changes_speed_not_numbers(tmp_path):
+    """4 nodes × 2 ranks, ib and rate-limited ethernet nodes interleaved, tp=2 pp=2 dp=2:
+    Holmes's placement and auto partition give Megatron's order's losses."""
+    layout = [*SMALL, "model.n_layers=4", "parallel.tp=2", "parallel.pp=2", "parallel.dp_impl=ddp",
+              "train.micro_batch_size=2", "train.steps=6"]
+    runs = {}
+    for name, extra in (("megatron", ["parallel.placement=megatron"]),
+                        ("holmes", ["parallel.placement=holmes", "parallel.pp_layers=auto"])):
+        with EmulatedCluster(4, [None, "200mbit", None, "200mbit"], ["ib", "ethernet", "ib", "ethernet"]) as cluster:
+            results = cluster.torchrun(2, [*layout, *extra], str(tmp_path / name), deadline_s=240, static=True)
+        assert [r.returncode for r in results] == [0] * 4, "\n".join(r.output[-2000:] for r in results)
+        runs[name] = (read_metrics(tmp_path / name), results[0].output)
+    assert "placement (holmes): logical rank i runs on process [0, 1, 4, 5, 2, 3, 6, 7]" in runs["holmes"][1]
+    assert "pipeline layers per stage (auto)" in runs["holmes"][1]
+    assert "mixes NIC classes" in runs["megatron"][1] and "mixes NIC classes" not in runs["holmes"][1]
+    assert_same_losses(runs["megatron"][0], runs["holmes"][0], rtol=1e-5)
