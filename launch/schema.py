@@ -46,6 +46,7 @@ class Device(enum.Enum):
 
 
 class CheckpointEngine(enum.Enum):
+    lazy = "lazy"  # copied out during the next step's forward/backward, written in the background
     sync = "sync"  # blocking save of every rank's blocks, two-phase commit
 
 
@@ -170,7 +171,11 @@ class DataConfig:
 class CheckpointConfig:
     dir: str = "${run_dir}/checkpoints"  # where checkpoints and the `latest` marker live
     every: int = 0  # save every N optimizer steps and after the last one; 0 = never
-    engine: CheckpointEngine = CheckpointEngine.sync  # how state is written
+    every_s: float = 0.0  # also save when this many seconds passed since the last save; 0 = off
+    keep_last: int = 0  # keep only the newest N committed checkpoints; 0 = keep all
+    engine: CheckpointEngine = CheckpointEngine.lazy  # how state is written
+    pool_mb: int = 1024  # lazy: host buffer pool per rank (back-pressure when full)
+    chunk_mb: int = 64  # lazy: bytes per coalesced copy/write region
     resume: bool = True  # resume from `<dir>/latest` when it exists
 
 

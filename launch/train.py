@@ -27,7 +27,7 @@ from parallel import network
 from parallel.groups import build_groups
 from parallel.placement import placement_warnings
 from parallel.parallelize import parallelize
-from runtime.checkpoint import SyncCheckpointer
+from runtime.checkpoint import build_checkpointer
 from runtime.data import BatchLoader, load_tokens
 from runtime.metrics import MetricsSink
 from runtime.model import ModelArgs, Transformer, num_params
@@ -153,7 +153,7 @@ def setup(cfg: DictConfig) -> TrainingRun:
     tokens = load_tokens(cfg.data.name, cfg.data.path, args.vocab_size, cfg.seed)
     loader = BatchLoader(tokens, cfg.train.seq_len, cfg.train.global_batch_size,
                          cfg.train.micro_batch_size, groups.index("dp"), topo.dp, cfg.seed)
-    checkpointer = SyncCheckpointer(cfg.checkpoint.dir, cfg.checkpoint.every, rank)
+    checkpointer = build_checkpointer(cfg.checkpoint, rank, cfg.parallel.timeout_s)
     start_step = 0
     latest = checkpointer.latest() if cfg.checkpoint.resume else None
     if latest is not None:

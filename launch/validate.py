@@ -141,8 +141,15 @@ def _train_problems(cfg, topo: Topology | None) -> list[str]:
     if p.dp_replicate > 1 and p.dp_impl.value != "fsdp":
         out.append(f"parallel.dp_replicate={p.dp_replicate} (HSDP) needs parallel.dp_impl=fsdp, "
                    f"not {p.dp_impl.value}")
-    if cfg.checkpoint.every < 0:
-        out.append(f"checkpoint.every={cfg.checkpoint.every} must be ≥ 0 (0 = no checkpoints)")
+    c = cfg.checkpoint
+    if c.every < 0:
+        out.append(f"checkpoint.every={c.every} must be ≥ 0 (0 = no checkpoints)")
+    if c.every_s < 0:
+        out.append(f"checkpoint.every_s={c.every_s} must be ≥ 0 (0 = no time-based checkpoints)")
+    if c.keep_last < 0:
+        out.append(f"checkpoint.keep_last={c.keep_last} must be ≥ 0 (0 = keep every checkpoint)")
+    if c.pool_mb < 1 or c.chunk_mb < 1:
+        out.append(f"checkpoint.pool_mb={c.pool_mb} and checkpoint.chunk_mb={c.chunk_mb} must be ≥ 1 (MiB)")
     return out
 
 

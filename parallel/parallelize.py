@@ -134,6 +134,18 @@ class Parallelized:
         """Sum per-rank loss sums: over data ranks, and from the last pipeline stage to all."""
         return DataReducer([self.groups["dp_cp"], self.groups["pp"]]).sum(t)
 
+    def any_rank(self, flags: list[bool], device: torch.device) -> list[bool]:
+        """Each flag OR-ed over every rank (one small all-reduce on the default group)."""
+        t = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in t.tolist()]
+
+    def mutates_state_before(self, step: int) -> bool:
+        """Whether begin_step(step) changes parameters or optimizer state (FSSDP re-sharding):
+        a pending checkpoint copy must finish first."""
+        every = self.parallel_cfg.fssdp.reshard_every
+        return bool(self.fssdp_layers()) and bool(every) and step > 0 and step % every == 0
+
     def fssdp_layers(self) -> list[FSSDPExperts]:
         return [m.experts for m in self.moe_layers.values() if isinstance(m.experts, FSSDPExperts)]
 

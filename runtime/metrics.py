@@ -76,6 +76,11 @@ class MetricsSink:
         if self.wandb is not None:
             self.wandb.log(wandb_row(metrics), step=metrics["step"])
 
+    def note(self, message: str) -> None:
+        """An event worth a line in the log (rank 0 only), e.g. stopping on a signal."""
+        if self.active:
+            logging.getLogger("quintet").warning(message)
+
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()

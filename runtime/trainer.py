@@ -9,6 +9,7 @@ gradient of exactly the loss one process computes on the whole batch.
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 
 from runtime.optim import lr_at, set_lr
 from runtime.metrics import StepTimer
+from runtime.preemption import StopRequest
 
 IGNORE_INDEX = -100
 
@@ -66,6 +68,8 @@ class Trainer:
 
     def train_step(self, step: int) -> dict:
         """Optimizer step `step` (0-based); returns its metrics."""
+        if self.parallel.mutates_state_before(step):
+            self.checkpointer.wait()
         self.parallel.begin_step(step, self.optimizer)
         loss_sum, n_targets = self.forward_backward(self.loader.step(step), step)
         loss = self.parallel.reduce_loss(loss_sum) / n_targets
@@ -86,15 +90,22 @@ class Trainer:
         return metrics
 
     def fit(self, start_step: int, stop_at_step: int = 0) -> None:
-        """Train from `start_step` to the end of the schedule, or to `stop_at_step` (>0)."""
+        """Train from `start_step` to the end of the schedule, or to `stop_at_step` (>0), or until
+        SIGTERM; every requested checkpoint is committed when this returns."""
+        stop = StopRequest().install()
         try:
-            self._fit(start_step, stop_at_step)
+            self._fit(start_step, stop_at_step, stop)
+            self.checkpointer.close()
         finally:
+            stop.uninstall()
             self.tracer.write()
 
-    def _fit(self, start_step: int, stop_at_step: int) -> None:
+    def _fit(self, start_step: int, stop_at_step: int, stop: StopRequest) -> None:
         timer = StepTimer()
         end = stop_at_step or self.steps
+        ckpt = self.checkpointer
+        saving = ckpt.every > 0 or ckpt.every_s > 0
+        last_save = time.monotonic()
         for step in range(start_step, end):
             metrics = self.train_step(step)
             elapsed = timer.lap()
@@ -102,7 +113,15 @@ class Trainer:
                            tokens_per_s=self.tokens_per_step / elapsed)
             self.metrics.log(metrics)
             done = step + 1
-            if self.checkpointer.due(done, self.steps, stopping=done == end < self.steps):
-                self.checkpointer.request(done, self.parallel, self.optimizer,
-                                          {"tokens": done * self.tokens_per_step})
+            preempted = timed = False
+            if saving:  # ranks agree: a signal or a clock may be seen a step apart
+                timed = ckpt.every_s > 0 and time.monotonic() - last_save >= ckpt.every_s
+                preempted, timed = self.parallel.any_rank([stop.requested, timed], self.device)
+            if timed or preempted or ckpt.due(done, self.steps, stopping=done == end < self.steps):
+                ckpt.request(done, self.parallel, self.optimizer, {"tokens": done * self.tokens_per_step})
+                last_save = time.monotonic()
                 timer.lap()  # a blocking save is not training time; logging above is
+            if preempted:
+                self.metrics.note(f"stopping after step {done} on signal {stop.signum or 'from a peer'}; "
+                                  "the final checkpoint is being committed")
+                return

@@ -31,7 +31,7 @@ def _dtype(name: str) -> torch.dtype:
     return dtype
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -58,7 +58,7 @@ def write_shard(directory: Path, rank: int, blocks) -> None:
         json.dump({"format": FORMAT, "rank": rank, "entries": entries}, f)
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
 def read_index(directory: Path) -> dict[str, list[dict]]:

@@ -51,9 +51,13 @@ def owned_blocks(blocks, rank: int) -> list:
     return [b for b, item in zip(blocks, mine) if first_holder[item] == rank]
 
 
-class SyncCheckpointer:
-    def __init__(self, directory: str, every: int, rank: int):
+class BaseCheckpointer:
+    """What every engine shares: when to save, the directory layout, publishing a committed
+    checkpoint (trainer.json, then `latest`, then retention), finding and loading the latest."""
+
+    def __init__(self, directory: str, every: int, rank: int, keep_last: int = 0, every_s: float = 0.0):
         self.dir, self.every, self.rank = Path(directory), every, rank
+        self.keep_last, self.every_s = keep_last, every_s
 
     def due(self, step: int, last_step: int, stopping: bool = False) -> bool:
         """Whether to save after optimizer step `step` (1-based count of completed steps).
@@ -61,21 +65,25 @@ class SyncCheckpointer:
         A launch that stops early always saves: stopping is for resuming later."""
         return stopping or (self.every > 0 and (step % self.every == 0 or step == last_step))
 
-    def request(self, step: int, parallel, optimizer, trainer_state: dict) -> None:
-        """Save the state after `step` completed optimizer steps; returns when it is committed."""
-        path = self.dir / f"step_{step:08d}"
-        if self.rank == 0 and path.exists():
-            shutil.rmtree(path)  # an earlier, uncommitted attempt at this step
-        dist.barrier()
-        write_shard(path, self.rank, owned_blocks(state_blocks(parallel, optimizer), self.rank))
-        dist.barrier()  # every rank's shard is durable before anything names the checkpoint
-        if self.rank == 0:
-            atomic_write(path / "trainer.json", json.dumps({"step": step, **trainer_state}) + "\n")
-            atomic_write(self.dir / "latest", path.name + "\n")
-        dist.barrier()  # nobody starts the next save while `latest` may still name the old one
+    def step_path(self, step: int) -> Path:
+        return self.dir / f"step_{step:08d}"
+
+    def publish(self, step: int, trainer_state: dict) -> None:
+        """Rank 0, once every rank's shard of `step` is durable: name it, then drop old ones."""
+        path = self.step_path(step)
+        atomic_write(path / "trainer.json", json.dumps({"step": step, **trainer_state}) + "\n")
+        atomic_write(self.dir / "latest", path.name + "\n")
+        if self.keep_last > 0:
+            committed = sorted(p for p in self.dir.glob("step_*") if (p / "trainer.json").exists())
+            for old in committed[:-self.keep_last]:
+                if old != path:
+                    shutil.rmtree(old, ignore_errors=True)
 
     def wait(self) -> None:
         """The state may be modified from now on (a blocking save is complete on return)."""
+
+    def close(self) -> None:
+        """Every requested checkpoint is committed on return."""
 
     def latest(self) -> Path | None:
         marker = self.dir / "latest"
@@ -92,3 +100,18 @@ class SyncCheckpointer:
         init_optimizer_state(optimizer)
         load_blocks(path, state_blocks(parallel, optimizer))
         return json.loads((path / "trainer.json").read_text())
+
+
+class SyncCheckpointer(BaseCheckpointer):
+    """Blocking: `request` returns when the checkpoint is committed."""
+
+    def request(self, step: int, parallel, optimizer, trainer_state: dict) -> None:
+        path = self.step_path(step)
+        if self.rank == 0 and path.exists():
+            shutil.rmtree(path)  # an earlier, uncommitted attempt at this step
+        dist.barrier()
+        write_shard(path, self.rank, owned_blocks(state_blocks(parallel, optimizer), self.rank))
+        dist.barrier()  # every rank's shard is durable before anything names the checkpoint
+        if self.rank == 0:
+            self.publish(step, trainer_state)
+        dist.barrier()  # nobody starts the next save while `latest` may still name the old one
