@@ -6,6 +6,8 @@ import math
 import os
 import tempfile
 
+import pytest
+
 from runtime.metrics import read_metrics
 from launch.spawn import run_ranks
 
@@ -47,3 +49,12 @@ def assert_same_losses(ref: list[dict], got: list[dict], rtol: float) -> None:
     assert all(math.isfinite(x) for x in losses(got))
     assert worst <= rtol, (f"largest relative loss difference {worst:.3e} > {rtol:.0e}\n"
                            f"reference {losses(ref)}\ngot       {losses(got)}")
+
+
+def parity_cases(layouts: dict[str, tuple[int, list[str]]]) -> list:
+    """(layout, dtype) parameters of a parity test: float64 (bound 1e-9, where summation order
+    cannot hide a bug) for every layout, float32 (1e-5, the production path) for the layouts of
+    two ranks. The fp32 run of a bigger layout checks nothing its fp64 run and the small fp32
+    runs do not, and costs seconds each on two cores."""
+    return [pytest.param(name, dtype, id=f"{name}-{dtype}") for name, (world, _) in layouts.items()
+            for dtype in ("float32", "float64") if dtype == "float64" or world <= 2]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from launch.spawn import run_ranks
-from tests.training import assert_same_losses, train
+from tests.training import assert_same_losses, parity_cases, train
 
 TOL = dict(rtol=1e-10, atol=1e-12)
 
@@ -84,8 +84,7 @@ def reference(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout, dtype", parity_cases(LAYOUTS))
 def test_context_parallel_training_matches_one_process(layout, dtype, reference, tmp_path):
     world, overrides = LAYOUTS[layout]
     same = [o for o in overrides if o.startswith(("train.", "model."))]

@@ -5,7 +5,7 @@ layout must equal one process's at every step: relative 1e-5 in fp32, 1e-9 in fp
 """
 import pytest
 
-from tests.training import assert_same_losses, train
+from tests.training import assert_same_losses, parity_cases, train
 
 RTOL = {"float32": 1e-5, "float64": 1e-9}
 
@@ -32,8 +32,7 @@ def reference(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout, dtype", parity_cases(LAYOUTS))
 def test_data_parallel_matches_one_process(layout, dtype, reference, tmp_path):
     world, overrides = LAYOUTS[layout]
     batch = [o for o in overrides if o.startswith("train.")]

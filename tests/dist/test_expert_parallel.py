@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from launch.spawn import run_ranks
-from tests.training import assert_same_losses, train
+from tests.training import assert_same_losses, parity_cases, train
 
 TOL = dict(rtol=1e-10, atol=1e-12)
 E, DIM, HIDDEN, TOKENS, K = 8, 16, 12, 10, 2
@@ -145,8 +145,7 @@ def total(records):
     return [{"step": r["step"], "loss": r["total_loss"]} for r in records]
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout, dtype", parity_cases(LAYOUTS))
 def test_moe_training_matches_one_process(layout, dtype, reference, tmp_path):
     world, overrides = LAYOUTS[layout]
     same = [o for o in overrides if o.startswith(("train.", "model."))]

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from launch.spawn import run_ranks
-from tests.training import SCRATCH_RUN_DIR, assert_same_losses, train
+from tests.training import SCRATCH_RUN_DIR, assert_same_losses, parity_cases, train
 
 ROW = 6  # parameters per expert row
 
@@ -86,8 +86,7 @@ def total(records):
     return [{"step": r["step"], "loss": r["total_loss"]} for r in records]
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout, dtype", parity_cases(LAYOUTS))
 def test_fssdp_training_matches_one_process(layout, dtype, reference, tmp_path):
     world, overrides = LAYOUTS[layout]
     got = train(tmp_path, [f"train.dtype={dtype}", *MOE, *overrides], world_size=world)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from launch.spawn import run_ranks
-from tests.training import SCRATCH_RUN_DIR, SMALL, assert_same_losses, train
+from tests.training import SCRATCH_RUN_DIR, SMALL, assert_same_losses, parity_cases, train
 
 RTOL = {"float32": 1e-5, "float64": 1e-9}
 L4, L8 = ["model.n_layers=4"], ["model.n_layers=8"]
@@ -44,8 +44,7 @@ def reference(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout, dtype", parity_cases(LAYOUTS))
 def test_pipeline_training_matches_one_process(layout, dtype, reference, tmp_path):
     world, overrides = LAYOUTS[layout]
     same = [o for o in overrides if o.startswith(("train.", "model."))]

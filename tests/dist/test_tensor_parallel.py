@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from launch.spawn import run_ranks
-from tests.training import SCRATCH_RUN_DIR, SMALL, assert_same_losses, train
+from tests.training import SCRATCH_RUN_DIR, SMALL, assert_same_losses, parity_cases, train
 
 TOL = dict(rtol=1e-10, atol=1e-12)
 
@@ -166,8 +166,7 @@ def reference(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout, dtype", parity_cases(LAYOUTS))
 def test_tensor_parallel_training_matches_one_process(layout, dtype, reference, tmp_path):
     world, overrides = LAYOUTS[layout]
     batch = [o for o in overrides if o.startswith("train.")]
