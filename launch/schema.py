@@ -48,6 +48,7 @@ class Device(enum.Enum):
 class CheckpointEngine(enum.Enum):
     lazy = "lazy"  # copied out during the next step's forward/backward, written in the background
     sync = "sync"  # blocking save of every rank's blocks, two-phase commit
+    dcp_async = "dcp_async"  # baseline: PyTorch DCP async_save (eager staging copy, background write)
 
 
 class WandbMode(enum.Enum):

@@ -90,11 +90,19 @@ def _read_entry(entry: dict, cache: dict) -> torch.Tensor:
     return cache[key]
 
 
-def load_blocks(directory: Path, blocks, index: dict | None = None) -> None:
+def overlaps(want, stored) -> bool:
+    """Whether two blocks ([start, stop) per dimension) intersect (scalars always do)."""
+    return all(max(a, c) < min(b, d) for (a, b), (c, d) in zip(want, stored))
+
+
+def load_blocks(directory: Path, blocks, index: dict | None = None, read=None) -> None:
     """Fill every local block from the stored blocks overlapping it; raises CheckpointError when a
-    key is missing, its full shape differs, or the stored blocks do not cover a local block."""
+    key is missing, its full shape differs, or the stored blocks do not cover a local block.
+    `index` and `read(entry) -> tensor` default to this format's files; other storage (DCP)
+    passes its own."""
     index = read_index(directory) if index is None else index
     cache: dict = {}
+    read = read or (lambda entry: _read_entry(entry, cache))
     for b in blocks:
         stored = index.get(b.key)
         if not stored:
@@ -105,11 +113,11 @@ def load_blocks(directory: Path, blocks, index: dict | None = None) -> None:
         want = b.coords()
         covered = torch.zeros(b.local.shape, dtype=torch.bool)
         for entry in stored:
+            if not overlaps(want, entry["block"]):
+                continue
             lo = [max(a, c) for (a, _), (c, _) in zip(want, entry["block"])]
             hi = [min(a, c) for (_, a), (_, c) in zip(want, entry["block"])]
-            if any(low >= high for low, high in zip(lo, hi)):
-                continue  # no overlap (a scalar, with no dimensions, always overlaps)
-            src = _read_entry(entry, cache)
+            src = read(entry)
             src_idx = tuple(slice(low - c, high - c) for low, high, (c, _) in zip(lo, hi, entry["block"]))
             dst_idx = tuple(slice(low - a, high - a) for low, high, (a, _) in zip(lo, hi, want))
             with torch.no_grad():

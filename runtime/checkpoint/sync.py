@@ -20,6 +20,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from parallel.state import state_blocks
+from runtime.checkpoint.dcp_format import is_dcp_checkpoint, load_dcp_blocks
 from runtime.checkpoint.format import CheckpointError, load_blocks, write_shard
 from runtime.optim import init_optimizer_state
 
@@ -98,7 +99,11 @@ class BaseCheckpointer:
     def load(self, path: Path, parallel, optimizer) -> dict:
         """Load the checkpoint at `path` into the parallelised model and optimizer (any layout)."""
         init_optimizer_state(optimizer)
-        load_blocks(path, state_blocks(parallel, optimizer))
+        blocks = state_blocks(parallel, optimizer)
+        if is_dcp_checkpoint(path):  # written by the dcp_async engine
+            load_dcp_blocks(path, blocks)
+        else:
+            load_blocks(path, blocks)
         return json.loads((path / "trainer.json").read_text())
 
 

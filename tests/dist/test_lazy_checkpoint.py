@@ -108,3 +108,30 @@ def test_a_failed_write_on_one_rank_commits_nothing(tmp_path):
     assert "disk full (injected)" in errors[1]
     assert "another rank failed" in errors[0]
     assert (tmp_path / "checkpoints/latest").read_text().strip() == "step_00000001"
+
+
+def _dcp_exactness(rank, world, run_dir):
+    from launch.config import compose
+    from launch.train import setup
+    from parallel.state import state_blocks
+    from runtime.checkpoint.dcp_format import load_dcp_blocks
+    from runtime.checkpoint.sync import owned_blocks
+
+    r = setup(compose([*SMALL, f"run_dir={run_dir}", "checkpoint.every=0", "checkpoint.engine=dcp_async"]))
+    engine = r.trainer.checkpointer
+    r.trainer.train_step(0)
+    blocks = owned_blocks(state_blocks(r.parallel, r.optimizer), rank)
+    expected = [b.local.detach().clone() for b in blocks]
+    engine.request(1, r.parallel, r.optimizer, {"tokens": 0})
+    r.trainer.train_step(1)
+    r.trainer.train_step(2)
+    engine.close()
+    stored = [torch.zeros_like(e) for e in expected]
+    holders = [type("B", (), {"key": b.key, "local": s, "full_shape": b.full_shape, "coords": b.coords})()
+               for b, s in zip(blocks, stored)]
+    load_dcp_blocks(engine.step_path(1), holders)
+    return all(torch.equal(e, s) for e, s in zip(expected, stored))
+
+
+def test_dcp_async_baseline_is_exact_too(tmp_path):
+    assert all(run_ranks(_dcp_exactness, 2, args=(str(tmp_path),), timeout_s=120))

@@ -71,3 +71,17 @@ def test_moe_checkpoints_resume_exactly_and_reshard_expert_parallelism(tmp_path)
     moved = train(tmp_path / "moved", CKPT + moe + ["parallel.ep=2"], world_size=4)
     assert_same_losses([{**r, "loss": r["total_loss"]} for r in whole],
                        [{**r, "loss": r["total_loss"]} for r in moved], rtol=1e-5)
+
+
+@pytest.mark.parametrize("engine", ["sync", "dcp_async"])
+def test_every_engine_resumes_exactly_and_across_engines_and_layouts(tmp_path, engine):
+    """Two ranks stop after step 10 with `engine`; resuming with the lazy engine in one process
+    gives the uninterrupted run's steps 11-20 (the formats load into any layout and engine)."""
+    whole = train(tmp_path / "whole", CKPT)
+    first = train(tmp_path / "split", CKPT + [f"checkpoint.engine={engine}", "train.stop_at_step=10",
+                                             "parallel.tp=2"], world_size=2)
+    assert [r["step"] for r in first] == list(range(1, 11))
+    assert (tmp_path / "split/checkpoints/latest").read_text().strip() == "step_00000010"
+    second = train(tmp_path / "split", CKPT + ["checkpoint.engine=lazy"])
+    assert [r["step"] for r in second] == list(range(1, 21))
+    assert_same_losses(whole[10:], second[10:], rtol=1e-6)

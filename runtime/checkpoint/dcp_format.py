@@ -1,0 +1,52 @@
+"""quintet's blocks stored with PyTorch Distributed Checkpoint (the `dcp_async` engine's files).
+
+Each rank's owned blocks are saved under keys `<name>@<start>:<stop>,...`, so a DCP checkpoint is
+layout-independent like quintet's own format: loading reads DCP's metadata, loads the stored
+blocks that overlap the local ones with `dcp.load` (tensors only, no pickled objects in the
+data), and copies the intersections (format.load_blocks).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from runtime.checkpoint.format import load_blocks, overlaps
+
+
+def block_key(key: str, coords) -> str:
+    return f"{key}@" + ",".join(f"{a}:{b}" for a, b in coords)
+
+
+def parse_block_key(name: str) -> tuple[str, list[list[int]]]:
+    key, _, spec = name.rpartition("@")
+    return key, [[int(x) for x in part.split(":")] for part in spec.split(",") if part]
+
+
+def is_dcp_checkpoint(path: Path) -> bool:
+    return (path / ".metadata").exists()
+
+
+def load_dcp_blocks(path: Path, blocks) -> None:
+    """Fill `blocks` from a DCP checkpoint written by this engine, in any layout (collective)."""
+    metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    index: dict[str, list[dict]] = {}
+    for name, meta in metadata.state_dict_metadata.items():
+        key, coords = parse_block_key(name)
+        shape = [b - a for a, b in coords]
+        index.setdefault(key, []).append({"key": key, "name": name, "block": coords, "shape": shape,
+                                          "dtype": meta.properties.dtype})
+    # Full shapes are not stored by DCP: a block's extent is enough to check coverage, and the
+    # full shape is the union of the stored blocks.
+    for entries in index.values():
+        full = [max(e["block"][d][1] for e in entries) for d in range(len(entries[0]["block"]))]
+        for e in entries:
+            e["full_shape"] = full
+    wanted = {}
+    for b in blocks:
+        for e in index.get(b.key, []):
+            if overlaps(b.coords(), e["block"]):
+                wanted[e["name"]] = torch.empty(e["shape"], dtype=e["dtype"])
+    dcp.load(wanted, checkpoint_id=str(path))
+    load_blocks(path, blocks, index=index, read=lambda e: wanted[e["name"]])
