@@ -28,21 +28,26 @@ def is_dcp_checkpoint(path: Path) -> bool:
     return (path / ".metadata").exists()
 
 
-def load_dcp_blocks(path: Path, blocks) -> None:
-    """Fill `blocks` from a DCP checkpoint written by this engine, in any layout (collective)."""
+def dcp_index(path: Path) -> dict[str, list[dict]]:
+    """key -> stored blocks (name, block, shape, dtype, full_shape) from DCP's metadata. DCP does
+    not store full shapes: the union of a key's blocks is its full shape."""
     metadata = dcp.FileSystemReader(str(path)).read_metadata()
     index: dict[str, list[dict]] = {}
     for name, meta in metadata.state_dict_metadata.items():
         key, coords = parse_block_key(name)
-        shape = [b - a for a, b in coords]
-        index.setdefault(key, []).append({"key": key, "name": name, "block": coords, "shape": shape,
-                                          "dtype": meta.properties.dtype})
-    # Full shapes are not stored by DCP: a block's extent is enough to check coverage, and the
-    # full shape is the union of the stored blocks.
+        index.setdefault(key, []).append({"key": key, "name": name, "block": coords,
+                                          "shape": [b - a for a, b in coords], "dtype": meta.properties.dtype})
     for entries in index.values():
         full = [max(e["block"][d][1] for e in entries) for d in range(len(entries[0]["block"]))]
         for e in entries:
             e["full_shape"] = full
+    return index
+
+
+def load_dcp_blocks(path: Path, blocks) -> None:
+    """Fill `blocks` from a DCP checkpoint written by the dcp_async engine, in any layout
+    (collective when a process group exists)."""
+    index = dcp_index(path)
     wanted = {}
     for b in blocks:
         for e in index.get(b.key, []):

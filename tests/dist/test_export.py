@@ -1,0 +1,90 @@
+"""`python -m launch.export`: a checkpoint saved with tp=2 becomes one safetensors file with
+Hugging Face Llama names whose logits, computed the way Hugging Face's Llama computes them
+(rotate-half rotary embedding, q/k/v/o and gate/up/down projections), equal quintet's."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from launch.config import compose
+from launch.export import FullBlock, stored_tensors
+from runtime.checkpoint.format import load_blocks
+from runtime.model import ModelArgs, Transformer
+from tests.training import SMALL, train
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def rms(x, w, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def hf_llama_logits(w: dict, c: dict, tokens: torch.Tensor) -> torch.Tensor:
+    """Hugging Face's LlamaForCausalLM forward, written from its conventions, in float64."""
+    w = {k: v.double() for k, v in w.items()}
+    b, s = tokens.shape
+    hd, nh, nkv = c["head_dim"], c["num_attention_heads"], c["num_key_value_heads"]
+    inv = 1.0 / c["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    angles = torch.arange(s, dtype=torch.float64)[:, None] * inv[None]
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+
+    def rotate_half(x):
+        return torch.cat([-x[..., hd // 2:], x[..., :hd // 2]], -1)
+
+    h = w["model.embed_tokens.weight"][tokens]
+    mask = torch.full((s, s), -math.inf, dtype=torch.float64).triu(1)
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        x = rms(h, w[p + "input_layernorm.weight"], c["rms_norm_eps"])
+        q = (x @ w[p + "self_attn.q_proj.weight"].T).view(b, s, nh, hd).transpose(1, 2)
+        k = (x @ w[p + "self_attn.k_proj.weight"].T).view(b, s, nkv, hd).transpose(1, 2)
+        v = (x @ w[p + "self_attn.v_proj.weight"].T).view(b, s, nkv, hd).transpose(1, 2)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        k, v = k.repeat_interleave(nh // nkv, 1), v.repeat_interleave(nh // nkv, 1)
+        att = F.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd) + mask, -1) @ v
+        h = h + att.transpose(1, 2).reshape(b, s, nh * hd) @ w[p + "self_attn.o_proj.weight"].T
+        x = rms(h, w[p + "post_attention_layernorm.weight"], c["rms_norm_eps"])
+        gate, up = x @ w[p + "mlp.gate_proj.weight"].T, x @ w[p + "mlp.up_proj.weight"].T
+        h = h + (F.silu(gate) * up) @ w[p + "mlp.down_proj.weight"].T
+    return rms(h, w["model.norm.weight"], c["rms_norm_eps"]) @ w["lm_head.weight"].T
+
+
+def test_export_matches_hugging_face_llama_semantics(tmp_path):
+    run = tmp_path / "run"
+    train(run, ["parallel.tp=2", "train.steps=3", "checkpoint.every=3"], world_size=2)
+    out = tmp_path / "hf"
+    proc = subprocess.run([sys.executable, "-m", "launch.export", str(run), str(out)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    weights, config = load_file(out / "model.safetensors"), json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["num_key_value_heads"] == 2
+
+    step = run / "checkpoints/step_00000003"
+    blocks = [FullBlock(k, torch.zeros(shape, dtype=dtype)) for k, (shape, dtype) in stored_tensors(step).items()
+              if k.startswith("model/")]
+    load_blocks(step, blocks)
+    model = Transformer(ModelArgs.from_config(compose([*SMALL, "run_dir=unused"]).model)).double()
+    model.load_state_dict({b.key.removeprefix("model/"): b.local.double() for b in blocks})
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model(tokens)
+    theirs = hf_llama_logits(weights, config, tokens)
+    torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-9)
+    assert len(weights) == 3 + 9 * 2  # nothing but the model's weights
+
+
+def test_export_refuses_what_has_no_llama_equivalent(tmp_path):
+    run = tmp_path / "moe"
+    train(run, ["model=tiny_moe", "model.n_layers=2", "model.dim=64", "train.steps=1", "checkpoint.every=1"],
+          small=False)
+    proc = subprocess.run([sys.executable, "-m", "launch.export", str(run), str(tmp_path / "x")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "not a dense Llama" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "launch.export", str(tmp_path / "nothing"), str(tmp_path / "y")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "neither a checkpoint" in proc.stderr
