@@ -56,7 +56,7 @@ def median_step_time(run_dir) -> float:
 def test_a_rate_limited_link_makes_the_run_measurably_slower(tmp_path):
     """One node's link at 100 Mbit/s: the data-parallel reductions cross it every step."""
     overrides = ["model.dim=256", "model.ffn_dim=512", "model.n_heads=8", "model.n_kv_heads=4", "model.n_layers=2",
-                 "train.seq_len=64", "train.steps=8", "train.global_batch_size=8", "train.micro_batch_size=4"]
+                 "train.seq_len=64", "train.steps=6", "train.global_batch_size=8", "train.micro_batch_size=4"]
     timings = {}
     for name, rates in (("fast", None), ("slow", [None, "100mbit"])):
         with EmulatedCluster(2, rates=rates) as cluster:
