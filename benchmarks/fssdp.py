@@ -115,7 +115,6 @@ def _run(rank: int, world: int, mode: str, kind: str, warmup: int, steps: int) -
         idx, weights = _routing(kind, rank, step)
         x = torch.randn(TOKENS, DIM, generator=torch.Generator().manual_seed(step), requires_grad=True)
         processed[0] = 0
-        dispatch_before = sum(sum(getattr(b.feed_forward.dispatcher, "bytes_to", {}).values()) for b in blocks)
         torch.distributed.barrier()
         start = time.perf_counter()
         h = x

@@ -82,6 +82,7 @@ def run_ranks(fn, world_size: int, args: tuple = (), timeout_s: float = 120.0,
             p.start()
         values, errors = {}, {}
         deadline = time.monotonic() + timeout_s
+        first_error_at = deadline  # set when the first failure arrives
         try:
             while len(values) + len(errors) < world_size:
                 # After a failure the others are likely stuck in a collective: give them a moment.

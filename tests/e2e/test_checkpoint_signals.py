@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from runtime.metrics import read_metrics
 from tests.e2e.test_cli import REPO, TORCHRUN, launch

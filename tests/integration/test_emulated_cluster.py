@@ -1,6 +1,5 @@
 """torchrun across emulated nodes (network namespaces on a bridge): the numbers of one node, the
 traffic over the namespaces' addresses, a rate limit that bites, and nothing left behind."""
-import json
 import re
 import subprocess
 import sys

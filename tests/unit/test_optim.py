@@ -1,7 +1,5 @@
-import math
 
 import pytest
-import torch
 
 from runtime.model import ModelArgs, Transformer
 from runtime.optim import build_optimizer, lr_at
