@@ -117,8 +117,10 @@ def setup(cfg: DictConfig) -> TrainingRun:
             log.warning("placement: %s", warning)
         if topo.placement is not None and topo.placement != tuple(range(topo.world_size)):
             log.info("placement (%s): logical rank i runs on process %s", cfg.parallel.placement, list(topo.placement))
-    groups = build_groups(topo, device.type, cfg.parallel.timeout_s, nics=[p.nic for p in procs],
-                          classes=cfg.cluster.classes)
+    # Per-group transports only where classes mix: a homogeneous cluster keeps NCCL's and the
+    # user's own settings untouched.
+    nics = [p.nic for p in procs] if len({p.nic for p in procs}) > 1 else None
+    groups = build_groups(topo, device.type, cfg.parallel.timeout_s, nics=nics, classes=cfg.cluster.classes)
     torch.manual_seed(cfg.seed)
 
     # 4. The model on the meta device, then parallelised in DESIGN.md's fixed order.
