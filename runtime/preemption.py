@@ -1,7 +1,8 @@
 """Stop cleanly when asked: SIGTERM (Slurm preemption, `scontrol requeue`, torchrun shutting its
 workers down) sets a flag; the training loop, after the step in progress, agrees with the other
 ranks (a rank may receive the signal a step later than another), saves a final checkpoint and
-returns. The handler only sets a flag: nothing is done inside the signal handler itself."""
+returns. The handler only sets a flag (and gives the signal back to its previous handler, so a
+second SIGTERM still ends a process that cannot finish its step)."""
 from __future__ import annotations
 
 import signal
@@ -25,6 +26,7 @@ class StopRequest:
 
     def _handle(self, signum, frame) -> None:
         self.signum = signum
+        self.uninstall()  # a second SIGTERM acts as before: the way out of a stuck step
 
     @property
     def requested(self) -> bool:
