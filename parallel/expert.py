@@ -24,7 +24,7 @@ from torch import nn
 
 from parallel.collectives import all_gather_tensor, reduce_from_tp, reduce_scatter_tensor
 from parallel.sharding import ShardingPlan, Split, split
-from runtime.moe import MoE
+from runtime.moe import MoE, assignments
 
 
 # --- collectives with uneven splits --------------------------------------------------------------
@@ -127,12 +127,7 @@ class EPDispatcher:
 
     def __call__(self, x, experts, idx, weights, keep):
         # 1. Token-expert assignments, sorted by (global) expert.
-        flat_e = idx.reshape(-1)
-        token = torch.arange(x.shape[0], device=x.device).repeat_interleave(idx.shape[1])
-        weight = weights.reshape(-1)
-        if keep is not None:
-            kept = keep.reshape(-1)
-            flat_e, token, weight = flat_e[kept], token[kept], weight[kept]
+        flat_e, token, weight = assignments(idx, weights, keep)
         order = _sort_by(flat_e)
         flat_e, token, weight = flat_e[order], token[order], weight[order]
         counts = torch.bincount(flat_e, minlength=self.num_experts)  # [E] from this rank

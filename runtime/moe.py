@@ -90,18 +90,25 @@ def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, w1, w3, w2) -> torch.T
     return torch.bmm(h, w2).view(n_experts * cap, out_dim).index_select(0, flat)
 
 
+def assignments(idx: torch.Tensor, weights: torch.Tensor, keep: torch.Tensor | None):
+    """The token-expert assignments of a [tokens, top_k] routing as flat (expert, token,
+    weight) vectors, token-major, without those the capacity dropped (`keep` False)."""
+    expert = idx.reshape(-1)
+    token = torch.arange(idx.shape[0], device=idx.device).repeat_interleave(idx.shape[1])
+    weight = weights.reshape(-1)
+    if keep is not None:
+        kept = keep.reshape(-1)
+        expert, token, weight = expert[kept], token[kept], weight[kept]
+    return expert, token, weight
+
+
 class LocalDispatcher:
     """Every expert is on this rank: sort the token-expert assignments by expert, compute, undo
     the sort, combine by routing weight."""
 
     def __call__(self, x, experts: GroupedExperts, idx, weights, keep):
         n_experts = experts.w1.shape[0]
-        flat_expert = idx.reshape(-1)
-        token = torch.arange(x.shape[0], device=x.device).repeat_interleave(idx.shape[1])
-        weight = weights.reshape(-1)
-        if keep is not None:
-            kept = keep.reshape(-1)
-            flat_expert, token, weight = flat_expert[kept], token[kept], weight[kept]
+        flat_expert, token, weight = assignments(idx, weights, keep)
         order = torch.argsort(flat_expert, stable=True)
         counts = torch.bincount(flat_expert, minlength=n_experts)
         y = experts(x.index_select(0, token[order]), counts)

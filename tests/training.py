@@ -58,3 +58,26 @@ def parity_cases(layouts: dict[str, tuple[int, list[str]]]) -> list:
     runs do not, and costs seconds each on two cores."""
     return [pytest.param(name, dtype, id=f"{name}-{dtype}") for name, (world, _) in layouts.items()
             for dtype in ("float32", "float64") if dtype == "float64" or world <= 2]
+
+
+# DESIGN.md Section 5: any layout's loss equals one process's within these (relative).
+RTOL = {"float32": 1e-5, "float64": 1e-9}
+
+
+class References:
+    """Single-process runs for the parity tests of one module, each trained once: `ref(dtype,
+    same)` trains with `base` + `same` (the overrides that change the numbers, not the layout)."""
+
+    def __init__(self, tmp_path_factory, base: list[str] = ()):
+        self.tmp, self.base, self.cache = tmp_path_factory, list(base), {}
+
+    def __call__(self, dtype: str, same=()) -> list[dict]:
+        key = (dtype, tuple(same))
+        if key not in self.cache:
+            self.cache[key] = train(self.tmp.mktemp("ref"), [f"train.dtype={dtype}", *self.base, *same])
+        return self.cache[key]
+
+
+def total_losses(records: list[dict]) -> list[dict]:
+    """MoE runs compared by their total loss (language model + balancing terms)."""
+    return [{"step": r["step"], "loss": r["total_loss"]} for r in records]

@@ -31,7 +31,7 @@ from parallel.expert import AllToAllV, moe_common
 from parallel.fssdp import planner
 from parallel.fssdp.collectives import PendingGather, PendingReduceScatter, SparsePlan
 from parallel.sharding import ShardingPlan, ParamSpec
-from runtime.moe import MoE, grouped_swiglu
+from runtime.moe import MoE, assignments, grouped_swiglu
 
 MATRICES = ("w1", "w3", "w2")
 
@@ -221,12 +221,7 @@ class FSSDPDispatcher:
             dist.all_reduce(counts, group=ex.group)
             ex.plan_step(counts.tolist())
         plan = ex.plan
-        flat_e = idx.reshape(-1)
-        token = torch.arange(x.shape[0], device=x.device).repeat_interleave(idx.shape[1])
-        weight = weights.reshape(-1)
-        if keep is not None:
-            kept = keep.reshape(-1)
-            flat_e, token, weight = flat_e[kept], token[kept], weight[kept]
+        flat_e, token, weight = assignments(idx, weights, keep)
         # Destination of each assignment: the k-th assignment of expert e goes to its
         # (k mod #targets)-th target — an even split over the chosen replicas.
         table, n_targets = self._targets(plan, x.device)

@@ -69,7 +69,6 @@ class LazyCheckpointer(BaseCheckpointer):
         self._in_flight: list[_Pending] = []
         self._settled = threading.Condition()  # notified when a checkpoint commits or fails
         self._error: BaseException | None = None
-        self.committed: list[int] = []
         self._threads = [threading.Thread(target=self._copier, name="ckpt-copy", daemon=True),
                          threading.Thread(target=self._writer, name="ckpt-write", daemon=True)]
         for t in self._threads:
@@ -259,7 +258,6 @@ class LazyCheckpointer(BaseCheckpointer):
                 if self.rank == 0:
                     self.publish(pending.step, pending.trainer_state)
                 dist.barrier(group=self.group)  # `latest` is moved before any rank reports it committed
-                self.committed.append(pending.step)
             else:
                 self._error = self._error or pending.error or RuntimeError(
                     f"another rank failed to write the checkpoint of step {pending.step}; `latest` is unchanged")

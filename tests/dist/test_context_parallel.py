@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from launch.spawn import run_ranks
-from tests.training import assert_same_losses, parity_cases, train
+from tests.training import RTOL, References, assert_same_losses, parity_cases, train
 
 TOL = dict(rtol=1e-10, atol=1e-12)
 
@@ -59,7 +59,6 @@ def test_ulysses_with_kv_heads_fewer_than_cp_ranks():
     run_ranks(_attention, 4, args=("ulysses", 16, 4, 2))
 
 
-RTOL = {"float32": 1e-5, "float64": 1e-9}
 LAYOUTS = {
     "cp2": (2, ["parallel.cp=2"]),
     "cp4": (4, ["parallel.cp=4"]),
@@ -73,15 +72,7 @@ LAYOUTS = {
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    cache = {}
-
-    def get(dtype, same):
-        key = (dtype, tuple(same))
-        if key not in cache:
-            cache[key] = train(tmp_path_factory.mktemp("ref"), [f"train.dtype={dtype}", *same])
-        return cache[key]
-
-    return get
+    return References(tmp_path_factory)
 
 
 @pytest.mark.parametrize("layout, dtype", parity_cases(LAYOUTS))

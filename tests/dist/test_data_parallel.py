@@ -5,9 +5,8 @@ layout must equal one process's at every step: relative 1e-5 in fp32, 1e-9 in fp
 """
 import pytest
 
-from tests.training import assert_same_losses, parity_cases, train
+from tests.training import RTOL, References, assert_same_losses, parity_cases, train
 
-RTOL = {"float32": 1e-5, "float64": 1e-9}
 
 LAYOUTS = {
     "fsdp-2": (2, ["parallel.dp_impl=fsdp"]),
@@ -20,16 +19,7 @@ LAYOUTS = {
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """One process per precision, computed once for the module."""
-    cache = {}
-
-    def get(dtype, extra=()):
-        key = (dtype, tuple(extra))
-        if key not in cache:
-            cache[key] = train(tmp_path_factory.mktemp("ref"), [f"train.dtype={dtype}", *extra])
-        return cache[key]
-
-    return get
+    return References(tmp_path_factory)
 
 
 @pytest.mark.parametrize("layout, dtype", parity_cases(LAYOUTS))

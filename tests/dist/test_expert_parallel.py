@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from launch.spawn import run_ranks
-from tests.training import assert_same_losses, parity_cases, train
+from tests.training import RTOL, References, assert_same_losses, parity_cases, total_losses, train
 
 TOL = dict(rtol=1e-10, atol=1e-12)
 E, DIM, HIDDEN, TOKENS, K = 8, 16, 12, 10, 2
@@ -118,7 +118,6 @@ def test_dropped_assignments_contribute_nothing():
     torch.testing.assert_close(moe(x), expected, **TOL)
 
 
-RTOL = {"float32": 1e-5, "float64": 1e-9}
 MOE = ["model=tiny_moe", "model.moe.expert_ffn_dim=48"]
 MB2 = ["train.micro_batch_size=2"]
 LAYOUTS = {
@@ -134,19 +133,8 @@ LAYOUTS = {
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    cache = {}
+    return References(tmp_path_factory, MOE)
 
-    def get(dtype, same):
-        key = (dtype, tuple(same))
-        if key not in cache:
-            cache[key] = train(tmp_path_factory.mktemp("ref"), [f"train.dtype={dtype}", *MOE, *same])
-        return cache[key]
-
-    return get
-
-
-def total(records):
-    return [{"step": r["step"], "loss": r["total_loss"]} for r in records]
 
 
 @pytest.mark.parametrize("layout, dtype", parity_cases(LAYOUTS))
@@ -154,7 +142,7 @@ def test_moe_training_matches_one_process(layout, dtype, reference, tmp_path):
     world, overrides = LAYOUTS[layout]
     same = [o for o in overrides if o.startswith(("train.", "model."))]
     ref, got = reference(dtype, same), train(tmp_path, [f"train.dtype={dtype}", *MOE, *overrides], world_size=world)
-    assert_same_losses(total(ref), total(got), RTOL[dtype])
+    assert_same_losses(total_losses(ref), total_losses(got), RTOL[dtype])
     assert_same_losses(ref, got, RTOL[dtype])  # the language-model loss alone too
     assert all(r["aux_loss"] > 0 and r["z_loss"] > 0 for r in got)
     # The same routing: the same token counts per expert (integers) at every step.

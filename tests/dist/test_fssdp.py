@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from launch.spawn import run_ranks
-from tests.training import SCRATCH_RUN_DIR, assert_same_losses, parity_cases, train
+from tests.training import RTOL, References, SCRATCH_RUN_DIR, assert_same_losses, parity_cases, total_losses, train
 
 ROW = 6  # parameters per expert row
 
@@ -58,7 +58,6 @@ def test_sparse_collectives_equal_their_dense_definitions(world):
     assert moved[-1] == 0 and any(m > 0 for m in moved)
 
 
-RTOL = {"float32": 1e-5, "float64": 1e-9}
 MOE = ["model=tiny_moe", "model.moe.expert_ffn_dim=48", "train.micro_batch_size=1", "parallel.moe_backend=fssdp"]
 LAYOUTS = {
     "fssdp2": (2, ["parallel.ep=2"]),
@@ -72,25 +71,15 @@ LAYOUTS = {
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    cache = {}
+    return References(tmp_path_factory, MOE[:3])
 
-    def get(dtype):
-        if dtype not in cache:
-            cache[dtype] = train(tmp_path_factory.mktemp("ref"), [f"train.dtype={dtype}", *MOE[:3]])
-        return cache[dtype]
-
-    return get
-
-
-def total(records):
-    return [{"step": r["step"], "loss": r["total_loss"]} for r in records]
 
 
 @pytest.mark.parametrize("layout, dtype", parity_cases(LAYOUTS))
 def test_fssdp_training_matches_one_process(layout, dtype, reference, tmp_path):
     world, overrides = LAYOUTS[layout]
     got = train(tmp_path, [f"train.dtype={dtype}", *MOE, *overrides], world_size=world)
-    assert_same_losses(total(reference(dtype)), total(got), RTOL[dtype])
+    assert_same_losses(total_losses(reference(dtype)), total_losses(got), RTOL[dtype])
 
 
 def _placement_changes(rank, world):
@@ -128,8 +117,8 @@ def test_fssdp_checkpoints_load_into_expert_parallelism_and_back(tmp_path):
     train(tmp_path / "a", ckpt + MOE + ["parallel.ep=4", "parallel.fssdp.reshard_every=3", "train.stop_at_step=10"],
           world_size=4)
     ep = train(tmp_path / "a", ckpt + moe + ["parallel.ep=2"], world_size=4)
-    assert_same_losses(total(whole), total(ep), rtol=1e-5)
+    assert_same_losses(total_losses(whole), total_losses(ep), rtol=1e-5)
     # EP saves; FSSDP resumes.
     train(tmp_path / "b", ckpt + moe + ["parallel.ep=4", "train.stop_at_step=10"], world_size=4)
     fssdp = train(tmp_path / "b", ckpt + MOE + ["parallel.ep=4"], world_size=4)
-    assert_same_losses(total(whole), total(fssdp), rtol=1e-5)
+    assert_same_losses(total_losses(whole), total_losses(fssdp), rtol=1e-5)

@@ -6,10 +6,9 @@ import pytest
 import torch
 
 from launch.spawn import run_ranks
-from tests.training import SCRATCH_RUN_DIR, SMALL, assert_same_losses, losses, parity_cases, train
+from tests.training import RTOL, References, SCRATCH_RUN_DIR, SMALL, assert_same_losses, losses, parity_cases, train
 
 LADDER = ["model.residual=ladder", "model.n_layers=4"]
-RTOL = {"float32": 1e-5, "float64": 1e-9}
 LAYOUTS = {
     "tp2": (2, ["parallel.tp=2"]),
     "tp4": (4, ["parallel.tp=4"]),
@@ -23,15 +22,7 @@ LAYOUTS = {
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    cache = {}
-
-    def get(dtype, same):
-        key = (dtype, tuple(same))
-        if key not in cache:
-            cache[key] = train(tmp_path_factory.mktemp("ref"), [f"train.dtype={dtype}", *LADDER, *same])
-        return cache[key]
-
-    return get
+    return References(tmp_path_factory, LADDER)
 
 
 @pytest.mark.parametrize("layout, dtype", parity_cases(LAYOUTS))

@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from launch.spawn import run_ranks
-from tests.training import SCRATCH_RUN_DIR, SMALL, assert_same_losses, parity_cases, train
+from tests.training import RTOL, References, SCRATCH_RUN_DIR, SMALL, assert_same_losses, parity_cases, train
 
-RTOL = {"float32": 1e-5, "float64": 1e-9}
 L4, L8 = ["model.n_layers=4"], ["model.n_layers=8"]
 MB2 = ["train.micro_batch_size=2"]  # 4 microbatches per data-parallel rank
 INTERLEAVED = ["parallel.vpp=2", "parallel.schedule=interleaved_1f1b"]
@@ -33,15 +32,7 @@ LAYOUTS = {
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    cache = {}
-
-    def get(dtype, same):
-        key = (dtype, tuple(same))
-        if key not in cache:
-            cache[key] = train(tmp_path_factory.mktemp("ref"), [f"train.dtype={dtype}", *same])
-        return cache[key]
-
-    return get
+    return References(tmp_path_factory)
 
 
 @pytest.mark.parametrize("layout, dtype", parity_cases(LAYOUTS))

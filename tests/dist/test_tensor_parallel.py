@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from launch.spawn import run_ranks
-from tests.training import SCRATCH_RUN_DIR, SMALL, assert_same_losses, parity_cases, train
+from tests.training import RTOL, References, SCRATCH_RUN_DIR, SMALL, assert_same_losses, parity_cases, train
 
 TOL = dict(rtol=1e-10, atol=1e-12)
 
@@ -137,7 +137,6 @@ def test_whole_model_forward_backward_equals_one_process(world, sp):
     run_ranks(_whole_model, world, args=(sp,))
 
 
-RTOL = {"float32": 1e-5, "float64": 1e-9}
 LAYOUTS = {
     "tp2": (2, ["parallel.tp=2"]),
     "tp4": (4, ["parallel.tp=4"]),
@@ -155,15 +154,7 @@ LAYOUTS = {
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    cache = {}
-
-    def get(dtype, batch):
-        key = (dtype, tuple(batch))
-        if key not in cache:
-            cache[key] = train(tmp_path_factory.mktemp("ref"), [f"train.dtype={dtype}", *batch])
-        return cache[key]
-
-    return get
+    return References(tmp_path_factory)
 
 
 @pytest.mark.parametrize("layout, dtype", parity_cases(LAYOUTS))
