@@ -1,6 +1,7 @@
 """Resume from a checkpoint: the steps after it equal the uninterrupted run, and a checkpoint
 saved in one data-parallel layout resumes in another."""
 import json
+import shutil
 
 import pytest
 
@@ -44,21 +45,6 @@ def test_a_stale_metrics_tail_is_replaced_not_repeated(tmp_path):
     assert read_metrics(tmp_path) == records
 
 
-def test_tensor_parallel_checkpoints_resume_exactly_and_reshard(tmp_path):
-    layout = ["parallel.tp=2", "parallel.sp=true", "train.micro_batch_size=2"]
-    whole = train(tmp_path / "whole", CKPT + layout, world_size=4)
-    train(tmp_path / "split", CKPT + layout + ["train.stop_at_step=10"], world_size=4)
-    second = train(tmp_path / "split", CKPT + layout, world_size=4)
-    assert [r["loss"] for r in second] == [r["loss"] for r in whole]
-    # Each TP rank's slices and FSDP shards were stored; one process reads them back whole.
-    single = train(tmp_path / "single", CKPT + ["train.micro_batch_size=2"])
-    train(tmp_path / "moved", CKPT + layout + ["train.stop_at_step=10"], world_size=4)
-    moved = train(tmp_path / "moved", CKPT + ["train.micro_batch_size=2"], world_size=1)
-    assert_same_losses(single, moved, rtol=1e-5)
-    shards = sorted(p.name for p in (tmp_path / "moved/checkpoints/step_00000010").glob("shard-*.bin"))
-    assert shards == [f"shard-{r:05d}.bin" for r in range(4)]
-
-
 def test_moe_checkpoints_resume_exactly_and_reshard_expert_parallelism(tmp_path):
     """The routing bias (aux-loss-free balancing) is saved too; ep=4 resumes as ep=2."""
     moe = ["model=tiny_moe", "model.moe.expert_ffn_dim=48", "model.moe.bias_update_rate=0.01",
@@ -85,3 +71,26 @@ def test_every_engine_resumes_exactly_and_across_engines_and_layouts(tmp_path, e
     second = train(tmp_path / "split", CKPT + ["checkpoint.engine=lazy"])
     assert [r["step"] for r in second] == list(range(1, 21))
     assert_same_losses(whole[10:], second[10:], rtol=1e-6)
+
+def test_a_3d_checkpoint_resumes_exactly_and_in_other_layouts(tmp_path):
+    """Saved with tp=2 (sequence-parallel) × pp=2 × dp=2 after step 4, every rank's TP slices and
+    FSDP shards stored: resuming it in the same layout gives the uninterrupted run's steps 5-8
+    (1e-6), and resuming it with dp=8, tp=4 × dp=2 and pp=4 × dp=2 gives the one-process run's
+    (1e-5)."""
+    ckpt = ["checkpoint.every=4", "train.steps=8", "model.n_layers=4", "train.micro_batch_size=1"]
+    layout = ["parallel.tp=2", "parallel.sp=true", "parallel.pp=2"]
+    reference = train(tmp_path / "one", ckpt)
+    whole = train(tmp_path / "whole", ckpt + layout, world_size=8)
+    train(tmp_path / "split", ckpt + layout + ["train.stop_at_step=4"], world_size=8)
+    saved = tmp_path / "split/checkpoints"
+    shards = sorted(p.name for p in (saved / "step_00000004").glob("shard-*.bin"))
+    assert shards == [f"shard-{r:05d}.bin" for r in range(8)]
+    for name in ("dp8", "tp4", "pp4"):
+        shutil.copytree(saved, tmp_path / name / "checkpoints")
+    second = train(tmp_path / "split", ckpt + layout, world_size=8)
+    assert [r["step"] for r in second] == list(range(1, 9))
+    assert_same_losses(whole[4:], second[4:], rtol=1e-6)
+    for name, other in (("dp8", []), ("tp4", ["parallel.tp=4"]), ("pp4", ["parallel.pp=4"])):
+        moved = train(tmp_path / name, ckpt + other, world_size=8)
+        assert [r["step"] for r in moved] == [5, 6, 7, 8], name
+        assert_same_losses(reference[4:], moved, rtol=1e-5)
