@@ -1,0 +1,277 @@
+"""The lazy copy-and-write pipeline behind the lazy engine and the DeepSpeed integration
+(DataStates-LLM, HPDC 2024).
+
+Parameters and optimizer state do not change between the end of one optimizer step and the
+start of the next, so a checkpoint is copied out while the next forward and backward run:
+
+    begin()      opens a checkpoint (on every rank; it commits on all of them or on none)
+    add_file()   queues one file's tensors and returns at once: the copier thread copies them,
+                 coalesced into regions of at most `chunk_bytes`, into a reused host pool
+                 (runtime/checkpoint/pool.py; pinned with GPU state, copies on a side stream),
+                 waiting for space when the pool is full (back-pressure)
+    seal()       no more files for this checkpoint
+    writer       streams each region to its file as soon as it lands, with a running CRC32 per
+                 tensor, frees the region, lets the file's `finish` write the index, fsyncs; at the
+                 seal comes the two-phase commit: every rank votes over a gloo group of its own,
+                 and only when all files of all ranks are durable does rank 0 run `on_commit`
+                 (which names the checkpoint: `latest`)
+    wait()       (right before the next optimizer step) blocks only while the copy of the last
+                 sealed checkpoint is unfinished
+
+Several checkpoints may be in flight (the writer lags the copier); they commit in order.
+`drain()` waits for all of them; `close()` also stops the threads.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import zlib
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from runtime.checkpoint.format import fsync_dir
+from runtime.checkpoint.pool import HostPool
+
+MB = 1 << 20
+
+
+@dataclass
+class FileJob:
+    """One file: the tensors' bytes back to back, then whatever `finish(file, entries)` writes.
+    Each entry (the caller's metadata per tensor) gains dtype, offset, nbytes and crc32."""
+    path: Path
+    tensors: list[torch.Tensor]
+    entries: list[dict]
+    finish: Callable
+
+
+@dataclass
+class Checkpoint:
+    name: str
+    on_commit: Callable[[], None] | None  # run by rank 0 once every rank's files are durable
+    copied: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+
+class LazyWriter:
+    def __init__(self, rank: int, *, pool_mb: int = 1024, chunk_mb: int = 64, timeout_s: float = 600.0):
+        self.rank = rank
+        self.pool_bytes, self.chunk_bytes = pool_mb * MB, chunk_mb * MB
+        self.pool: HostPool | None = None
+        # The commit votes travel on a gloo group of their own: they run in a background thread,
+        # while the training thread owns every other group.
+        self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+        self._copy_q: queue.Queue = queue.Queue()
+        self._write_q: queue.Queue = queue.Queue()
+        self._copying: Checkpoint | None = None
+        self._in_flight: list[Checkpoint] = []
+        self._settled = threading.Condition()  # notified when a checkpoint commits or fails
+        self._error: BaseException | None = None
+        self._threads = [threading.Thread(target=self._copier, name="ckpt-copy", daemon=True),
+                         threading.Thread(target=self._writer, name="ckpt-write", daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    # --- the training thread -------------------------------------------------------------------
+
+    def begin(self, name: str, on_commit: Callable[[], None] | None) -> Checkpoint:
+        if not self._threads:
+            raise RuntimeError("the checkpoint engine is closed")
+        self.raise_if_failed()
+        ckpt = Checkpoint(name, on_commit)
+        with self._settled:
+            self._in_flight.append(ckpt)
+        return ckpt
+
+    def add_file(self, ckpt: Checkpoint, path: Path, tensors: list[torch.Tensor], entries: list[dict],
+                 finish: Callable) -> None:
+        """Queue a file of `ckpt`; the tensors must not change before the next `wait()`."""
+        on_gpu = any(t.is_cuda for t in tensors)
+        if self.pool is None:
+            self.pool = HostPool(self.pool_bytes, pin=on_gpu and torch.cuda.is_available())
+            self.chunk_bytes = min(self.chunk_bytes, self.pool_bytes)
+        event = None
+        if on_gpu:
+            event = torch.cuda.Event()
+            event.record()  # the copies start after the optimizer step's kernels
+        self._copy_q.put(("file", ckpt, FileJob(Path(path), tensors, entries, finish), event))
+
+    def seal(self, ckpt: Checkpoint) -> None:
+        """`ckpt` has all its files; the next `wait()` waits for their copies."""
+        self._copying = ckpt
+        self._copy_q.put(("seal", ckpt))
+
+    def wait(self) -> None:
+        """Block until the last sealed checkpoint is copied: the state may change after this returns."""
+        if self._copying is not None:
+            self._copying.copied.wait()
+            self._copying = None
+        self.raise_if_failed()
+
+    def drain(self) -> None:
+        """Block until every sealed checkpoint is committed (or has failed)."""
+        self.wait()
+        with self._settled:
+            self._settled.wait_for(lambda: not self._in_flight)
+        self.raise_if_failed()
+
+    def close(self) -> None:
+        """Drain, then stop the background threads; nothing may follow."""
+        if not self._threads:
+            return
+        try:
+            self.drain()
+        finally:
+            self._copy_q.put(None)
+            for t in self._threads:
+                t.join()
+            self._threads = []
+
+    def raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"checkpoint engine failed on rank {self.rank}: {self._error}") from self._error
+
+    # --- background threads --------------------------------------------------------------------
+
+    def _copier(self) -> None:
+        stream = None
+        while (item := self._copy_q.get()) is not None:
+            kind, ckpt = item[0], item[1]
+            if kind == "seal":
+                self._write_q.put(("seal", ckpt))
+                ckpt.copied.set()
+                continue
+            if ckpt.error is not None:
+                continue  # an earlier file of this checkpoint failed: it will not commit
+            try:
+                job, event = item[2], item[3]
+                if event is not None and stream is None:
+                    stream = torch.cuda.Stream()
+                self._copy(ckpt, job, event, stream)
+            except BaseException as e:  # noqa: BLE001 - the seal's vote reports it
+                ckpt.error = e
+        self._write_q.put(None)
+
+    def _copy(self, ckpt: Checkpoint, job: FileJob, event, stream) -> None:
+        """Coalesce the tensors' bytes into regions of ≤ chunk_bytes, copy each into the pool and
+        hand it to the writer; a tensor larger than a region spans several."""
+        offset = 0
+        for t, entry in zip(job.tensors, job.entries):
+            nbytes = t.numel() * t.element_size()
+            entry.update(dtype=str(t.dtype).removeprefix("torch."), offset=offset, nbytes=nbytes, crc32=0)
+            offset += nbytes
+        self._write_q.put(("open", ckpt, job))
+        region: list[tuple[int, torch.Tensor]] = []  # (entry index, bytes to copy)
+        size = 0
+
+        def flush():
+            nonlocal region, size
+            if not region:
+                return
+            at = self.pool.alloc(size)
+            dst, pos = self.pool.view(at, size), 0
+            with torch.cuda.stream(stream) if stream is not None else nullcontext():
+                if event is not None:
+                    stream.wait_event(event)
+                for _, src in region:
+                    dst[pos:pos + src.numel()].copy_(src, non_blocking=stream is not None)
+                    pos += src.numel()
+            if stream is not None:
+                stream.synchronize()
+            self._write_q.put(("region", ckpt, job, at, size, [(i, src.numel()) for i, src in region]))
+            region, size = [], 0
+
+        for i, t in enumerate(job.tensors):
+            data = t.detach().contiguous().reshape(-1).view(torch.uint8)
+            for start in range(0, data.numel(), self.chunk_bytes):
+                piece = data[start:start + self.chunk_bytes]
+                if size + piece.numel() > self.chunk_bytes:
+                    flush()
+                region.append((i, piece))
+                size += piece.numel()
+        flush()
+        self._write_q.put(("done", ckpt, job))
+
+    def _writer(self) -> None:
+        """Stream regions to their files; always give regions back to the pool; vote once per
+        checkpoint, at its seal."""
+        f = None
+        while (item := self._write_q.get()) is not None:
+            kind, ckpt = item[0], item[1]
+            try:
+                if kind == "region":
+                    job, at, size, pieces = item[2:]
+                    try:
+                        if ckpt.error is None:
+                            self._append(f, job, at, size, pieces)
+                    finally:
+                        self.pool.free(at)
+                elif kind == "seal":
+                    if f is not None:  # a file whose copy failed half-way
+                        f.close()
+                        f = None
+                    self._vote(ckpt)
+                elif ckpt.error is not None:
+                    continue
+                elif kind == "open":
+                    item[2].path.parent.mkdir(parents=True, exist_ok=True)
+                    f = open(item[2].path, "wb")
+                elif kind == "done":
+                    self._finish(f, item[2])
+                    f = None
+            except BaseException as e:  # noqa: BLE001 - this rank votes no at the seal
+                ckpt.error = ckpt.error or e
+                if f is not None:
+                    f.close()
+                    f = None
+
+    def _append(self, f, job: FileJob, at: int, size: int, pieces) -> None:
+        data = self.pool.view(at, size).numpy()
+        self._write_region(f, data)
+        pos = 0
+        for i, n in pieces:
+            entry = job.entries[i]
+            entry["crc32"] = zlib.crc32(data[pos:pos + n], entry["crc32"])
+            pos += n
+
+    def _finish(self, f, job: FileJob) -> None:
+        """The index (`job.finish`), then make the file and its directory entry durable."""
+        try:
+            job.finish(f, job.entries)
+            f.flush()
+            os.fsync(f.fileno())
+        finally:
+            f.close()
+        fsync_dir(job.path.parent)
+
+    def _write_region(self, f, data) -> None:
+        """Append one region to the open file (tests slow it down to emulate storage)."""
+        f.write(memoryview(data))
+
+    def _vote(self, ckpt: Checkpoint) -> None:
+        """Phase two: commit only if every rank's files are durable."""
+        vote = torch.tensor([1 if ckpt.error is None else 0], dtype=torch.int32)
+        try:
+            dist.all_reduce(vote, op=dist.ReduceOp.MIN, group=self.group)
+            if int(vote) == 1:
+                try:
+                    if self.rank == 0 and ckpt.on_commit is not None:
+                        ckpt.on_commit()
+                finally:
+                    dist.barrier(group=self.group)  # named before any rank reports it committed
+            else:
+                raise ckpt.error or RuntimeError(
+                    f"another rank failed to write the checkpoint of {ckpt.name}; `latest` is unchanged")
+        except BaseException as e:  # noqa: BLE001 - raised in the training thread at its next call
+            self._error = self._error or e
+        finally:
+            with self._settled:
+                self._in_flight.remove(ckpt)
+                self._settled.notify_all()
