@@ -24,11 +24,18 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def _dtype(name: str) -> torch.dtype:
+def dtype_named(name: str) -> torch.dtype:
     dtype = getattr(torch, name.removeprefix("torch."), None)
     if not isinstance(dtype, torch.dtype):
         raise CheckpointError(f"unknown dtype {name!r} in checkpoint index")
     return dtype
+
+
+def from_bytes(raw: bytes, dtype: str, shape) -> torch.Tensor:
+    """A tensor of `shape` over a copy of `raw` (torch.frombuffer refuses an empty buffer)."""
+    if not raw:
+        return torch.empty(shape, dtype=dtype_named(dtype))
+    return torch.frombuffer(bytearray(raw), dtype=dtype_named(dtype)).reshape(shape)
 
 
 def fsync_dir(path: Path) -> None:
@@ -85,8 +92,7 @@ def _read_entry(entry: dict, cache: dict) -> torch.Tensor:
         if len(raw) != entry["nbytes"] or zlib.crc32(raw) != entry["crc32"]:
             raise CheckpointError(f"{entry['file']}: block of {entry['key']} at byte {entry['offset']} is "
                                   f"corrupt (checksum mismatch or short read); the checkpoint cannot be used")
-        shape = [stop - start for start, stop in entry["block"]]
-        cache[key] = torch.frombuffer(bytearray(raw), dtype=_dtype(entry["dtype"])).reshape(shape)
+        cache[key] = from_bytes(raw, entry["dtype"], [stop - start for start, stop in entry["block"]])
     return cache[key]
 
 
