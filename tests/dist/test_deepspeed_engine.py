@@ -71,3 +71,12 @@ def test_deepspeed_zero_saves_and_loads_through_the_lazy_engine(tmp_path, stage)
         assert r["not_pickles"], "a file was not written by quintet's engine"
         assert r["moved"], "training after the save did not change the state: the test proves nothing"
         assert r["equal"], "the loaded model or optimizer state differs from the state that was saved"
+
+
+def test_bad_options_are_refused_before_deepspeed_starts():
+    from runtime.checkpoint.deepspeed_engine import initialize
+
+    with pytest.raises(ValueError, match=r"unknown quintet_checkpoint options \['pool'\]; valid: \['chunk_mb'"):
+        initialize(model=None, config={"quintet_checkpoint": {"pool": 1}})
+    with pytest.raises(ValueError, match="quintet_checkpoint.pool_mb must be a positive number, not 0"):
+        initialize(model=None, config={"quintet_checkpoint": {"pool_mb": 0}})
