@@ -175,7 +175,7 @@ class CheckpointConfig:
     every_s: float = 0.0  # also save when this many seconds passed since the last save; 0 = off
     keep_last: int = 0  # keep only the newest N committed checkpoints; 0 = keep all
     engine: CheckpointEngine = CheckpointEngine.lazy  # how state is written
-    pool_mb: int = 1024  # lazy: host buffer pool per rank (back-pressure when full)
+    pool_mb: int = 256  # lazy: host buffer pool per rank, resident from the start (back-pressure when full)
     chunk_mb: int = 64  # lazy: bytes per coalesced copy/write region
     resume: bool = True  # resume from `<dir>/latest` when it exists
 

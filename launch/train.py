@@ -155,7 +155,7 @@ def setup(cfg: DictConfig) -> TrainingRun:
     tokens = load_tokens(cfg.data.name, cfg.data.path, args.vocab_size, cfg.seed)
     loader = BatchLoader(tokens, cfg.train.seq_len, cfg.train.global_batch_size,
                          cfg.train.micro_batch_size, groups.index("dp"), topo.dp, cfg.seed)
-    checkpointer = build_checkpointer(cfg.checkpoint, rank, cfg.parallel.timeout_s)
+    checkpointer = build_checkpointer(cfg.checkpoint, rank, cfg.parallel.timeout_s, on_gpu=device.type == "cuda")
     start_step = 0
     latest = checkpointer.latest() if cfg.checkpoint.resume else None
     if latest is not None:

@@ -15,7 +15,7 @@ from launch.spawn import run_ranks
 SMALL = [
     "model.n_layers=2", "model.dim=64", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=96",
     "train.seq_len=32", "train.global_batch_size=8", "train.micro_batch_size=4", "train.steps=20",
-    "optim.warmup_steps=5", "logging.every=1000",
+    "optim.warmup_steps=5", "logging.every=1000", "checkpoint.pool_mb=8",
 ]
 
 # For tests that call launch.train.setup() without a run of their own: rank 0 writes config.yaml

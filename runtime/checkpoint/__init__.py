@@ -2,18 +2,19 @@
 from runtime.checkpoint.dcp_async import DcpAsyncCheckpointer
 from runtime.checkpoint.format import CheckpointError
 from runtime.checkpoint.lazy import LazyCheckpointer
+from runtime.checkpoint.lazy_writer import MB
 from runtime.checkpoint.sync import BaseCheckpointer, SyncCheckpointer
 
 __all__ = ["BaseCheckpointer", "CheckpointError", "DcpAsyncCheckpointer", "LazyCheckpointer", "SyncCheckpointer",
            "build_checkpointer"]
 
 
-def build_checkpointer(cfg, rank: int, timeout_s: float) -> BaseCheckpointer:
+def build_checkpointer(cfg, rank: int, timeout_s: float, on_gpu: bool = False) -> BaseCheckpointer:
     """The engine `checkpoint.engine` names (a collective: lazy makes a process group)."""
     common = dict(keep_last=cfg.keep_last, every_s=cfg.every_s)
     if cfg.engine.value == "lazy":
-        return LazyCheckpointer(cfg.dir, cfg.every, rank, pool_mb=cfg.pool_mb, chunk_mb=cfg.chunk_mb,
-                                timeout_s=timeout_s, **common)
+        return LazyCheckpointer(cfg.dir, cfg.every, rank, pool_bytes=cfg.pool_mb * MB, chunk_bytes=cfg.chunk_mb * MB,
+                                timeout_s=timeout_s, pin=on_gpu, **common)
     if cfg.engine.value == "dcp_async":
         return DcpAsyncCheckpointer(cfg.dir, cfg.every, rank, timeout_s=timeout_s, **common)
     return SyncCheckpointer(cfg.dir, cfg.every, rank, **common)

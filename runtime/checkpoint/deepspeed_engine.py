@@ -21,7 +21,7 @@ Files keep DeepSpeed's names and directory layout; their content is tree.py's fo
 `load` never unpickles. Use it by configuration: replace `deepspeed.initialize` with
 `runtime.checkpoint.deepspeed_engine.initialize` and add to the DeepSpeed config
 
-    "quintet_checkpoint": {"enabled": true, "pool_mb": 1024, "chunk_mb": 64}
+    "quintet_checkpoint": {"enabled": true, "pool_mb": 256, "chunk_mb": 64}
 
 or attach it to an existing engine with `use_quintet_checkpoints(engine, ...)`.
 """
@@ -34,21 +34,23 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointCommitInfo, CheckpointEngine
 
-from runtime.checkpoint.lazy_writer import LazyWriter
+from runtime.checkpoint.lazy_writer import MB, LazyWriter
 from runtime.checkpoint.sync import atomic_write
 from runtime.checkpoint.tree import flatten, read_tree, write_index
 
 CONFIG_KEY = "quintet_checkpoint"
-OPTIONS = {"enabled": True, "pool_mb": 1024, "chunk_mb": 64, "timeout_s": 600.0}
+OPTIONS = {"enabled": True, "pool_mb": 256, "chunk_mb": 64, "timeout_s": 600.0}
 
 
 class QuintetCheckpointEngine(CheckpointEngine):
-    def __init__(self, config_params=None, *, pool_mb: int = 1024, chunk_mb: int = 64, timeout_s: float = 600.0):
+    def __init__(self, config_params=None, *, pool_mb: int = 256, chunk_mb: int = 64, timeout_s: float = 600.0):
         super().__init__(config_params)
         self.name = "QuintetLazyCheckpointEngine"
-        self.writer = LazyWriter(dist.get_rank(), pool_mb=pool_mb, chunk_mb=chunk_mb, timeout_s=timeout_s)
+        self.writer = LazyWriter(dist.get_rank(), pool_bytes=int(pool_mb * MB), chunk_bytes=int(chunk_mb * MB),
+                                 timeout_s=timeout_s, pin=get_accelerator().device_name() == "cuda")
         self._info: CheckpointCommitInfo | None = None  # of the checkpoint being saved (not sealed)
         self._ckpt = None
 

@@ -30,10 +30,11 @@ def _write_index(path, rank: int, f, entries: list[dict]) -> None:
 
 
 class LazyCheckpointer(LazyWriter, BaseCheckpointer):
-    def __init__(self, directory: str, every: int, rank: int, *, pool_mb: int = 1024, chunk_mb: int = 64,
-                 keep_last: int = 0, timeout_s: float = 600.0, every_s: float = 0.0):
+    def __init__(self, directory: str, every: int, rank: int, *, keep_last: int = 0, every_s: float = 0.0,
+                 **writer):
+        """`writer`: LazyWriter's pool_bytes, chunk_bytes, timeout_s, pin."""
         BaseCheckpointer.__init__(self, directory, every, rank, keep_last=keep_last, every_s=every_s)
-        LazyWriter.__init__(self, rank, pool_mb=pool_mb, chunk_mb=chunk_mb, timeout_s=timeout_s)
+        LazyWriter.__init__(self, rank, **writer)
 
     def request(self, step: int, parallel, optimizer, trainer_state: dict) -> None:
         """Start the checkpoint of the state after `step` steps; returns before anything is copied."""

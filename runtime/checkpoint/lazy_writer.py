@@ -61,10 +61,13 @@ class Checkpoint:
 
 
 class LazyWriter:
-    def __init__(self, rank: int, *, pool_mb: int = 1024, chunk_mb: int = 64, timeout_s: float = 600.0):
+    def __init__(self, rank: int, *, pool_bytes: int = 256 * MB, chunk_bytes: int = 64 * MB,
+                 timeout_s: float = 600.0, pin: bool = False):
+        """`pin`: the state lives on a GPU (the pool is page-locked for asynchronous copies)."""
         self.rank = rank
-        self.pool_bytes, self.chunk_bytes = pool_mb * MB, chunk_mb * MB
-        self.pool: HostPool | None = None
+        # Allocated and made resident before training starts: the paper's pre-allocated pool.
+        self.pool = HostPool(pool_bytes, pin=pin)
+        self.chunk_bytes = min(chunk_bytes, pool_bytes)
         # The commit votes travel on a gloo group of their own: they run in a background thread,
         # while the training thread owns every other group.
         self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
@@ -93,12 +96,8 @@ class LazyWriter:
     def add_file(self, ckpt: Checkpoint, path: Path, tensors: list[torch.Tensor], entries: list[dict],
                  finish: Callable) -> None:
         """Queue a file of `ckpt`; the tensors must not change before the next `wait()`."""
-        on_gpu = any(t.is_cuda for t in tensors)
-        if self.pool is None:
-            self.pool = HostPool(self.pool_bytes, pin=on_gpu and torch.cuda.is_available())
-            self.chunk_bytes = min(self.chunk_bytes, self.pool_bytes)
         event = None
-        if on_gpu:
+        if any(t.is_cuda for t in tensors):
             event = torch.cuda.Event()
             event.record()  # the copies start after the optimizer step's kernels
         self._copy_q.put(("file", ckpt, FileJob(Path(path), tensors, entries, finish), event))

@@ -4,7 +4,8 @@ Regions are allocated at the head and freed in the order they were allocated (th
 flushes them in that order), so free space is always one or two runs between the tail and the
 head. `alloc` blocks while the region does not fit — back-pressure instead of growth — and
 `free` wakes it. Pinned when the state lives on a GPU, so device-to-host copies run
-asynchronously at full bandwidth.
+asynchronously at full bandwidth; otherwise touched once when created, so that no copy pays the
+first-touch page faults (on the reference VM ~1.5 s/GB, against ~0.05 s/GB for a warm copy).
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ class HostPool:
         if nbytes < 1:
             raise ValueError(f"a host pool needs at least one byte, not {nbytes}")
         self.buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+        if not pin:  # pinned memory is resident already
+            self.buffer.zero_()
         self.capacity = nbytes
         self._live: deque[tuple[int, int]] = deque()  # (offset, nbytes), oldest first
         self._head = 0

@@ -23,8 +23,8 @@ def _slow_engine(run_dir, rank, break_wait: bool):
             time.sleep(SLOW_S)
             super()._write_region(f, data)
 
-    engine = SlowStorage(f"{run_dir}/checkpoints", every=0, rank=rank, timeout_s=60)
-    engine.pool_bytes, engine.chunk_bytes = POOL, CHUNK
+    engine = SlowStorage(f"{run_dir}/checkpoints", every=0, rank=rank, timeout_s=60, pool_bytes=POOL,
+                         chunk_bytes=CHUNK)
     if break_wait:
         engine.wait = lambda: None  # the bug the test must catch
     return engine

@@ -60,8 +60,8 @@ class SlowStorage(LazyCheckpointer):
         super()._write_region(f, data)
 
 r = setup(compose(sys.argv[1:]))
-engine = SlowStorage(r.cfg.checkpoint.dir, every=0, rank=0, chunk_mb=1)
-engine.pool_bytes, engine.chunk_bytes, engine.slow = 1 << 16, 1 << 14, False
+engine = SlowStorage(r.cfg.checkpoint.dir, every=0, rank=0, pool_bytes=1 << 16, chunk_bytes=1 << 14)
+engine.slow = False
 for step in range(4):
     r.trainer.train_step(step)
     if step == 1:
