@@ -36,6 +36,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from runtime.checkpoint.direct_file import ALIGN, DirectFile
 from runtime.checkpoint.format import fsync_dir
 from runtime.checkpoint.pool import HostPool
 
@@ -66,8 +67,8 @@ class LazyWriter:
         """`pin`: the state lives on a GPU (the pool is page-locked for asynchronous copies)."""
         self.rank = rank
         # Allocated and made resident before training starts: the paper's pre-allocated pool.
-        self.pool = HostPool(pool_bytes, pin=pin)
-        self.chunk_bytes = min(chunk_bytes, pool_bytes)
+        self.pool = HostPool(pool_bytes, pin=pin, align=ALIGN)
+        self.chunk_bytes = max(ALIGN, min(chunk_bytes, self.pool.capacity) // ALIGN * ALIGN)
         # The commit votes travel on a gloo group of their own: they run in a background thread,
         # while the training thread owns every other group.
         self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
@@ -159,8 +160,9 @@ class LazyWriter:
         self._write_q.put(None)
 
     def _copy(self, ckpt: Checkpoint, job: FileJob, event, stream) -> None:
-        """Coalesce the tensors' bytes into regions of ≤ chunk_bytes, copy each into the pool and
-        hand it to the writer; a tensor larger than a region spans several."""
+        """Pack the tensors' bytes into regions of exactly chunk_bytes (the file's last one
+        shorter), copy each into the pool and hand it to the writer; a tensor may span regions.
+        Whole regions keep every write but the last block-aligned (direct_file.py)."""
         offset = 0
         for t, entry in zip(job.tensors, job.entries):
             nbytes = t.numel() * t.element_size()
@@ -189,12 +191,14 @@ class LazyWriter:
 
         for i, t in enumerate(job.tensors):
             data = t.detach().contiguous().reshape(-1).view(torch.uint8)
-            for start in range(0, data.numel(), self.chunk_bytes):
-                piece = data[start:start + self.chunk_bytes]
-                if size + piece.numel() > self.chunk_bytes:
-                    flush()
+            start = 0
+            while start < data.numel():
+                piece = data[start:start + self.chunk_bytes - size]
                 region.append((i, piece))
                 size += piece.numel()
+                start += piece.numel()
+                if size == self.chunk_bytes:
+                    flush()
         flush()
         self._write_q.put(("done", ckpt, job))
 
@@ -221,7 +225,7 @@ class LazyWriter:
                     continue
                 elif kind == "open":
                     item[2].path.parent.mkdir(parents=True, exist_ok=True)
-                    f = open(item[2].path, "wb")
+                    f = DirectFile(item[2].path)
                 elif kind == "done":
                     self._finish(f, item[2])
                     f = None
@@ -231,28 +235,28 @@ class LazyWriter:
                     f.close()
                     f = None
 
-    def _append(self, f, job: FileJob, at: int, size: int, pieces) -> None:
-        data = self.pool.view(at, size).numpy()
-        self._write_region(f, data)
-        pos = 0
+    def _append(self, f: DirectFile, job: FileJob, at: int, size: int, pieces) -> None:
+        region = self.pool.view(at, size + -size % ALIGN).numpy()
+        self._write_region(f, region, size)
+        data, pos = region[:size], 0
         for i, n in pieces:
             entry = job.entries[i]
             entry["crc32"] = zlib.crc32(data[pos:pos + n], entry["crc32"])
             pos += n
 
-    def _finish(self, f, job: FileJob) -> None:
-        """The index (`job.finish`), then make the file and its directory entry durable."""
-        try:
-            job.finish(f, job.entries)
-            f.flush()
-            os.fsync(f.fileno())
-        finally:
-            f.close()
+    def _finish(self, f: DirectFile, job: FileJob) -> None:
+        """The index (`job.finish`, appended or beside), then make the file and its directory
+        entry durable."""
+        f.close()
+        with open(job.path, "ab") as tail:
+            job.finish(tail, job.entries)
+            tail.flush()
+            os.fsync(tail.fileno())
         fsync_dir(job.path.parent)
 
-    def _write_region(self, f, data) -> None:
-        """Append one region to the open file (tests slow it down to emulate storage)."""
-        f.write(memoryview(data))
+    def _write_region(self, f: DirectFile, region, n: int) -> None:
+        """Append a region's first `n` bytes to the file (tests slow it down to emulate storage)."""
+        f.write(memoryview(region), n)
 
     def _vote(self, ckpt: Checkpoint) -> None:
         """Phase two: commit only if every rank's files are durable."""

@@ -16,13 +16,18 @@ import torch
 
 
 class HostPool:
-    def __init__(self, nbytes: int, pin: bool = False):
-        if nbytes < 1:
-            raise ValueError(f"a host pool needs at least one byte, not {nbytes}")
-        self.buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+    def __init__(self, nbytes: int, pin: bool = False, align: int = 1):
+        """`align`: every region starts at an address that is a multiple of it (O_DIRECT writes
+        need the device's block size); sizes are rounded up to it."""
+        if nbytes < align or nbytes < 1:
+            raise ValueError(f"a host pool needs at least max(1, align={align}) bytes, not {nbytes}")
+        nbytes -= nbytes % align
+        raw = torch.empty(nbytes + align - 1, dtype=torch.uint8, pin_memory=pin)
+        shift = -raw.data_ptr() % align
+        self.buffer = raw[shift:shift + nbytes]
         if not pin:  # pinned memory is resident already
             self.buffer.zero_()
-        self.capacity = nbytes
+        self.capacity, self.align = nbytes, align
         self._live: deque[tuple[int, int]] = deque()  # (offset, nbytes), oldest first
         self._head = 0
         self._cond = threading.Condition()
@@ -40,7 +45,9 @@ class HostPool:
         return self._head if self._head + n <= tail else None
 
     def alloc(self, n: int, timeout: float | None = None) -> int:
-        """Offset of a region of `n` bytes; waits while the pool is too full."""
+        """Offset of a region of `n` bytes (rounded up to the alignment); waits while the pool is
+        too full."""
+        n += -n % self.align
         if not 0 < n <= self.capacity:
             raise ValueError(f"region of {n} bytes does not fit a pool of {self.capacity}")
         with self._cond:

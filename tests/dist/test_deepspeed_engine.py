@@ -29,7 +29,7 @@ def _ds_rank(rank, world, stage, save_dir):
         assert isinstance(eng.checkpoint_engine, QuintetCheckpointEngine)
         writer = eng.checkpoint_engine.writer
         write = writer._write_region
-        writer._write_region = lambda f, data: (time.sleep(0.02), write(f, data))
+        writer._write_region = lambda *region: (time.sleep(0.02), write(*region))
         return eng
 
     def train(eng, steps):

@@ -19,9 +19,9 @@ def _slow_engine(run_dir, rank, break_wait: bool):
     from runtime.checkpoint.lazy import LazyCheckpointer
 
     class SlowStorage(LazyCheckpointer):
-        def _write_region(self, f, data):
+        def _write_region(self, *region):
             time.sleep(SLOW_S)
-            super()._write_region(f, data)
+            super()._write_region(*region)
 
     engine = SlowStorage(f"{run_dir}/checkpoints", every=0, rank=rank, timeout_s=60, pool_bytes=POOL,
                          chunk_bytes=CHUNK)
@@ -93,7 +93,7 @@ def _failing_rank(rank, world, run_dir):
     engine.request(1, r.parallel, r.optimizer, {"tokens": 0})
     engine.drain()
     if rank == 1:
-        engine._write_region = lambda f, data: (_ for _ in ()).throw(OSError("disk full (injected)"))
+        engine._write_region = lambda *region: (_ for _ in ()).throw(OSError("disk full (injected)"))
     r.trainer.train_step(1)
     engine.request(2, r.parallel, r.optimizer, {"tokens": 0})
     try:

@@ -54,10 +54,10 @@ from launch.train import setup
 from runtime.checkpoint.lazy import LazyCheckpointer
 
 class SlowStorage(LazyCheckpointer):
-    def _write_region(self, f, data):
+    def _write_region(self, *region):
         if self.slow:
             time.sleep(0.5)  # long enough for the parent to kill us mid-write
-        super()._write_region(f, data)
+        super()._write_region(*region)
 
 r = setup(compose(sys.argv[1:]))
 engine = SlowStorage(r.cfg.checkpoint.dir, every=0, rank=0, pool_bytes=1 << 16, chunk_bytes=1 << 14)

@@ -43,3 +43,14 @@ def test_bad_use_is_refused():
         pool.free(a + 4)
     with pytest.raises(TimeoutError):
         pool.alloc(8, timeout=0.05)
+
+
+def test_aligned_regions_start_at_aligned_addresses():
+    pool = HostPool(3 * 4096 + 100, align=4096)
+    assert pool.capacity == 3 * 4096 and pool.buffer.data_ptr() % 4096 == 0
+    a, b = pool.alloc(10), pool.alloc(4097)
+    assert (a, b) == (0, 4096)  # 10 bytes take a whole block; 4097 take two
+    with pytest.raises(TimeoutError):
+        pool.alloc(1, timeout=0.05)
+    pool.free(a)
+    assert pool.alloc(4096) == 0
