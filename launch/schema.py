@@ -144,6 +144,7 @@ class TrainConfig:
     lr: float = 3e-3  # peak learning rate
     dtype: DType = DType.float32  # precision of the step
     device: Device = Device.auto  # where the model runs
+    skip_nonfinite: int = 3  # skip up to K steps in a row whose loss or grad norm is NaN/Inf; stop at K+1
 
 
 @dataclass

@@ -172,7 +172,7 @@ def setup(cfg: DictConfig) -> TrainingRun:
         checkpointer=checkpointer, metrics=metrics, tracer=tracer,
         device=device, steps=cfg.train.steps, grad_clip=cfg.optim.grad_clip,
         autocast_dtype=autocast_dtype(cfg),
-        tokens_per_step=cfg.train.global_batch_size * cfg.train.seq_len)
+        tokens_per_step=cfg.train.global_batch_size * cfg.train.seq_len, skip_nonfinite=cfg.train.skip_nonfinite)
     return TrainingRun(cfg, groups, par, optimizer, trainer, metrics, start_step)
 
 

@@ -131,6 +131,8 @@ def _train_problems(cfg, topo: Topology | None) -> list[str]:
         out.append(f"train.stop_at_step={t.stop_at_step} must be between 0 (off) and train.steps={t.steps}")
     if t.lr <= 0:
         out.append(f"train.lr={t.lr} must be > 0")
+    if t.skip_nonfinite < 0:
+        out.append(f"train.skip_nonfinite={t.skip_nonfinite} must be ≥ 0 (0 = stop at the first non-finite step)")
     p = cfg.parallel
     if p.sp and p.tp == 1:
         out.append("parallel.sp=true needs parallel.tp > 1: sequence parallelism splits the sequence "

@@ -9,6 +9,7 @@ gradient of exactly the loss one process computes on the whole batch.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass
 
@@ -20,6 +21,10 @@ from runtime.metrics import StepTimer
 from runtime.preemption import StopRequest
 
 IGNORE_INDEX = -100
+
+
+class NonFiniteError(RuntimeError):
+    """More consecutive steps with a NaN/Inf loss or gradient norm than train.skip_nonfinite."""
 
 
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -43,13 +48,14 @@ class Schedule:
 class Trainer:
     def __init__(self, *, parallel, optimizer, schedule: Schedule, loader, checkpointer, metrics,
                  tracer, device: torch.device, steps: int, grad_clip: float,
-                 autocast_dtype: torch.dtype | None, tokens_per_step: int):
+                 autocast_dtype: torch.dtype | None, tokens_per_step: int, skip_nonfinite: int = 3):
         """`parallel`: the parallelised model (parallel.parallelize.Parallelized): the step's
         forward/backward over microbatches, gradient completion, clipping and reductions."""
         self.parallel, self.optimizer, self.schedule = parallel, optimizer, schedule
         self.loader, self.checkpointer, self.metrics, self.tracer = loader, checkpointer, metrics, tracer
         self.device, self.steps, self.grad_clip = device, steps, grad_clip
         self.autocast_dtype, self.tokens_per_step = autocast_dtype, tokens_per_step
+        self.skip_nonfinite, self.nonfinite_in_a_row = skip_nonfinite, 0
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -77,10 +83,26 @@ class Trainer:
         grad_norm = self.parallel.clip_grad_norm_(self.grad_clip)
         lr = self.schedule(step)
         set_lr(self.optimizer, lr)
-        self.checkpointer.wait()  # a pending checkpoint must have copied the state first
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         metrics = {"step": step + 1, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr}
+        # The loss and the norm are global (every rank holds the same values), so every rank
+        # takes the same decision without a collective.
+        if math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]):
+            self.nonfinite_in_a_row = 0
+            self.checkpointer.wait()  # a pending checkpoint must have copied the state first
+            self.optimizer.step()
+        else:
+            self.nonfinite_in_a_row += 1
+            metrics["skipped"] = True
+            if self.nonfinite_in_a_row > self.skip_nonfinite:
+                raise NonFiniteError(
+                    f"step {step + 1}: loss {metrics['loss']}, gradient norm {metrics['grad_norm']}; "
+                    f"{self.nonfinite_in_a_row} non-finite steps in a row exceed train.skip_nonfinite="
+                    f"{self.skip_nonfinite}. The parameters are those of the last finite step (every "
+                    "checkpoint is finite); lower train.lr or raise optim.warmup_steps, then resume")
+            self.metrics.note(f"step {step + 1}: non-finite loss {metrics['loss']} or gradient norm "
+                              f"{metrics['grad_norm']}; the step is skipped ({self.nonfinite_in_a_row} in a row, "
+                              f"at most {self.skip_nonfinite})")
+        self.optimizer.zero_grad(set_to_none=True)
         moe = self.parallel.moe_step()
         if moe:  # the language-model loss above; the balancing terms beside it
             metrics.update(total_loss=metrics["loss"] + moe["aux_loss"] + moe["z_loss"], **moe)
@@ -94,7 +116,12 @@ class Trainer:
         SIGTERM; every requested checkpoint is committed when this returns."""
         stop = StopRequest().install()
         try:
-            self._fit(start_step, stop_at_step, stop)
+            try:
+                self._fit(start_step, stop_at_step, stop)
+            except NonFiniteError:
+                # Every rank stops at the same step with a finite state: what is in flight commits.
+                self.checkpointer.close()
+                raise
             self.checkpointer.close()
         finally:
             stop.uninstall()
