@@ -60,12 +60,16 @@ def write_shard(directory: Path, rank: int, blocks) -> None:
             offset += data.nbytes
         f.flush()
         os.fsync(f.fileno())
-    index = directory / f"shard-{rank:05d}.json"
-    with open(index, "w") as f:
+    write_shard_index(directory, rank, entries)
+    fsync_dir(directory)
+
+
+def write_shard_index(directory: Path, rank: int, entries: list[dict]) -> None:
+    """The shard's JSON index beside its data file, durable (the directory entry is the caller's)."""
+    with open(directory / f"shard-{rank:05d}.json", "w") as f:
         json.dump({"format": FORMAT, "rank": rank, "entries": entries}, f)
         f.flush()
         os.fsync(f.fileno())
-    fsync_dir(directory)
 
 
 def read_index(directory: Path) -> dict[str, list[dict]]:

@@ -10,23 +10,18 @@ layout-independent blocks, JSON index, no pickle.
 """
 from __future__ import annotations
 
-import json
-import os
 import shutil
 from functools import partial
 
 from parallel.state import state_blocks
-from runtime.checkpoint.format import FORMAT
+from runtime.checkpoint.format import write_shard_index
 from runtime.checkpoint.lazy_writer import LazyWriter
 from runtime.checkpoint.sync import BaseCheckpointer, owned_blocks
 
 
-def _write_index(path, rank: int, f, entries: list[dict]) -> None:
-    """The shard's JSON index beside its data file (format.py's layout), durable."""
-    with open(path / f"shard-{rank:05d}.json", "w") as out:
-        json.dump({"format": FORMAT, "rank": rank, "entries": entries}, out)
-        out.flush()
-        os.fsync(out.fileno())
+def _write_index(path, rank: int, data_file, entries: list[dict]) -> None:
+    """A FileJob finish: the index goes beside the data file, not into it."""
+    write_shard_index(path, rank, entries)
 
 
 class LazyCheckpointer(LazyWriter, BaseCheckpointer):
