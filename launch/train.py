@@ -28,6 +28,7 @@ from parallel.groups import build_groups
 from parallel.placement import placement_warnings
 from parallel.parallelize import parallelize
 from runtime.checkpoint import build_checkpointer
+from runtime.host_memory import keep_freed_memory
 from runtime.data import BatchLoader, load_tokens
 from runtime.metrics import MetricsSink
 from runtime.model import ModelArgs, Transformer, num_params
@@ -105,6 +106,8 @@ def setup(cfg: DictConfig) -> TrainingRun:
 
     # 2-3. Join the job and build the rank groups.
     device = select_device(cfg, launch.local_rank)
+    if device.type == "cpu":
+        keep_freed_memory()  # steps reuse their activations' pages instead of faulting them in again
     init_distributed(launch, device, cfg.parallel.timeout_s)
     rank = dist.get_rank()
     # Logical ranks go to processes by NIC class and node (Holmes), and each group gets the

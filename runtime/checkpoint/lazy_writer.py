@@ -33,6 +33,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -182,7 +183,10 @@ class LazyWriter:
                 if event is not None:
                     stream.wait_event(event)
                 for _, src in region:
-                    dst[pos:pos + src.numel()].copy_(src, non_blocking=stream is not None)
+                    if stream is None:  # a plain memcpy: torch's copy would start an OpenMP team here
+                        np.copyto(dst[pos:pos + src.numel()].numpy(), src.numpy())
+                    else:
+                        dst[pos:pos + src.numel()].copy_(src, non_blocking=True)
                     pos += src.numel()
             if stream is not None:
                 stream.synchronize()
