@@ -1,0 +1,112 @@
+"""Every invalid configuration known to the project, checked up front: in one process each exits
+2 with its message and no traceback; under torchrun with 2 ranks (slow: QUINTET_SLOW=1) every
+worker exits 2 within 15 seconds and torchrun fails."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.e2e.test_cli import REPO, launch
+
+# (overrides, a fragment of the message at world size 2 [, another for world size 1 where it differs])
+MATRIX = [
+    (["parallel.dp=4"], "tp·cp·dp·pp = 1·1·4·1 = 4 but the world size is"),
+    (["parallel.tp=3"], "model.n_heads=8 is not divisible by parallel.tp=3"),
+    (["parallel.tp=2", "model.ffn_dim=691"], "model.ffn_dim=691 (the MLP hidden size) is not divisible by parallel.tp=2"),
+    (["parallel.sp=true"], "parallel.sp=true needs parallel.tp > 1"),
+    (["parallel.tp=2", "parallel.sp=true", "train.seq_len=255"], "train.seq_len=255 is not divisible by parallel.tp=2",
+     "world size 1 is not divisible by tp·cp·pp = 2·1·1 = 2"),
+    (["parallel.dp_replicate=3"], "parallel.dp_replicate=3 must divide the data-parallel ranks"),
+    (["parallel.dp_replicate=2", "parallel.dp_impl=ddp"], "parallel.dp_replicate=2 (HSDP) needs parallel.dp_impl=fsdp",
+     "parallel.dp_replicate=2 must divide the data-parallel ranks dp·cp = 1·1 = 1"),
+    (["parallel.pp=2", "model.n_layers=5"], "model.n_layers=5 is not divisible by pp·vpp = 2·1 = 2"),
+    (["parallel.pp=2", "parallel.pp_layers=[3,2]"], "parallel.pp_layers=[3, 2] must be counts ≥ 0 summing to model.n_layers=4"),
+    (["parallel.vpp=2"], "parallel.vpp=2 needs pipeline parallelism"),
+    (["parallel.pp=2", "parallel.vpp=2"], "parallel.schedule=1f1b runs one chunk per rank but parallel.vpp=2"),
+    (["parallel.pp=2", "parallel.schedule=gpipe"], "parallel.schedule='gpipe' is unknown; valid: 1f1b, interleaved_1f1b"),
+    (["parallel.pp=2", "parallel.pp_layers=7"], "parallel.pp_layers=7 must be a list of 2 layer counts"),
+    (["parallel.cp=2", "train.seq_len=250"], "train.seq_len=250 is not divisible by 2·cp = 4"),
+    (["parallel.cp=2", "parallel.cp_impl=flash"], "parallel.cp_impl='flash' is unknown; valid: ring, ulysses"),
+    (["parallel.cp=2", "parallel.cp_impl=ulysses", "model.n_heads=3", "model.dim=96", "model.n_kv_heads=3"],
+     "model.n_heads / tp = 3 / 1 = 3 is not divisible by parallel.cp=2"),
+    (["model=tiny_moe", "model.moe.top_k=9"], "model.moe.top_k=9 must be between 1 and model.moe.num_experts=8"),
+    (["model=tiny_moe", "parallel.ep=2", "model.moe.num_experts=7"], "model.moe.num_experts=7 is not divisible by parallel.ep=2"),
+    (["model=tiny_moe", "parallel.tp=2", "parallel.ep=2", "parallel.etp=1"], "MoE with parallel.tp=2 needs parallel.sp=true"),
+    (["parallel.ep=2"], "parallel.ep=2 needs a model with experts"),
+    (["parallel.moe_backend=fssdp"], "parallel.moe_backend=fssdp needs a model with experts"),
+    (["model=tiny_moe", "parallel.moe_backend=sharded"], "parallel.moe_backend='sharded' is unknown; valid: ep, fssdp"),
+    (["train.global_batch_size=12", "train.micro_batch_size=8"], "train.global_batch_size=12 is not divisible by train.micro_batch_size"),
+    (["train.stop_at_step=500"], "train.stop_at_step=500 must be between 0 (off) and train.steps=200"),
+    (["train.lr=0"], "train.lr=0.0 must be > 0"),
+    (["train.steps=0"], "train.steps=0 must be ≥ 1"),
+    (["train.skip_nonfinite=-1"], "train.skip_nonfinite=-1 must be ≥ 0"),
+    (["checkpoint.every=-1"], "checkpoint.every=-1 must be ≥ 0"),
+    (["checkpoint.keep_last=-2"], "checkpoint.keep_last=-2 must be ≥ 0"),
+    (["checkpoint.pool_mb=0"], "checkpoint.pool_mb=0 and checkpoint.chunk_mb=64 must be ≥ 1 (MiB)"),
+    (["checkpoint.every_s=-5"], "checkpoint.every_s=-5.0 must be ≥ 0"),
+    (["parallel.order=tp-cp-xx-dp-pp"], "parallel.order='tp-cp-xx-dp-pp' has unknown dimension(s) ['xx']"),
+    (["data=tokens", "data.path=/nonexistent/corpus.npy"], "data.path=/nonexistent/corpus.npy does not exist"),
+    (["model.dim=100", "model.n_heads=4"], "head size model.dim/model.n_heads = 100/4 = 25 is odd"),
+    (["model=huge"], "Could not find 'model/huge'"),
+    (["train.dtype=float16"], "Invalid value 'float16', expected one of [float32, bfloat16, float64]"),
+    (["parallel.tp=two"], "Value 'two' of type 'str' could not be converted to Integer"),
+    (["train.nonexistent=1"], "Key 'nonexistent' not in 'TrainConfig'"),
+]
+if not torch.cuda.is_available():
+    MATRIX.append((["train.device=cuda"], "train.device=cuda but no CUDA device is available"))
+
+# Runs each configuration as `python -m launch.train` would, in a child forked from one process
+# that imported launch.train once (a fresh interpreter per case would cost ~3 s each).
+DRIVER = r"""
+import json, os, runpy, sys, warnings
+warnings.filterwarnings("ignore", message=".*found in sys.modules after import of package")
+import launch.train  # imports torch, Hydra and the rest once, before the forks
+results = []
+for overrides in json.loads(sys.argv[1]):
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        os.dup2(w, 1)
+        os.dup2(w, 2)
+        sys.argv = ["launch/train.py", *overrides]
+        try:  # as `python -m launch.train` runs it (Hydra finds configs/ from __main__'s file)
+            runpy.run_module("launch.train", run_name="__main__", alter_sys=True)
+        except SystemExit as e:
+            os._exit(e.code if isinstance(e.code, int) else 1)
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        out = f.read()
+    _, status = os.waitpid(pid, 0)
+    results.append([os.waitstatus_to_exitcode(status), out])
+print(json.dumps(results))
+"""
+
+
+def test_at_least_thirty_configurations_are_checked():
+    assert len(MATRIX) >= 30
+
+
+def test_every_invalid_configuration_exits_2_in_one_process(tmp_path):
+    cases = [[*case[0], f"run_dir={tmp_path / str(i)}"] for i, case in enumerate(MATRIX)]
+    out = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(cases)], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads(out.stdout.strip().splitlines()[-1])
+    wrong = [(case[0], code, text[-600:]) for case, (code, text) in zip(MATRIX, results)
+             if code != 2 or case[-1] not in text or "Traceback" in text]
+    assert not wrong, "\n\n".join(map(str, wrong))
+    assert not any((tmp_path / str(i) / "metrics.jsonl").exists() for i in range(len(MATRIX)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", MATRIX, ids=[" ".join(c[0]) for c in MATRIX])
+def test_every_invalid_configuration_stops_both_torchrun_ranks_with_exit_code_2(tmp_path, case):
+    overrides, fragment = case[0], case[1]
+    code, out, seconds = launch([*overrides, f"run_dir={tmp_path}"], nproc=2, timeout=60)
+    assert code != 0 and out.count("exitcode  : 2") == 2, out
+    assert fragment in out, out
+    assert seconds < 15, f"took {seconds:.1f}s"
