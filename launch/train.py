@@ -74,7 +74,12 @@ def init_distributed(launch: launch_env.LaunchEnv, device: torch.device, timeout
         dist.init_process_group(backend, init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
                                 rank=launch.rank, world_size=launch.world_size, timeout=timeout)
     else:
-        dist.init_process_group(backend, timeout=timeout)
+        # torchrun keeps one rendezvous store across the restarts of a job (--max-restarts): a
+        # fast worker of a restart would read a dead peer's gloo/NCCL address, left by the attempt
+        # before, ahead of the new one. Each attempt gets keys of its own.
+        store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+        store = dist.PrefixStore(f"quintet/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
 
 
 def param_dtype(cfg) -> torch.dtype:
