@@ -190,6 +190,16 @@ class WandbConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """Collective timing and diagnosis (after C4): hangs and slow ranks (parallel/monitor.py)."""
+
+    enabled: bool = True
+    hang_timeout_s: float = 300.0  # a collective unfinished this long is a hang: report, exit 3
+    window: int = 10  # steps per slow-rank verdict (0 = no slow-rank detection)
+    slow_fraction: float = 0.2  # slow: the others wait for a rank > this fraction of the window
+
+
+@dataclass
 class LoggingConfig:
     every: int = 10  # progress line every N steps when stdout is not a terminal
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -241,6 +251,7 @@ class QuintetConfig:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     seed: int = 0  # initialisation and data order
     trace: bool = False  # per-rank timeline of forward/backward/communication in <run_dir>/trace/

@@ -93,11 +93,17 @@ def run_ranks(fn, world_size: int, args: tuple = (), timeout_s: float = 120.0,
                 try:
                     rank, ok, value = results.get(timeout=min(remaining, 0.5))
                 except queue.Empty:
-                    if not errors and all(not p.is_alive() for p in procs) and results.empty():
-                        dead = [r for r in range(world_size) if r not in values and r not in errors]
-                        errors.update({r: f"exited with code {procs[r].exitcode} without reporting"
-                                       for r in dead})
-                        first_error_at = time.monotonic()
+                    # A rank that died without reporting (os._exit, a signal) is a failure even
+                    # while its peers still run; what it sent before dying is read first.
+                    dead = [r for r in range(world_size)
+                            if r not in values and r not in errors and not procs[r].is_alive()]
+                    if dead and results.empty():
+                        time.sleep(0.2)
+                        if results.empty():
+                            if not errors:
+                                first_error_at = time.monotonic()
+                            errors.update({r: f"exited with code {procs[r].exitcode} without reporting"
+                                           for r in dead})
                     continue
                 if ok:
                     values[rank] = value

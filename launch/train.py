@@ -28,6 +28,7 @@ from parallel.groups import build_groups
 from parallel.placement import placement_warnings
 from parallel.parallelize import parallelize
 from runtime.checkpoint import build_checkpointer
+from parallel.monitor import CollectiveMonitor
 from runtime.host_memory import keep_freed_memory
 from runtime.data import BatchLoader, load_tokens
 from runtime.metrics import MetricsSink
@@ -175,12 +176,21 @@ def setup(cfg: DictConfig) -> TrainingRun:
                           config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
     metrics.truncate_after(start_step)
 
+    monitor = None
+    if cfg.monitor.enabled and topo.world_size > 1:
+        names: dict[str, list[str]] = {}
+        for name, ranks in groups.ranks.items():
+            names.setdefault(",".join(map(str, ranks)), []).append(name)
+        monitor = CollectiveMonitor(rank, topo.world_size, hang_timeout_s=cfg.monitor.hang_timeout_s,
+                                    window=cfg.monitor.window, slow_fraction=cfg.monitor.slow_fraction,
+                                    run_dir=cfg.run_dir, group_names={k: "/".join(v) for k, v in names.items()})
     trainer = Trainer(
         parallel=par, optimizer=optimizer, schedule=schedule, loader=loader,
         checkpointer=checkpointer, metrics=metrics, tracer=tracer,
         device=device, steps=cfg.train.steps, grad_clip=cfg.optim.grad_clip,
         autocast_dtype=autocast_dtype(cfg),
-        tokens_per_step=cfg.train.global_batch_size * cfg.train.seq_len, skip_nonfinite=cfg.train.skip_nonfinite)
+        tokens_per_step=cfg.train.global_batch_size * cfg.train.seq_len, skip_nonfinite=cfg.train.skip_nonfinite,
+        monitor=monitor)
     return TrainingRun(cfg, groups, par, optimizer, trainer, metrics, start_step)
 
 

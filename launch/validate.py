@@ -143,6 +143,13 @@ def _train_problems(cfg, topo: Topology | None) -> list[str]:
     if p.dp_replicate > 1 and p.dp_impl.value != "fsdp":
         out.append(f"parallel.dp_replicate={p.dp_replicate} (HSDP) needs parallel.dp_impl=fsdp, "
                    f"not {p.dp_impl.value}")
+    m = cfg.monitor
+    if m.enabled and not 0 < m.hang_timeout_s < cfg.parallel.timeout_s:
+        out.append(f"monitor.hang_timeout_s={m.hang_timeout_s} must be > 0 and below parallel.timeout_s="
+                   f"{cfg.parallel.timeout_s}, or the backend's own timeout fires first")
+    if m.window < 0 or not 0 < m.slow_fraction < 1:
+        out.append(f"monitor.window={m.window} must be ≥ 0 and monitor.slow_fraction={m.slow_fraction} "
+                   "between 0 and 1 (exclusive)")
     c = cfg.checkpoint
     if c.every < 0:
         out.append(f"checkpoint.every={c.every} must be ≥ 0 (0 = no checkpoints)")

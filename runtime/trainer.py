@@ -48,7 +48,8 @@ class Schedule:
 class Trainer:
     def __init__(self, *, parallel, optimizer, schedule: Schedule, loader, checkpointer, metrics,
                  tracer, device: torch.device, steps: int, grad_clip: float,
-                 autocast_dtype: torch.dtype | None, tokens_per_step: int, skip_nonfinite: int = 3):
+                 autocast_dtype: torch.dtype | None, tokens_per_step: int, skip_nonfinite: int = 3,
+                 monitor=None):
         """`parallel`: the parallelised model (parallel.parallelize.Parallelized): the step's
         forward/backward over microbatches, gradient completion, clipping and reductions."""
         self.parallel, self.optimizer, self.schedule = parallel, optimizer, schedule
@@ -56,6 +57,7 @@ class Trainer:
         self.device, self.steps, self.grad_clip = device, steps, grad_clip
         self.autocast_dtype, self.tokens_per_step = autocast_dtype, tokens_per_step
         self.skip_nonfinite, self.nonfinite_in_a_row = skip_nonfinite, 0
+        self.monitor = monitor  # parallel.monitor.CollectiveMonitor, installed during fit()
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -115,6 +117,8 @@ class Trainer:
         """Train from `start_step` to the end of the schedule, or to `stop_at_step` (>0), or until
         SIGTERM; every requested checkpoint is committed when this returns."""
         stop = StopRequest().install()
+        if self.monitor is not None:
+            self.monitor.install()
         try:
             try:
                 self._fit(start_step, stop_at_step, stop)
@@ -124,6 +128,8 @@ class Trainer:
                 raise
             self.checkpointer.close()
         finally:
+            if self.monitor is not None:
+                self.monitor.uninstall()
             stop.uninstall()
             self.tracer.write()
 
@@ -138,6 +144,9 @@ class Trainer:
             elapsed = timer.lap()
             metrics.update(tokens=(step + 1) * self.tokens_per_step, step_time_s=elapsed,
                            tokens_per_s=self.tokens_per_step / elapsed)
+            slow = self.monitor.end_step(step + 1) if self.monitor is not None else []
+            if slow:
+                metrics["slow_ranks"] = slow
             self.metrics.log(metrics)
             done = step + 1
             preempted = timed = False

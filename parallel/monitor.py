@@ -1,0 +1,228 @@
+"""Collective timing and anomaly diagnosis, after C4 (Alibaba, "C4: A Communication-Driven
+Approach", 2024).
+
+`CollectiveMonitor.install()` wraps torch.distributed's collective and point-to-point functions
+(what quintet's collectives, FSDP2, the pipeline and the MoE dispatchers call) for calls made by
+the training thread. Per call it notes the group, the call's sequence number on that group, the
+arrival time and, for blocking calls, the completion time — two clock reads and a few dict
+updates, no communication.
+
+Hang: every `poll_s` the ranks' watchdog threads exchange their per-group arrival counts over a
+gloo group of their own (a rank stuck in its training thread still answers); when a call has not
+completed after `hang_timeout_s`, the watchdog names the members whose count shows they never
+arrived at that call (for point-to-point, the peer), reports it
+(log, `<run_dir>/diagnosis.jsonl`) and ends the process with exit code 3 — before the backend's
+own timeout, so that torchrun's restart can act.
+
+Slow rank: C4's signature of a straggler is that everyone waits for it and it waits for no one.
+Each rank sums the time its blocking collectives spent waiting; every `window` steps the ranks
+exchange these sums (one all-gather), and a rank whose wait is below the median of the others'
+by more than `slow_fraction` of the window's wall time is named in every rank's step metrics
+(`slow_ranks`, hence metrics.jsonl and wandb) and in the log.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import logging
+import os
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
+
+log = logging.getLogger("quintet")
+
+COLLECTIVES = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "all_to_all_single", "all_gather",
+               "reduce_scatter", "all_to_all", "broadcast", "barrier")
+POINT_TO_POINT = ("send", "recv", "isend", "irecv")
+EXIT_HANG = 3
+
+
+@dataclass
+class _Call:
+    op: str
+    group: str  # the members' ranks, e.g. "0,1"
+    seq: int  # this rank's arrivals at the group so far, this call included
+    arrived: float
+    peer: int | None = None  # point-to-point: the other side
+    work: object = None  # asynchronous calls: the Work to poll
+
+
+class CollectiveMonitor:
+    def __init__(self, rank: int, world_size: int, *, hang_timeout_s: float, window: int, slow_fraction: float,
+                 run_dir: str | None = None, group_names: dict[str, str] | None = None, poll_s: float = 0.5):
+        self.rank, self.world_size = rank, world_size
+        self.hang_timeout_s, self.window, self.slow_fraction = hang_timeout_s, window, slow_fraction
+        self.run_dir, self.group_names = run_dir, group_names or {}
+        self.poll_s = min(poll_s, hang_timeout_s / 4)
+        self.arrivals: dict[str, int] = {}
+        self.waited = 0.0  # seconds blocking collectives waited, this window
+        self.window_start = time.perf_counter()
+        self._active: _Call | None = None  # the blocking call in progress
+        self._async: list[_Call] = []
+        self._owner = threading.get_ident()
+        self._keys: dict = {}
+        self._originals: dict = {}
+        # Collective from here: every rank builds its monitor. The watchdogs' own group keeps their
+        # exchange off the training thread's groups (and off the store, where a blocked
+        # rendezvous may hold the lock).
+        self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=max(4 * hang_timeout_s, 10)))
+        self._peers: list[dict] = [{} for _ in range(world_size)]  # everyone's counts, last exchange
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._quiet = False  # the monitor's own all-gather is not monitored
+
+    # --- installing ----------------------------------------------------------------------------
+
+    def install(self) -> "CollectiveMonitor":
+        for name in COLLECTIVES + POINT_TO_POINT:
+            fn = getattr(dist, name)
+            params = list(inspect.signature(fn).parameters)
+            wrapped = self._wrap(name, fn, params)
+            self._originals[name] = fn
+            setattr(dist, name, wrapped)
+            setattr(c10d, name, wrapped)
+        self._thread = threading.Thread(target=self._watch, name="collective-watchdog", daemon=True)
+        self._thread.start()
+        return self
+
+    def uninstall(self) -> None:
+        """Restore torch.distributed and stop the watchdog (every rank calls it: its exchange is
+        collective)."""
+        for name, fn in self._originals.items():
+            setattr(dist, name, fn)
+            setattr(c10d, name, fn)
+        self._originals.clear()
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _wrap(self, name: str, fn, params: list[str]):
+        g_at = params.index("group")
+        a_at = params.index("async_op") if "async_op" in params else None
+        peer_at = params.index("dst" if "dst" in params else "src") if name in POINT_TO_POINT else None
+        is_async = name in ("isend", "irecv")
+
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            if self._quiet or threading.get_ident() != self._owner:
+                return fn(*args, **kwargs)
+            group = kwargs.get("group", args[g_at] if len(args) > g_at else None)
+            key = self._key(group)
+            self.arrivals[key] = seq = self.arrivals.get(key, 0) + 1
+            peer = None
+            if peer_at is not None:
+                peer = kwargs.get(params[peer_at], args[peer_at] if len(args) > peer_at else None)
+            call = _Call(name, key, seq, time.perf_counter(), peer)
+            asynchronous = is_async or (a_at is not None and kwargs.get("async_op", args[a_at] if len(args) > a_at
+                                                                         else False))
+            if asynchronous:
+                call.work = work = fn(*args, **kwargs)
+                self._async.append(call)
+                return work
+            self._active = call
+            try:
+                out = fn(*args, **kwargs)
+            finally:
+                self._active = None
+            if peer is None:
+                self.waited += time.perf_counter() - call.arrived
+            return out
+
+        return timed
+
+    def _key(self, group) -> str:
+        key = self._keys.get(group)
+        if key is None:
+            ranks = range(self.world_size) if group is None else dist.get_process_group_ranks(group)
+            key = self._keys[group] = ",".join(map(str, ranks))
+        return key
+
+    # --- slow ranks (the training thread, at the end of a step) --------------------------------
+
+    def end_step(self, step: int) -> list[int]:
+        """Every `window` steps (a collective): the ranks the others keep waiting for."""
+        if self.window <= 0 or step % self.window:
+            return []
+        elapsed = time.perf_counter() - self.window_start
+        waits = torch.zeros(self.world_size, dtype=torch.float64)
+        mine = torch.tensor([self.waited], dtype=torch.float64)
+        self._quiet = True
+        try:
+            dist.all_gather_into_tensor(waits, mine)
+        finally:
+            self._quiet = False
+        self.waited, self.window_start = 0.0, time.perf_counter()
+        w = waits.tolist()
+        # Slow: the other ranks' typical wait exceeds this rank's by a fraction of the window.
+        slow = [r for r in range(self.world_size)
+                if statistics.median(w[:r] + w[r + 1:]) - w[r] > self.slow_fraction * elapsed]
+        if slow:
+            detail = ", ".join(f"rank {r} {w[r]:.3f} s" for r in range(self.world_size))
+            message = (f"slow rank(s) {slow} over steps {step - self.window + 1}-{step}: the others waited for "
+                       f"them at collectives (time waited: {detail}, of {elapsed:.3f} s)")
+            if self.rank == 0:  # every rank reaches the same verdict
+                self._record({"event": "slow_ranks", "step": step, "ranks": slow, "waits_s": w})
+                log.warning(message)
+        return slow
+
+    # --- hangs (the watchdog thread) -----------------------------------------------------------
+
+    def _watch(self) -> None:
+        exchanging = True
+        while True:
+            stopping = self._stop.wait(self.poll_s)
+            if exchanging:
+                # The exchange is a collective of the watchdogs: they stop together, once every
+                # rank has asked to.
+                try:
+                    everyone = [None] * self.world_size
+                    dist.all_gather_object(everyone, (dict(self.arrivals), stopping), group=self._group)
+                    self._peers = [counts for counts, _ in everyone]
+                    if all(done for _, done in everyone):
+                        return
+                except Exception as e:  # noqa: BLE001 - a peer process is gone: watch on alone
+                    exchanging = False
+                    log.error("collective monitor on rank %d: the watchdogs' exchange failed (%s); a peer "
+                              "process has probably died", self.rank, e)
+            elif stopping:
+                return
+            now = time.perf_counter()
+            self._async = [c for c in self._async if not c.work.is_completed()]
+            stuck = [c for c in ([self._active] + self._async[:1]) if c is not None
+                     and now - c.arrived > self.hang_timeout_s]
+            if stuck:
+                self._report_hang(stuck[0], now)
+
+    def _report_hang(self, call: _Call, now: float) -> None:
+        members = [int(r) for r in call.group.split(",")]
+        if call.peer is not None:
+            missing = [call.peer]
+        else:
+            missing = [r for r in members if r != self.rank and self._peers[r].get(call.group, 0) < call.seq]
+        name = self.group_names.get(call.group, "")
+        message = (f"hang: {call.op} #{call.seq} on group [{call.group}]{f' ({name})' if name else ''} has not "
+                   f"completed after {now - call.arrived:.1f} s on rank {self.rank}; ranks that never arrived: "
+                   f"{missing or 'none known (they arrived; the transfer itself is stuck)'}. Exiting with code "
+                   f"{EXIT_HANG} so that the launcher can restart the job from its last checkpoint.")
+        self._record({"event": "hang", "rank": self.rank, "op": call.op, "group": members, "call": call.seq,
+                      "missing": missing, "waited_s": now - call.arrived})
+        log.error(message)
+        for handler in logging.getLogger().handlers + log.handlers:
+            handler.flush()
+        os._exit(EXIT_HANG)
+
+    def _record(self, event: dict) -> None:
+        if self.run_dir is None:
+            return
+        line = json.dumps({"time": time.time(), **event}) + "\n"
+        with open(Path(self.run_dir) / "diagnosis.jsonl", "a") as f:  # one short append per event
+            f.write(line)
