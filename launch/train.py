@@ -183,7 +183,8 @@ def setup(cfg: DictConfig) -> TrainingRun:
             names.setdefault(",".join(map(str, ranks)), []).append(name)
         monitor = CollectiveMonitor(rank, topo.world_size, hang_timeout_s=cfg.monitor.hang_timeout_s,
                                     window=cfg.monitor.window, slow_fraction=cfg.monitor.slow_fraction,
-                                    run_dir=cfg.run_dir, group_names={k: "/".join(v) for k, v in names.items()})
+                                    run_dir=cfg.run_dir, group_names={k: "/".join(v) for k, v in names.items()},
+                                    on_hang=lambda event: (metrics.event(event), metrics.close()))
     trainer = Trainer(
         parallel=par, optimizer=optimizer, schedule=schedule, loader=loader,
         checkpointer=checkpointer, metrics=metrics, tracer=tracer,

@@ -58,10 +58,13 @@ class _Call:
 
 class CollectiveMonitor:
     def __init__(self, rank: int, world_size: int, *, hang_timeout_s: float, window: int, slow_fraction: float,
-                 run_dir: str | None = None, group_names: dict[str, str] | None = None, poll_s: float = 0.5):
+                 run_dir: str | None = None, group_names: dict[str, str] | None = None, poll_s: float = 0.5,
+                 on_hang=None):
+        """`on_hang(event)`: also called with a hang's report before the process exits (rank 0's
+        metrics sink: metrics.jsonl and wandb)."""
         self.rank, self.world_size = rank, world_size
         self.hang_timeout_s, self.window, self.slow_fraction = hang_timeout_s, window, slow_fraction
-        self.run_dir, self.group_names = run_dir, group_names or {}
+        self.run_dir, self.group_names, self.on_hang = run_dir, group_names or {}, on_hang
         self.poll_s = min(poll_s, hang_timeout_s / 4)
         self.arrivals: dict[str, int] = {}
         self.waited = 0.0  # seconds blocking collectives waited, this window
@@ -170,7 +173,7 @@ class CollectiveMonitor:
             message = (f"slow rank(s) {slow} over steps {step - self.window + 1}-{step}: the others waited for "
                        f"them at collectives (time waited: {detail}, of {elapsed:.3f} s)")
             if self.rank == 0:  # every rank reaches the same verdict
-                self._record({"event": "slow_ranks", "step": step, "ranks": slow, "waits_s": w})
+                self._record({"event": "slow_ranks", "time": time.time(), "step": step, "ranks": slow, "waits_s": w})
                 log.warning(message)
         return slow
 
@@ -213,9 +216,15 @@ class CollectiveMonitor:
                    f"completed after {now - call.arrived:.1f} s on rank {self.rank}; ranks that never arrived: "
                    f"{missing or 'none known (they arrived; the transfer itself is stuck)'}. Exiting with code "
                    f"{EXIT_HANG} so that the launcher can restart the job from its last checkpoint.")
-        self._record({"event": "hang", "rank": self.rank, "op": call.op, "group": members, "call": call.seq,
-                      "missing": missing, "waited_s": now - call.arrived})
+        event = {"event": "hang", "time": time.time(), "rank": self.rank, "op": call.op, "group": members, "call": call.seq,
+                 "missing": missing, "waited_s": now - call.arrived}
+        self._record(event)
         log.error(message)
+        if self.on_hang is not None:
+            try:
+                self.on_hang(event)
+            except Exception as e:  # noqa: BLE001 - the report above stands; exit regardless
+                log.error("could not record the hang in the metrics: %s", e)
         for handler in logging.getLogger().handlers + log.handlers:
             handler.flush()
         os._exit(EXIT_HANG)
@@ -223,6 +232,6 @@ class CollectiveMonitor:
     def _record(self, event: dict) -> None:
         if self.run_dir is None:
             return
-        line = json.dumps({"time": time.time(), **event}) + "\n"
+        line = json.dumps(event) + "\n"
         with open(Path(self.run_dir) / "diagnosis.jsonl", "a") as f:  # one short append per event
             f.write(line)

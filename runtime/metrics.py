@@ -1,7 +1,8 @@
 """Per-step metrics: `<run_dir>/metrics.jsonl`, a progress display, and Weights & Biases.
 
 Only the rank that owns the sink (rank 0) writes anything. metrics.jsonl gets one JSON object
-per optimizer step, flushed at once, so a run that is still going can be read.
+per optimizer step, flushed at once, so a run that is still going can be read, and one per
+diagnosis event (`{"event": "hang", ...}` from the collective monitor), which has no step.
 """
 from __future__ import annotations
 
@@ -17,11 +18,21 @@ from pathlib import Path
 log = logging.getLogger("quintet")
 
 
-def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+def _records(run_dir: str | os.PathLike) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    """The per-step records."""
+    return [r for r in _records(run_dir) if "event" not in r]
+
+
+def read_events(run_dir: str | os.PathLike) -> list[dict]:
+    """The diagnosis events (hangs)."""
+    return [r for r in _records(run_dir) if "event" in r]
 
 
 class Progress:
@@ -62,7 +73,7 @@ class MetricsSink:
         """Drop records of steps after `step`: a resumed run rewrites them, so none repeats."""
         if not self.active or not self.path.exists():
             return
-        kept = [json.dumps(m) for m in read_metrics(self.path.parent) if m["step"] <= step]
+        kept = [json.dumps(m) for m in _records(self.path.parent) if "event" in m or m["step"] <= step]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)
@@ -75,6 +86,17 @@ class MetricsSink:
         self.progress.update(metrics)
         if self.wandb is not None:
             self.wandb.log(wandb_row(metrics), step=metrics["step"])
+
+    def event(self, record: dict) -> None:
+        """A diagnosis event (it may come from the monitor's watchdog thread while the training
+        thread is stuck); wandb gets it as `monitor/<event>` and in the run summary."""
+        if not self.active:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({f"monitor/{record['event']}": 1})
+            self.wandb.summary[f"monitor/{record['event']}"] = json.dumps(record)
 
     def note(self, message: str) -> None:
         """An event worth a line in the log (rank 0 only), e.g. stopping on a signal."""
@@ -101,6 +123,9 @@ def wandb_row(metrics: dict) -> dict:
                 total = sum(counts) or 1.0
                 row[f"moe/layer{layer}/max_over_mean"] = max(counts) * len(counts) / total
                 row.update({f"moe/layer{layer}/expert{e}": c / total for e, c in enumerate(counts)})
+        elif key == "slow_ranks":
+            row["monitor/slow_ranks"] = len(value)
+            row.update({f"monitor/slow_rank{r}": 1 for r in value})
         elif key != "step" and isinstance(value, (int, float)) and _finite(value):
             row[key] = value
     return row

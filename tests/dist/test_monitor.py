@@ -7,7 +7,7 @@ import time
 import pytest
 
 from launch.spawn import RankFailure, run_ranks
-from runtime.metrics import read_metrics
+from runtime.metrics import read_events, read_metrics
 from tests.training import SMALL
 
 MONITOR = ["monitor.window=5", "monitor.hang_timeout_s=3", "parallel.timeout_s=30"]
@@ -63,6 +63,8 @@ def test_a_rank_that_never_arrives_is_named_and_the_job_exits(tmp_path):
     hang = [e for e in events if e["event"] == "hang"]
     assert hang and hang[0]["rank"] == 0 and hang[0]["missing"] == [1] and hang[0]["op"] == "all_reduce", events
     assert 3 <= hang[0]["waited_s"] < 10
+    assert read_events(tmp_path) == hang  # rank 0's report is in metrics.jsonl too
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
 
 
 def test_a_clean_run_reports_nothing(tmp_path):
