@@ -25,10 +25,10 @@ from launch import env as launch_env
 from launch.validate import ConfigError, validate
 from parallel import network
 from parallel.groups import build_groups
+from parallel.monitor import CollectiveMonitor
 from parallel.placement import placement_warnings
 from parallel.parallelize import parallelize
 from runtime.checkpoint import build_checkpointer
-from parallel.monitor import CollectiveMonitor
 from runtime.host_memory import keep_freed_memory
 from runtime.data import BatchLoader, load_tokens
 from runtime.metrics import MetricsSink

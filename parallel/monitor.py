@@ -86,6 +86,9 @@ class CollectiveMonitor:
     # --- installing ----------------------------------------------------------------------------
 
     def install(self) -> "CollectiveMonitor":
+        if self._originals:
+            return self  # installed already
+        self._stop, self.waited, self.window_start = threading.Event(), 0.0, time.perf_counter()
         for name in COLLECTIVES + POINT_TO_POINT:
             fn = getattr(dist, name)
             params = list(inspect.signature(fn).parameters)
