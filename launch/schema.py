@@ -202,6 +202,7 @@ class MonitorConfig:
 @dataclass
 class LoggingConfig:
     every: int = 10  # progress line every N steps when stdout is not a terminal
+    peak_tflops: Optional[float] = None  # per-device peak behind MFU; null = H100/H200 datasheet or a matmul probe
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 

@@ -28,9 +28,11 @@ from parallel.groups import build_groups
 from parallel.monitor import CollectiveMonitor
 from parallel.placement import placement_warnings
 from parallel.parallelize import parallelize
+from runtime.accounting import MemoryMeter, StepAccounting, peak_flops
 from runtime.checkpoint import build_checkpointer
 from runtime.host_memory import keep_freed_memory
 from runtime.data import BatchLoader, load_tokens
+from runtime.flops import flops_per_token
 from runtime.metrics import MetricsSink
 from runtime.model import ModelArgs, Transformer, num_params
 from runtime.optim import build_optimizer
@@ -185,14 +187,38 @@ def setup(cfg: DictConfig) -> TrainingRun:
                                     window=cfg.monitor.window, slow_fraction=cfg.monitor.slow_fraction,
                                     run_dir=cfg.run_dir, group_names={k: "/".join(v) for k, v in names.items()},
                                     on_hang=lambda event: (metrics.event(event), metrics.close()))
+    tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
     trainer = Trainer(
         parallel=par, optimizer=optimizer, schedule=schedule, loader=loader,
         checkpointer=checkpointer, metrics=metrics, tracer=tracer,
         device=device, steps=cfg.train.steps, grad_clip=cfg.optim.grad_clip,
         autocast_dtype=autocast_dtype(cfg),
-        tokens_per_step=cfg.train.global_batch_size * cfg.train.seq_len, skip_nonfinite=cfg.train.skip_nonfinite,
-        monitor=monitor)
+        tokens_per_step=tokens_per_step, skip_nonfinite=cfg.train.skip_nonfinite, monitor=monitor,
+        accounting=build_accounting(cfg, args, par, device, launch.local_world_size, tokens_per_step, monitor, metrics,
+                                    start_step))
     return TrainingRun(cfg, groups, par, optimizer, trainer, metrics, start_step)
+
+
+def build_accounting(cfg, args: ModelArgs, par, device: torch.device, local_world_size: int, tokens_per_step: int,
+                     monitor, metrics: MetricsSink, start_step: int) -> StepAccounting:
+    """Model FLOPs per token against the sum of the devices' peaks (a collective), and the
+    launch's start record in metrics.jsonl."""
+    dtype = autocast_dtype(cfg) or param_dtype(cfg)
+    peak, source = peak_flops(device, dtype, local_world_size, cfg.logging.peak_tflops)
+    peak_total = sum(p for (p,) in par.gather_ranks([peak], device))
+    flops = flops_per_token(args, cfg.train.seq_len)
+    world = dist.get_world_size()
+    metrics.event({"event": "start", "step": start_step, "time": time.time(), "world_size": world,
+                   "flops_per_token": flops, "peak_tflops_per_device": peak / 1e12,
+                   "peak_tflops_total": peak_total / 1e12, "peak_source": source})
+    if dist.get_rank() == 0:
+        log.info("model FLOPs %.3g per token; MFU against %.1f TFLOP/s per device (%s)", flops, peak / 1e12, source)
+    # Where calls block until the transfer is done (gloo), the monitor's timing of them is the
+    # step's communication time.
+    comm = monitor.take_blocked_s if monitor is not None and device.type == "cpu" else None
+    return StepAccounting(flops_per_token=flops, tokens_per_step=tokens_per_step, world_size=world,
+                          peak_flops_total=peak_total, memory=MemoryMeter(device),
+                          gather=lambda values: par.gather_ranks(values, device), comm_seconds=comm)
 
 
 def run(cfg: DictConfig) -> None:

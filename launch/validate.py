@@ -150,6 +150,9 @@ def _train_problems(cfg, topo: Topology | None) -> list[str]:
     if m.window < 0 or not 0 < m.slow_fraction < 1:
         out.append(f"monitor.window={m.window} must be ≥ 0 and monitor.slow_fraction={m.slow_fraction} "
                    "between 0 and 1 (exclusive)")
+    if cfg.logging.peak_tflops is not None and not cfg.logging.peak_tflops > 0:
+        out.append(f"logging.peak_tflops={cfg.logging.peak_tflops} must be > 0 (TFLOP/s per device), or null for "
+                   "the datasheet figure (H100/H200) or a measured matmul peak")
     c = cfg.checkpoint
     if c.every < 0:
         out.append(f"checkpoint.every={c.every} must be ≥ 0 (0 = no checkpoints)")

@@ -14,6 +14,9 @@ arrived at that call (for point-to-point, the peer), reports it
 (log, `<run_dir>/diagnosis.jsonl`) and ends the process with exit code 3 — before the backend's
 own timeout, so that torchrun's restart can act.
 
+Communication time: the seconds of the training thread's blocking calls, per step
+(`take_blocked_s`, the step metrics' `comm_s`).
+
 Slow rank: C4's signature of a straggler is that everyone waits for it and it waits for no one.
 Each rank sums the time its blocking collectives spent waiting; every `window` steps the ranks
 exchange these sums (one all-gather), and a rank whose wait is below the median of the others'
@@ -38,10 +41,15 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
+from parallel.collectives import all_gather_tensor
+
 log = logging.getLogger("quintet")
 
-COLLECTIVES = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "all_to_all_single", "all_gather",
-               "reduce_scatter", "all_to_all", "broadcast", "barrier")
+# torch ≥ 2.13 names the dim-0 collectives all_gather_single / reduce_scatter_single (FSDP2 calls
+# those); the older names, deprecated there, call them in turn.
+COLLECTIVES = tuple(name for name in (
+    "all_reduce", "all_gather_single", "reduce_scatter_single", "all_gather_into_tensor", "reduce_scatter_tensor",
+    "all_to_all_single", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "barrier") if hasattr(dist, name))
 POINT_TO_POINT = ("send", "recv", "isend", "irecv")
 EXIT_HANG = 3
 
@@ -68,8 +76,10 @@ class CollectiveMonitor:
         self.poll_s = min(poll_s, hang_timeout_s / 4)
         self.arrivals: dict[str, int] = {}
         self.waited = 0.0  # seconds blocking collectives waited, this window
+        self.blocked = 0.0  # seconds in blocking calls (collectives and point-to-point), since take_blocked_s
         self.window_start = time.perf_counter()
         self._active: _Call | None = None  # the blocking call in progress
+        self._inside = False  # in a monitored call: a call it makes is part of it
         self._async: list[_Call] = []
         self._owner = threading.get_ident()
         self._keys: dict = {}
@@ -119,7 +129,9 @@ class CollectiveMonitor:
 
         @functools.wraps(fn)
         def timed(*args, **kwargs):
-            if self._quiet or threading.get_ident() != self._owner:
+            # One record per call of the training thread: not the monitor's own exchange, and not
+            # a deprecated name's call of its successor (all_gather_into_tensor → _single).
+            if self._quiet or self._inside or threading.get_ident() != self._owner:
                 return fn(*args, **kwargs)
             group = kwargs.get("group", args[g_at] if len(args) > g_at else None)
             key = self._key(group)
@@ -130,17 +142,23 @@ class CollectiveMonitor:
             call = _Call(name, key, seq, time.perf_counter(), peer)
             asynchronous = is_async or (a_at is not None and kwargs.get("async_op", args[a_at] if len(args) > a_at
                                                                          else False))
+            self._inside = True
             if asynchronous:
-                call.work = work = fn(*args, **kwargs)
+                try:
+                    call.work = work = fn(*args, **kwargs)
+                finally:
+                    self._inside = False
                 self._async.append(call)
                 return work
             self._active = call
             try:
                 out = fn(*args, **kwargs)
             finally:
-                self._active = None
+                self._active, self._inside = None, False
+            elapsed = time.perf_counter() - call.arrived
+            self.blocked += elapsed
             if peer is None:
-                self.waited += time.perf_counter() - call.arrived
+                self.waited += elapsed
             return out
 
         return timed
@@ -152,7 +170,15 @@ class CollectiveMonitor:
             key = self._keys[group] = ",".join(map(str, ranks))
         return key
 
-    # --- slow ranks (the training thread, at the end of a step) --------------------------------
+    # --- the step's metrics (the training thread, at the end of a step) --------------------------
+
+    def take_blocked_s(self) -> float:
+        """Seconds the training thread spent in blocking torch.distributed calls since the last
+        call: the step's communication time where the calls block until done (gloo); NCCL's
+        return at once, and asynchronous calls count only their launch."""
+        blocked, self.blocked = self.blocked, 0.0
+        return blocked
+
 
     def end_step(self, step: int) -> list[int]:
         """Every `window` steps (a collective): the ranks the others keep waiting for."""
@@ -163,7 +189,7 @@ class CollectiveMonitor:
         mine = torch.tensor([self.waited], dtype=torch.float64)
         self._quiet = True
         try:
-            dist.all_gather_into_tensor(waits, mine)
+            all_gather_tensor(waits, mine)
         finally:
             self._quiet = False
         self.waited, self.window_start = 0.0, time.perf_counter()

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from parallel.activation_checkpoint import apply_ac
-from parallel.collectives import all_gather_along, all_reduce_grads
+from parallel.collectives import all_gather_along, all_gather_tensor, all_reduce_grads
 from parallel.context import apply_cp
 from parallel.data_parallel import apply_ddp, apply_fsdp
 from parallel.expert import apply_ep
@@ -139,6 +139,16 @@ class Parallelized:
         t = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return [bool(v) for v in t.tolist()]
+
+    def gather_ranks(self, values: list[float], device: torch.device) -> list[list[float]]:
+        """Every rank's `values`, by rank (one small all-gather on the default group)."""
+        world = dist.get_world_size()
+        if world == 1:
+            return [list(values)]
+        mine = torch.tensor(values, dtype=torch.float64, device=device)
+        out = torch.empty(world * len(values), dtype=torch.float64, device=device)
+        all_gather_tensor(out, mine)
+        return out.view(world, len(values)).tolist()
 
     def mutates_state_before(self, step: int) -> bool:
         """Whether begin_step(step) changes parameters or optimizer state (FSSDP re-sharding):

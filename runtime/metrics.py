@@ -2,7 +2,8 @@
 
 Only the rank that owns the sink (rank 0) writes anything. metrics.jsonl gets one JSON object
 per optimizer step, flushed at once, so a run that is still going can be read, and one per
-diagnosis event (`{"event": "hang", ...}` from the collective monitor), which has no step.
+event, which has no step: a launch's start (its FLOP and peak accounting), a checkpoint requested
+or committed, a hang reported by the collective monitor (`{"event": "hang", ...}`).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import logging
 import math
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,7 +24,15 @@ def _records(run_dir: str | os.PathLike) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # the last line of a running run, caught mid-write
+            break
+    return records
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
@@ -30,9 +40,9 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     return [r for r in _records(run_dir) if "event" not in r]
 
 
-def read_events(run_dir: str | os.PathLike) -> list[dict]:
-    """The diagnosis events (hangs)."""
-    return [r for r in _records(run_dir) if "event" in r]
+def read_events(run_dir: str | os.PathLike, kind: str | None = None) -> list[dict]:
+    """The records without a step (launch starts, checkpoints, hangs), or those of one kind."""
+    return [r for r in _records(run_dir) if "event" in r and kind in (None, r["event"])]
 
 
 class Progress:
@@ -47,7 +57,7 @@ class Progress:
         step = m["step"]
         eta = (self.total - step) * m["step_time_s"]
         text = (f"step {step}/{self.total}  loss {m['loss']:.4f}  grad_norm {m['grad_norm']:.3f}  "
-                f"lr {m['lr']:.2e}  {m['tokens_per_s']:,.0f} tok/s  eta {eta:,.0f}s")
+                f"lr {m['lr']:.2e}  {m['tokens_per_s']:,.0f} tok/s  mfu {m['mfu']:.1%}  eta {eta:,.0f}s")
         if self.tty:
             end = "\n" if step == self.total else ""
             self.stream.write("\r\033[K" + text + end)
@@ -63,6 +73,8 @@ class MetricsSink:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.progress = Progress(total_steps, log_every)
         self.wandb = None
+        self.last_step = 0
+        self._lock = threading.Lock()
         if not active:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -81,22 +93,27 @@ class MetricsSink:
     def log(self, metrics: dict) -> None:
         if not self.active:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(metrics) + "\n")
+        self._append(metrics)
+        self.last_step = metrics["step"]
         self.progress.update(metrics)
         if self.wandb is not None:
             self.wandb.log(wandb_row(metrics), step=metrics["step"])
 
     def event(self, record: dict) -> None:
-        """A diagnosis event (it may come from the monitor's watchdog thread while the training
-        thread is stuck); wandb gets it as `monitor/<event>` and in the run summary."""
+        """A record without a step: a checkpoint requested or committed (the commit may come
+        from a background thread), a hang (from the monitor's watchdog while the training thread
+        is stuck), the start of a launch. wandb gets a hang as `monitor/hang` and in the summary;
+        the others reach it as the report's figures."""
         if not self.active:
             return
-        with self.path.open("a") as f:
+        self._append(record)
+        if self.wandb is not None and record["event"] == "hang":
+            self.wandb.log({"monitor/hang": 1})
+            self.wandb.summary["monitor/hang"] = json.dumps(record)
+
+    def _append(self, record: dict) -> None:
+        with self._lock, self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.wandb is not None:
-            self.wandb.log({f"monitor/{record['event']}": 1})
-            self.wandb.summary[f"monitor/{record['event']}"] = json.dumps(record)
 
     def note(self, message: str) -> None:
         """An event worth a line in the log (rank 0 only), e.g. stopping on a signal."""
@@ -105,8 +122,24 @@ class MetricsSink:
 
     def close(self) -> None:
         if self.wandb is not None:
+            self._send_report()
             self.wandb.finish()
             self.wandb = None
+
+    def _send_report(self) -> None:
+        """The report's figures (runtime/report.py, also written to <run_dir>/report/) as wandb
+        images at the last step."""
+        import wandb
+
+        from runtime.report import write_report
+
+        try:
+            paths = write_report(self.path.parent)
+        except Exception as e:  # noqa: BLE001 - the run's records stand; a figure is not worth failing it
+            log.warning("could not draw the report for wandb: %s", e)
+            return
+        images = {f"report/{name}": wandb.Image(str(path)) for name, path in paths.items()}
+        self.wandb.log(images, step=self.last_step)
 
 
 def _finite(v) -> bool:
@@ -123,10 +156,12 @@ def wandb_row(metrics: dict) -> dict:
                 total = sum(counts) or 1.0
                 row[f"moe/layer{layer}/max_over_mean"] = max(counts) * len(counts) / total
                 row.update({f"moe/layer{layer}/expert{e}": c / total for e, c in enumerate(counts)})
+        elif key.endswith("_ranks") and key != "slow_ranks":  # memory_gib_ranks → memory_gib/rank0, ...
+            row.update({f"{key.removesuffix('_ranks')}/rank{r}": v for r, v in enumerate(value)})
         elif key == "slow_ranks":
             row["monitor/slow_ranks"] = len(value)
             row.update({f"monitor/slow_rank{r}": 1 for r in value})
-        elif key != "step" and isinstance(value, (int, float)) and _finite(value):
+        elif key not in ("step", "time") and isinstance(value, (int, float)) and _finite(value):
             row[key] = value
     return row
 

@@ -48,14 +48,15 @@ class Schedule:
 class Trainer:
     def __init__(self, *, parallel, optimizer, schedule: Schedule, loader, checkpointer, metrics,
                  tracer, device: torch.device, steps: int, grad_clip: float,
-                 autocast_dtype: torch.dtype | None, tokens_per_step: int, skip_nonfinite: int = 3,
+                 autocast_dtype: torch.dtype | None, tokens_per_step: int, accounting, skip_nonfinite: int = 3,
                  monitor=None):
         """`parallel`: the parallelised model (parallel.parallelize.Parallelized): the step's
-        forward/backward over microbatches, gradient completion, clipping and reductions."""
+        forward/backward over microbatches, gradient completion, clipping and reductions.
+        `accounting`: runtime.accounting.StepAccounting, the step's efficiency metrics."""
         self.parallel, self.optimizer, self.schedule = parallel, optimizer, schedule
         self.loader, self.checkpointer, self.metrics, self.tracer = loader, checkpointer, metrics, tracer
         self.device, self.steps, self.grad_clip = device, steps, grad_clip
-        self.autocast_dtype, self.tokens_per_step = autocast_dtype, tokens_per_step
+        self.autocast_dtype, self.tokens_per_step, self.accounting = autocast_dtype, tokens_per_step, accounting
         self.skip_nonfinite, self.nonfinite_in_a_row = skip_nonfinite, 0
         self.monitor = monitor  # parallel.monitor.CollectiveMonitor, installed during fit()
 
@@ -78,8 +79,11 @@ class Trainer:
         """Optimizer step `step` (0-based); returns its metrics."""
         if self.parallel.mutates_state_before(step):
             self.checkpointer.wait()
+        self.accounting.begin_step()
         self.parallel.begin_step(step, self.optimizer)
-        loss_sum, n_targets = self.forward_backward(self.loader.step(step), step)
+        with self.accounting.waiting_for_data():
+            batches = self.loader.step(step)
+        loss_sum, n_targets = self.forward_backward(batches, step)
         loss = self.parallel.reduce_loss(loss_sum) / n_targets
         self.parallel.finish_grads()
         grad_norm = self.parallel.clip_grad_norm_(self.grad_clip)
@@ -117,6 +121,7 @@ class Trainer:
         """Train from `start_step` to the end of the schedule, or to `stop_at_step` (>0), or until
         SIGTERM; every requested checkpoint is committed when this returns."""
         stop = StopRequest().install()
+        self.checkpointer.on_publish = self._committed
         if self.monitor is not None:
             self.monitor.install()
         try:
@@ -131,7 +136,11 @@ class Trainer:
             if self.monitor is not None:
                 self.monitor.uninstall()
             stop.uninstall()
-            self.tracer.write()
+            self.tracer.close()
+
+    def _committed(self, step: int) -> None:
+        """Rank 0, when the checkpoint of `step` is committed (maybe on a background thread)."""
+        self.metrics.event({"event": "checkpoint", "phase": "committed", "step": step, "time": time.time()})
 
     def _fit(self, start_step: int, stop_at_step: int, stop: StopRequest) -> None:
         timer = StepTimer()
@@ -142,19 +151,23 @@ class Trainer:
         for step in range(start_step, end):
             metrics = self.train_step(step)
             elapsed = timer.lap()
-            metrics.update(tokens=(step + 1) * self.tokens_per_step, step_time_s=elapsed,
-                           tokens_per_s=self.tokens_per_step / elapsed)
+            metrics.update(time=time.time(), tokens=(step + 1) * self.tokens_per_step, step_time_s=elapsed,
+                           **self.accounting.metrics(elapsed))
             slow = self.monitor.end_step(step + 1) if self.monitor is not None else []
             if slow:
                 metrics["slow_ranks"] = slow
             self.metrics.log(metrics)
+            self.tracer.flush()
             done = step + 1
             preempted = timed = False
             if saving:  # ranks agree: a signal or a clock may be seen a step apart
                 timed = ckpt.every_s > 0 and time.monotonic() - last_save >= ckpt.every_s
                 preempted, timed = self.parallel.any_rank([stop.requested, timed], self.device)
             if timed or preempted or ckpt.due(done, self.steps, stopping=done == end < self.steps):
+                requested = time.time()
                 ckpt.request(done, self.parallel, self.optimizer, {"tokens": done * self.tokens_per_step})
+                self.metrics.event({"event": "checkpoint", "phase": "requested", "step": done, "time": requested,
+                                    "blocking_s": time.time() - requested})
                 last_save = time.monotonic()
                 timer.lap()  # a blocking save is not training time; logging above is
             if preempted:

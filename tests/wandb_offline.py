@@ -37,17 +37,32 @@ def _payloads(data: bytes):
             yield pending + payload
 
 
-def offline_history(run_dir: str | Path) -> list[dict]:
-    """Every history row logged to the (single) offline run under `run_dir/wandb`."""
+def _records(run_dir: str | Path):
     from wandb.proto import wandb_internal_pb2 as pb
 
     (path,) = Path(run_dir).glob("wandb/offline-run-*/run-*.wandb")
-    rows = []
     for payload in _payloads(path.read_bytes()):
         record = pb.Record()
         record.ParseFromString(payload)
-        if record.WhichOneof("record_type") == "history":
-            row = {item.key or ".".join(item.nested_key): json.loads(item.value_json)
-                   for item in record.history.item}
-            rows.append(row)
-    return rows
+        yield record
+
+
+def _items(items) -> dict:
+    return {item.key or ".".join(item.nested_key): json.loads(item.value_json) for item in items}
+
+
+def offline_history(run_dir: str | Path) -> list[dict]:
+    """Every history row logged to the (single) offline run under `run_dir/wandb`."""
+    return [_items(r.history.item) for r in _records(run_dir) if r.WhichOneof("record_type") == "history"]
+
+
+def offline_configs(run_dir: str | Path) -> list[dict]:
+    """Every config the run sent: in its run record and in config updates."""
+    configs = []
+    for r in _records(run_dir):
+        kind = r.WhichOneof("record_type")
+        if kind == "run" and r.run.config.update:
+            configs.append(_items(r.run.config.update))
+        elif kind == "config":
+            configs.append(_items(r.config.update))
+    return configs

@@ -59,6 +59,7 @@ class BaseCheckpointer:
     def __init__(self, directory: str, every: int, rank: int, keep_last: int = 0, every_s: float = 0.0):
         self.dir, self.every, self.rank = Path(directory), every, rank
         self.keep_last, self.every_s = keep_last, every_s
+        self.on_publish = None  # called with the step once its checkpoint is named (the trainer's record)
 
     def due(self, step: int, last_step: int, stopping: bool = False) -> bool:
         """Whether to save after optimizer step `step` (1-based count of completed steps).
@@ -74,6 +75,8 @@ class BaseCheckpointer:
         path = self.step_path(step)
         atomic_write(path / "trainer.json", json.dumps({"step": step, **trainer_state}) + "\n")
         atomic_write(self.dir / "latest", path.name + "\n")
+        if self.on_publish is not None:
+            self.on_publish(step)
         if self.keep_last > 0:
             committed = sorted(p for p in self.dir.glob("step_*") if (p / "trainer.json").exists())
             for old in committed[:-self.keep_last]:

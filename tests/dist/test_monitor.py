@@ -63,7 +63,7 @@ def test_a_rank_that_never_arrives_is_named_and_the_job_exits(tmp_path):
     hang = [e for e in events if e["event"] == "hang"]
     assert hang and hang[0]["rank"] == 0 and hang[0]["missing"] == [1] and hang[0]["op"] == "all_reduce", events
     assert 3 <= hang[0]["waited_s"] < 10
-    assert read_events(tmp_path) == hang  # rank 0's report is in metrics.jsonl too
+    assert read_events(tmp_path, "hang") == hang  # rank 0's report is in metrics.jsonl too
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
 
 

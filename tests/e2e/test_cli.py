@@ -1,4 +1,5 @@
 """The real command line: `python -m launch.train` and `torchrun -m launch.train` in subprocesses."""
+import hashlib
 import os
 import signal
 import subprocess
@@ -6,10 +7,11 @@ import sys
 import time
 
 import pytest
+import yaml
 
 from runtime.metrics import read_metrics
 from tests.training import SMALL, assert_same_losses
-from tests.wandb_offline import offline_history
+from tests.wandb_offline import offline_configs, offline_history
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
@@ -108,7 +110,7 @@ def test_bad_input_stops_every_rank_with_one_message_and_exit_code_2(tmp_path, c
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
-def test_wandb_offline_records_the_losses_and_no_secret(tmp_path):
+def test_wandb_offline_records_losses_figures_config_and_no_secret(tmp_path):
     secret = "0123456789abcdef-not-a-real-key-5f3a"
     code, out, _ = launch([*SMALL, "train.steps=5", "logging.wandb.mode=offline", f"run_dir={tmp_path}"],
                           env={"WANDB_API_KEY": secret})
@@ -117,6 +119,15 @@ def test_wandb_offline_records_the_losses_and_no_secret(tmp_path):
     losses = [r["loss"] for r in read_metrics(tmp_path)]
     assert [row["loss"] for row in history if "loss" in row] == losses
     assert [row["_step"] for row in history if "loss" in row] == [1, 2, 3, 4, 5]
+    # The report's figures, the same files as <run_dir>/report/, at the last step; the resolved
+    # config once.
+    (last,) = [row for row in history if "report/loss._type" in row]
+    assert last["_step"] == 5
+    for figure in ("loss", "throughput"):
+        assert last[f"report/{figure}._type"] == "image-file"
+        assert last[f"report/{figure}.sha256"] == hashlib.sha256((tmp_path / f"report/{figure}.png").read_bytes()).hexdigest()
+    (config,) = [c for c in offline_configs(tmp_path) if "model" in c]
+    assert config["train"]["steps"] == 5 and config["model"] == yaml.safe_load((tmp_path / "config.yaml").read_text())["model"]
     assert secret not in out
     for path in tmp_path.rglob("*"):
         if path.is_file():

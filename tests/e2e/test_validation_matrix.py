@@ -42,6 +42,7 @@ MATRIX = [
     (["train.lr=0"], "train.lr=0.0 must be > 0"),
     (["train.steps=0"], "train.steps=0 must be ≥ 1"),
     (["train.skip_nonfinite=-1"], "train.skip_nonfinite=-1 must be ≥ 0"),
+    (["logging.peak_tflops=0"], "logging.peak_tflops=0.0 must be > 0 (TFLOP/s per device)"),
     (["checkpoint.every=-1"], "checkpoint.every=-1 must be ≥ 0"),
     (["checkpoint.keep_last=-2"], "checkpoint.keep_last=-2 must be ≥ 0"),
     (["checkpoint.pool_mb=0"], "checkpoint.pool_mb=0 and checkpoint.chunk_mb=64 must be ≥ 1 (MiB)"),

@@ -1,0 +1,47 @@
+"""Model FLOPs per token: the numerator of MFU.
+
+Counted the way PaLM (Chowdhery et al., 2022, appendix B) and torchtitan count them, so MFU
+figures compare across runtimes:
+
+- 6 FLOPs per matrix parameter a token passes through (2 in forward, 4 in backward: the input's
+  and the weight's gradient): the attention and MLP projections, the MoE router, the activated
+  experts (top_k of them, plus the shared expert) and the output head. The embedding is a
+  lookup, not a matrix multiply, and norms are element-wise: neither counts.
+- the attention scores and their weighted sum: per layer 12 · seq_len · heads · head_dim
+  (Q·Kᵀ and A·V, 2 · seq_len · heads · head_dim each in forward, times 3 with backward),
+  over the whole sequence: the causal mask's skipped half is not subtracted (PaLM, torchtitan
+  and torch's FLOP counter all count it).
+
+Model FLOPs, not hardware FLOPs: recomputation under activation checkpointing, padding and
+pipeline-bubble work are not counted, so MFU says how much of the peak went into the model.
+"""
+from __future__ import annotations
+
+from runtime.model import ModelArgs
+
+
+def matmul_params_per_token(args: ModelArgs) -> int:
+    """Matrix parameters one token's forward multiplies by (only the activated experts)."""
+    d, hd = args.dim, args.head_dim
+    attention = d * hd * (2 * args.n_heads + 2 * args.n_kv_heads)  # wq, wo; wk, wv
+    dense_mlp = 3 * d * args.ffn_dim
+    total = args.dim * args.vocab_size  # the output head
+    for layer in range(args.n_layers):
+        total += attention
+        if args.is_moe(layer):
+            m = args.moe
+            expert = 3 * d * m.expert_ffn_dim
+            total += d * m.num_experts + m.top_k * expert + (expert if m.shared_expert else 0)
+        else:
+            total += dense_mlp
+    return total
+
+
+def attention_flops_per_token(args: ModelArgs, seq_len: int) -> int:
+    """Forward and backward FLOPs of the attention scores and weighted sum, per token."""
+    return 12 * args.n_layers * seq_len * args.n_heads * args.head_dim
+
+
+def flops_per_token(args: ModelArgs, seq_len: int) -> int:
+    """Model FLOPs of one token's forward and backward, at sequence length `seq_len`."""
+    return 6 * matmul_params_per_token(args) + attention_flops_per_token(args, seq_len)

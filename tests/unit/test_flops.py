@@ -1,0 +1,95 @@
+"""Model FLOPs per token against torch's FLOP counter, and the rank-local accounting: the peak
+behind MFU, peak memory, the step's efficiency metrics."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from launch.config import compose
+from parallel.materialize import materialize
+from runtime import accounting
+from runtime.accounting import MemoryMeter, StepAccounting, datasheet_peak, peak_flops
+from runtime.flops import flops_per_token
+from runtime.model import ModelArgs, Transformer
+
+
+@pytest.mark.parametrize("overrides", [["model=tiny"], ["model=tiny_moe"],
+                                       ["model=tiny_moe", "model.moe.every=2", "model.moe.shared_expert=true"]],
+                         ids=["tiny", "tiny_moe", "tiny_moe-every2-shared"])
+def test_flops_per_token_matches_torchs_flop_counter(overrides):
+    args = ModelArgs.from_config(compose([*overrides, "run_dir=unused"]).model)
+    model = Transformer(args)
+    materialize(model, model.init_full, torch.device("cpu"), 0)
+    batch, seq = 2, 256
+    tokens = torch.randint(0, args.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    # The math attention is plain matrix multiplies, which the counter sees (it has no formula
+    # for the fused CPU kernel); it computes the whole score matrix, as the formula counts it.
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        model(tokens).float().sum().backward()
+    counted, ours = counter.get_total_flops(), flops_per_token(args, seq) * batch * seq
+    assert abs(ours - counted) <= 0.05 * counted, f"formula {ours:.4g} vs torch's counter {counted:.4g}"
+    if args.moe is not None:  # only the activated experts count: all of them would be far more
+        every_expert = dataclasses.replace(args, moe=dataclasses.replace(args.moe, top_k=args.moe.num_experts))
+        assert counted < 0.7 * flops_per_token(every_expert, seq) * batch * seq
+
+
+def test_peak_comes_from_the_config_the_datasheet_or_a_cached_probe(tmp_path, monkeypatch):
+    cpu = torch.device("cpu")
+    assert peak_flops(cpu, torch.float32, 1, configured_tflops=2.5) == (2.5e12, "logging.peak_tflops")
+    assert datasheet_peak("NVIDIA H100 80GB HBM3", "bfloat16") == 989.4e12
+    assert datasheet_peak("NVIDIA H100 PCIe", "bfloat16") == 756e12
+    assert datasheet_peak("NVIDIA H200", "bfloat16") == 989.4e12
+    assert datasheet_peak("NVIDIA A10G", "bfloat16") is None  # probed instead
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    probes = []
+    monkeypatch.setattr(accounting, "probe_peak_flops", lambda *a: probes.append(a) or 1.25e11)
+    first = peak_flops(cpu, torch.float32, 2)
+    assert first[0] == 1.25e11 and "matmul probe" in first[1] and len(probes) == 1
+    assert peak_flops(cpu, torch.float32, 2) == first and len(probes) == 1  # measured once, then cached
+    peak_flops(cpu, torch.float32, 1)  # another number of processes sharing the node: its own figure
+    assert len(probes) == 2 and (tmp_path / "quintet/peak_flops.json").exists()
+
+
+def test_probe_measures_a_plausible_peak():
+    measured = accounting.probe_peak_flops(torch.device("cpu"), torch.float32, seconds=0.05)
+    assert 1e8 < measured < 1e14
+
+
+def test_memory_meter_sees_a_steps_peak_and_resets():
+    meter = MemoryMeter(torch.device("cpu"))
+    meter.reset()
+    before = meter.peak_bytes()
+    block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+    del block
+    assert meter.peak_bytes() >= before + 60 * 2**20
+    meter.reset()
+    assert meter.peak_bytes() < before + 60 * 2**20 or not meter._resettable
+
+
+def test_step_accounting_combines_every_ranks_measurements():
+    gathered = [[3 * 2**30, 0.02, 0.10], [5 * 2**30, 0.01, 0.30]]  # (memory, data wait, comm) per rank
+
+    class Memory:
+        def reset(self):
+            pass
+
+        def peak_bytes(self):
+            return gathered[0][0]
+
+    acc = StepAccounting(flops_per_token=1000, tokens_per_step=4096, world_size=2, peak_flops_total=2e7,
+                         memory=Memory(), gather=lambda mine: gathered, comm_seconds=lambda: 0.1)
+    acc.begin_step()
+    with acc.waiting_for_data():
+        pass
+    m = acc.metrics(step_time_s=0.5)
+    assert m["tokens_per_s"] == 8192 and m["tokens_per_s_per_rank"] == 4096
+    assert m["tflops_per_device"] == pytest.approx(1000 * 8192 / 2 / 1e12)
+    assert m["mfu"] == pytest.approx(1000 * 8192 / 2e7)
+    assert m["memory_gib"] == 5 and m["memory_gib_ranks"] == [3, 5]
+    assert m["data_wait_s"] == 0.02 and m["comm_s"] == pytest.approx(0.2) and m["comm_s_ranks"] == [0.1, 0.3]
+    no_comm = StepAccounting(flops_per_token=1, tokens_per_step=1, world_size=1, peak_flops_total=1, memory=Memory(),
+                             gather=lambda mine: [mine]).metrics(1.0)
+    assert "comm_s" not in no_comm  # no timing exists: not reported as zero
