@@ -22,7 +22,6 @@ Reported: the median step time over the steps after --warmup, and the ratios hol
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -31,6 +30,7 @@ from omegaconf import OmegaConf
 
 from benchmarks.common import emit, median
 from launch.cluster import EmulatedCluster, available
+from runtime.metrics import read_metrics
 
 NICS = ["ib", "ethernet", "ib", "ethernet"]
 MODEL = ["model.n_layers=8", "model.dim=256", "model.n_heads=8", "model.n_kv_heads=4", "model.ffn_dim=688",
@@ -56,7 +56,7 @@ def run(name: str, slow: bool, extra: list[str], steps: int, rate: str, root: Pa
     failed = [r for r in results if r.returncode != 0]
     if failed:
         sys.exit(f"{name}: node {failed[0].node} exited {failed[0].returncode}:\n{failed[0].output[-3000:]}")
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run_dir)
     layers = OmegaConf.load(run_dir / "config.yaml").parallel.pp_layers  # as resolved by the run
     return {"step_times": [r["step_time_s"] for r in records], "losses": [r["loss"] for r in records],
             "pp_layers": None if layers is None else list(layers)}

@@ -107,31 +107,25 @@ def _run(rank: int, world: int, t: float, ms: list[int], repeats: int) -> dict:
 
 
 def draw(per_rank: list[dict], m: int, path: str) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from runtime.plots import COLORS, LABELS, gantt
 
-    colors = {"forward": "#4C72B0", "backward": "#DD8452", "weight": "#55A868", "comm": "#C0C0C0"}
-    fig, axes = plt.subplots(len(KINDS), 1, figsize=(12, 7), sharex=True)
+    fig = Figure(figsize=(12, 7))
+    axes = fig.subplots(len(KINDS), 1, sharex=True)
     for ax, kind in zip(axes, KINDS):
-        start = min(e["ts"] for r in per_rank for e in r[(kind, m)]["events"] if e["cat"] == "step")
-        for rank, r in enumerate(per_rank):
-            for e in r[(kind, m)]["events"]:
-                if e["cat"] in colors:
-                    ax.barh(P - 1 - rank, e["dur"] / 1e3, left=(e["ts"] - start) / 1e3, height=0.8,
-                            color=colors[e["cat"]], edgecolor="white", linewidth=0.3)
-                    if e["cat"] != "comm" and e["dur"] > 15e3:
-                        label = f"{e['name'][0]}{e['args']['mb']}" + (f"·{e['args']['chunk']}" if kind == "interleaved_1f1b" else "")
-                        ax.text((e["ts"] - start + e["dur"] / 2) / 1e3, P - 1 - rank, label, ha="center",
-                                va="center", fontsize=5, color="white")
-        ax.set_yticks(range(P), [f"rank {P - 1 - i}" for i in range(P)])
+        def label(e, kind=kind):
+            if e["dur"] <= 15e3:
+                return None
+            return f"{e['name'][0]}{e['args']['mb']}" + (f"·{e['args']['chunk']}" if kind == "interleaved_1f1b" else "")
+
+        gantt(ax, {rank: r[(kind, m)]["events"] for rank, r in enumerate(per_rank)}, label)
         ax.set_title({"1f1b": "1F1B", "interleaved_1f1b": f"interleaved 1F1B, v={V}", "zero_bubble": "ZB-H1"}[kind]
                      + f" — p={P}, m={m} (measured)", fontsize=10, loc="left")
     axes[-1].set_xlabel("time (ms)")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
-    fig.legend(handles, ["forward", "backward (input grad, or whole)", "weight grad", "waiting on a receive"],
-               loc="lower center", ncol=4, fontsize=8)
+    fig.legend(handles=[Patch(color=COLORS[k], label=LABELS[k]) for k in COLORS], loc="lower center",
+               ncol=len(COLORS), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=130)
 

@@ -56,8 +56,9 @@ class Progress:
     def update(self, m: dict) -> None:
         step = m["step"]
         eta = (self.total - step) * m["step_time_s"]
+        mfu = f"  mfu {m['mfu']:.1%}" if "mfu" in m else ""
         text = (f"step {step}/{self.total}  loss {m['loss']:.4f}  grad_norm {m['grad_norm']:.3f}  "
-                f"lr {m['lr']:.2e}  {m['tokens_per_s']:,.0f} tok/s  mfu {m['mfu']:.1%}  eta {eta:,.0f}s")
+                f"lr {m['lr']:.2e}  {m['tokens_per_s']:,.0f} tok/s{mfu}  eta {eta:,.0f}s")
         if self.tty:
             end = "\n" if step == self.total else ""
             self.stream.write("\r\033[K" + text + end)

@@ -98,10 +98,20 @@ def timeline(traces: dict[int, list[dict]]) -> Figure | None:
         return None
     spans = {rank: [e for e in events if e.get("ph") == "X" and e["args"].get("step") == step]
              for rank, events in sorted(traces.items())}
+    fig = Figure(figsize=(12, 1.4 + 0.5 * len(spans)))
+    ax = fig.subplots()
+    gantt(ax, spans)
+    ax.set_xlabel("time in the step (ms)")
+    ax.set_title(f"per-rank timeline of step {step + 1}", fontsize=10, loc="left")
+    _legend_below(fig, [Patch(color=COLORS[k], label=LABELS[k]) for k in COLORS], inches=0.35)
+    return fig
+
+
+def gantt(ax, spans: dict[int, list[dict]], label=None) -> None:
+    """One lane per rank: its step window (cat "step") as idle background, the spans inside it
+    in their category's colour, and the idle share at the end. `label(event)` names a bar."""
     origin = min(e["ts"] for events in spans.values() for e in events if e["cat"] == "step")
     ranks = list(spans)
-    fig = Figure(figsize=(12, 1.4 + 0.5 * len(ranks)))
-    ax = fig.subplots()
     for row, rank in enumerate(ranks):
         y = len(ranks) - 1 - row
         window = next(e for e in spans[rank] if e["cat"] == "step")
@@ -112,16 +122,16 @@ def timeline(traces: dict[int, list[dict]]) -> Figure | None:
             if e["cat"] not in COLORS:
                 continue
             busy += e["dur"]
-            ax.barh(y, e["dur"] / 1e3, left=(e["ts"] - origin) / 1e3, height=0.8, color=COLORS[e["cat"]],
-                    edgecolor="white", linewidth=0.3)
+            left = (e["ts"] - origin) / 1e3
+            ax.barh(y, e["dur"] / 1e3, left=left, height=0.8, color=COLORS[e["cat"]], edgecolor="white",
+                    linewidth=0.3)
+            text = label(e) if label is not None and e["cat"] != "comm" else None
+            if text:
+                ax.text(left + e["dur"] / 2e3, y, text, ha="center", va="center", fontsize=5, color="white")
         ax.text((window["ts"] + window["dur"] - origin) / 1e3, y, f"  idle {1 - busy / window['dur']:.0%}",
                 va="center", fontsize=7)
     ax.set_yticks(range(len(ranks)), [f"rank {r}" for r in reversed(ranks)])
-    ax.set_xlabel("time in the step (ms)")
-    ax.set_title(f"per-rank timeline of step {step + 1}", fontsize=10, loc="left")
     ax.margins(x=0.08)
-    _legend_below(fig, [Patch(color=COLORS[k], label=LABELS[k]) for k in COLORS], inches=0.35)
-    return fig
 
 
 def _legend_below(fig: Figure, handles: list, inches: float) -> None:

@@ -1,13 +1,13 @@
 """A real single-node Slurm (munge, slurmctld, slurmd from Debian's packages): slurm/train.sbatch
 trains, its run directory comes from the job id, a requeued job resumes from its latest
 checkpoint, and srun tasks find each other from Slurm's variables alone."""
-import json
 import shutil
 import time
 from pathlib import Path
 
 import pytest
 
+from runtime.metrics import read_metrics
 from tests.integration.slurm_local import LocalSlurm, ensure_installed
 from tests.training import SMALL
 
@@ -23,8 +23,7 @@ def slurm(tmp_path_factory):
 
 
 def steps(job) -> list[int]:
-    path = REPO / f"runs/slurm-{job}/metrics.jsonl"
-    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
+    return [r["step"] for r in read_metrics(REPO / f"runs/slurm-{job}")]
 
 
 def test_sbatch_trains_and_a_requeued_job_resumes(slurm):
