@@ -78,9 +78,9 @@ def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, w1, w3, w2) -> torch.T
     e), with the stacked weights w1, w3 [E, dim, hidden] and w2 [E, hidden, dim].
 
     One multiply per expert on its own rows rather than one batched multiply over tokens padded
-    to [E, the busiest expert's rows, dim]: padding makes every expert pay for the busiest one
-    (on 2 CPU cores, a load skewed 655:78 over 8 experts took 2.3× as long padded; balanced, the
-    two are equal), and it would make the executed FLOPs differ from the model's.
+    to [E, the busiest expert's rows, dim]: padding makes every expert pay for the busiest one,
+    so a skewed load would cost more than a balanced one and the executed FLOPs would exceed the
+    model's (runtime/flops.py counts the activated experts only).
     """
     # No early return for zero tokens: the output must stay in the autograd graph, so that a
     # rank that routed nothing still joins the backward's collectives.

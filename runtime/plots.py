@@ -188,7 +188,10 @@ def checkpoints(records: list[dict], events: list[dict]) -> Figure | None:
         ax.barh(row, (done or end) - e["time"], left=start, height=0.6, color="#55A868",
                 hatch=None if done else "//", alpha=0.6 if done else 0.3)
         ax.barh(row, max(e["blocking_s"], 1e-3), left=start, height=0.6, color="#C44E52")
-        labels.append(f"step {step}" + ("" if done else " (not committed)"))
+        flight = f"{done - e['time']:.2f} s to commit" if done else "not committed yet"
+        ax.text(max(done or end, e["time"]) - origin, row, f"  {flight}, loop held {e['blocking_s']:.3f} s",
+                va="center", fontsize=6)
+        labels.append(f"step {step}")
     ax.set_yticks(range(len(labels)), labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("seconds since the first step")
