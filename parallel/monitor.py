@@ -179,7 +179,6 @@ class CollectiveMonitor:
         blocked, self.blocked = self.blocked, 0.0
         return blocked
 
-
     def end_step(self, step: int) -> list[int]:
         """Every `window` steps (a collective): the ranks the others keep waiting for."""
         if self.window <= 0 or step % self.window:

@@ -56,7 +56,7 @@ def throughput(records: list[dict]) -> Figure | None:
     ax_tok.set_ylabel("tokens/s (global)")
     ax_tok.set_ylim(bottom=0)
     # MFU is tokens/s times a constant: one curve, read on either axis.
-    per_token = next(r["mfu"] / r["tokens_per_s"] for r in records if r.get("tokens_per_s"))
+    per_token = [r["mfu"] / r["tokens_per_s"] for r in records if r.get("mfu") and r.get("tokens_per_s")][-1]
     ax_mfu = ax_tok.secondary_yaxis("right", functions=(lambda t: 100 * per_token * t, lambda m: m / (100 * per_token)))
     ax_mfu.set_ylabel("MFU (%)")
     ax_tok.set_title("throughput and model FLOPs utilisation", fontsize=10)

@@ -9,7 +9,6 @@ run's directory anywhere.
 from __future__ import annotations
 
 import html
-import json
 import os
 import statistics
 import time
@@ -79,11 +78,12 @@ def summary(records: list[dict], events: list[dict]) -> list[tuple[str, str]]:
     steady = records[len(records) // 5:] or records  # without the first steps' warm-up
     rows = [("steps done", str(last["step"])), ("last loss", f"{last['loss']:.4f}"),
             ("tokens/s (median)", f"{statistics.median(r['tokens_per_s'] for r in steady):,.0f}")]
-    if "mfu" in last:
-        rows += [("MFU (median)", f"{statistics.median(r['mfu'] for r in steady):.1%}"),
-                 ("TFLOP/s per device (median)", f"{statistics.median(r['tflops_per_device'] for r in steady):.3g}"),
-                 ("model FLOPs per token", f"{last['flops_per_token']:.4g}"),
-                 ("peak memory (max over ranks)", f"{max(r['memory_gib'] for r in records):.2f} GiB")]
+    accounted = [r for r in steady if "mfu" in r]  # steps of a launch before issue 14's metrics have none
+    if accounted:
+        rows += [("MFU (median)", f"{statistics.median(r['mfu'] for r in accounted):.1%}"),
+                 ("TFLOP/s per device (median)", f"{statistics.median(r['tflops_per_device'] for r in accounted):.3g}"),
+                 ("model FLOPs per token", f"{accounted[-1]['flops_per_token']:.4g}"),
+                 ("peak memory (max over ranks)", f"{max(r['memory_gib'] for r in accounted):.2f} GiB")]
     start = [e for e in events if e["event"] == "start"]
     if start:
         rows.append(("peak TFLOP/s per device", f"{start[-1]['peak_tflops_per_device']:.4g} "
@@ -115,6 +115,6 @@ pre{{background:#f6f6f6;padding:1em;overflow:auto;max-height:30em}}</style></hea
 <code>python -m launch.report {html.escape(str(run_dir))}</code></p>
 <table>{rows}</table>{sections}{note}
 <h2>Configuration</h2><pre>{config_text}</pre>
-<p class=note>Raw records: metrics.jsonl {json.dumps(len(records))} steps, {len(events)} events.</p>
+<p class=note>Raw records: metrics.jsonl, {len(records)} steps and {len(events)} events.</p>
 </body></html>
 """

@@ -20,11 +20,10 @@ plan changes.
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.checkpoint import checkpoint
 
 from parallel.expert import AllToAllV, moe_common
@@ -37,19 +36,25 @@ MATRICES = ("w1", "w3", "w2")
 
 
 class MaterializedMemory:
-    """Bytes of materialised (gathered) expert weights alive now, and the peak, on this rank."""
+    """Bytes of materialised (gathered) expert weights alive now, and the peak, on this rank.
+
+    Alive means the storage is: autograd keeps a weight for backward through the per-expert views
+    it saved (runtime.moe.grouped_swiglu) after the stacked tensor itself is gone. The amount
+    only grows when weights are materialised, so the peak is taken there.
+    """
 
     def __init__(self):
-        self.live = self.peak = 0
+        self.peak = 0
+        self._tracked: list[tuple[StorageWeakRef, int]] = []
+
+    @property
+    def live(self) -> int:
+        self._tracked = [(ref, n) for ref, n in self._tracked if not ref.expired()]
+        return sum(n for _, n in self._tracked)
 
     def track(self, t: torch.Tensor) -> None:
-        n = t.numel() * t.element_size()
-        self.live += n
+        self._tracked.append((StorageWeakRef(t.untyped_storage()), t.numel() * t.element_size()))
         self.peak = max(self.peak, self.live)
-        weakref.finalize(t, self._free, n)
-
-    def _free(self, n: int) -> None:
-        self.live -= n
 
 
 class SparseMaterialize(torch.autograd.Function):

@@ -87,25 +87,33 @@ def _placement_changes(rank, world):
     from launch.config import compose
     from launch.train import setup
 
-    run = setup(compose(["model=tiny_moe", "model.moe.expert_ffn_dim=48", "train.micro_batch_size=1",
-                         "parallel.moe_backend=fssdp", "parallel.ep=4", "parallel.fssdp.reshard_every=5",
-                         "parallel.fssdp.hot=3", "parallel.fssdp.budget=2", "model.n_layers=2", "train.seq_len=32",
-                         "train.global_batch_size=8", "model.dim=64", "model.n_heads=4", "model.n_kv_heads=2",
-                         "model.ffn_dim=96", SCRATCH_RUN_DIR]))
+    overrides = ["model=tiny_moe", "model.moe.expert_ffn_dim=48", "train.micro_batch_size=1",
+                 "parallel.moe_backend=fssdp", "parallel.ep=4", "parallel.fssdp.reshard_every=5",
+                 "parallel.fssdp.hot=3", "parallel.fssdp.budget=2", "model.n_layers=2", "train.seq_len=32",
+                 "train.global_batch_size=8", "model.dim=64", "model.n_heads=4", "model.n_kv_heads=2",
+                 "model.ffn_dim=96", SCRATCH_RUN_DIR]
+    run = setup(compose(overrides))
     layers = run.parallel.fssdp_layers()
     initial = [list(x.owners) for x in layers]
     for step in range(20):
         run.trainer.train_step(step)
+    # Re-materialisation gathers a layer's experts again in its backward instead of keeping them
+    # from forward: at most one layer's are alive at a time.
+    remat = setup(compose(overrides + ["parallel.fssdp.rematerialize=true"]))
+    for step in range(2):
+        remat.trainer.train_step(step)
     return ([x.gathered_rows for x in layers], [x.owners != o for x, o in zip(layers, initial)],
-            [x.w1.shape[0] for x in layers])
+            [x.w1.shape[0] for x in layers], (run.parallel.fssdp_memory.peak, remat.parallel.fssdp_memory.peak))
 
 
-def test_fssdp_replicates_and_reshards():
+def test_fssdp_replicates_reshards_and_rematerialises():
     out = run_ranks(_placement_changes, 4)
-    assert sum(sum(rows) for rows, _, _ in out) > 0, "no expert was ever replicated"
-    assert all(any(changed) for _, changed, _ in out), "ownership never changed"
-    owned = [sum(n[i] for _, _, n in out) for i in range(2)]
+    assert sum(sum(rows) for rows, _, _, _ in out) > 0, "no expert was ever replicated"
+    assert all(any(changed) for _, changed, _, _ in out), "ownership never changed"
+    owned = [sum(n[i] for _, _, n, _ in out) for i in range(2)]
     assert owned == [8, 8]  # every expert still owned exactly once
+    for _, _, _, (kept, rematerialised) in out:
+        assert 0 < rematerialised <= 0.6 * kept, (kept, rematerialised)
 
 
 def test_fssdp_checkpoints_load_into_expert_parallelism_and_back(tmp_path):
