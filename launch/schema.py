@@ -126,6 +126,7 @@ class ParallelConfig:
     dp_impl: DataParallel = DataParallel.fsdp  # how data parallelism shards and reduces
     dp_replicate: int = 1  # HSDP: replicas of an FSDP group sharded over dp·cp/dp_replicate ranks
     reshard_after_forward: bool = True  # false = ZeRO-2-like: keep gathered parameters until backward
+    reduce_dtype: str = "float32"  # FSDP2 gradient reduction precision under train.dtype=bfloat16: float32 | bfloat16
     activation_checkpoint: ActivationCheckpoint = ActivationCheckpoint.none  # none | full | selective
     moe_backend: str = "ep"  # MoE layers: ep (expert parallelism) | fssdp (Hecate's sparse data parallelism)
     fssdp: FSSDPConfig = field(default_factory=FSSDPConfig)
@@ -145,6 +146,8 @@ class TrainConfig:
     dtype: DType = DType.float32  # precision of the step
     device: Device = Device.auto  # where the model runs
     skip_nonfinite: int = 3  # skip up to K steps in a row whose loss or grad norm is NaN/Inf; stop at K+1
+    compile: bool = False  # torch.compile each Transformer block (after activation checkpointing, before FSDP)
+    compile_mode: str = "default"  # default | max-autotune-no-cudagraphs; reduce-overhead | max-autotune use CUDA graphs
 
 
 @dataclass
@@ -159,6 +162,7 @@ class OptimConfig:
     warmup_steps: int = 20  # linear warm-up from lr/warmup_steps to lr
     min_lr_ratio: float = 0.1  # cosine decays to lr·min_lr_ratio at train.steps
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    fused: Optional[bool] = None  # fused AdamW kernel; null = on CUDA, the foreach kernel on CPU
 
 
 @dataclass

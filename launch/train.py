@@ -18,6 +18,7 @@ from datetime import timedelta
 import hydra
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import MixedPrecisionPolicy
 from omegaconf import DictConfig, OmegaConf
 
 from launch import config as launch_config
@@ -93,6 +94,14 @@ def autocast_dtype(cfg) -> torch.dtype | None:
     return torch.bfloat16 if cfg.train.dtype.value == "bfloat16" else None
 
 
+def fsdp_mixed_precision(cfg) -> MixedPrecisionPolicy | None:
+    """bf16 runs: FSDP2 gathers parameters in bf16 and reduces gradients in parallel.reduce_dtype
+    (fp32 by default); the sharded fp32 parameters are the master weights."""
+    if cfg.train.dtype.value != "bfloat16":
+        return None
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=getattr(torch, cfg.parallel.reduce_dtype))
+
+
 @dataclass
 class TrainingRun:
     """Everything `setup` assembles on this rank; `run` trains with it."""
@@ -147,7 +156,9 @@ def setup(cfg: DictConfig) -> TrainingRun:
         os.makedirs(cfg.run_dir, exist_ok=True)
         with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
             f.write(OmegaConf.to_yaml(cfg, resolve=True))
-    par = parallelize(model, groups, cfg.parallel, cross_entropy_sum, cfg.train.seq_len, launch.local_world_size)
+    par = parallelize(model, groups, cfg.parallel, cross_entropy_sum, cfg.train.seq_len, launch.local_world_size,
+                      compile_mode=cfg.train.compile_mode if cfg.train.compile else None,
+                      mp_policy=fsdp_mixed_precision(cfg))
 
     # 5. Real storage and the same initial values as one process.
     par.materialize(device, cfg.seed)
@@ -161,7 +172,7 @@ def setup(cfg: DictConfig) -> TrainingRun:
                  device, cfg.run_dir)
 
     # 6. Optimizer, schedule, data, checkpoints; resume when a checkpoint exists.
-    optimizer = build_optimizer(par.parameters(), cfg.optim, cfg.train.lr)
+    optimizer = build_optimizer(par.parameters(), cfg.optim, cfg.train.lr, device)
     schedule = Schedule(cfg.train.lr, cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio)
     tokens = load_tokens(cfg.data.name, cfg.data.path, args.vocab_size, cfg.seed)
     loader = BatchLoader(tokens, cfg.train.seq_len, cfg.train.global_batch_size,

@@ -10,6 +10,7 @@ import os
 import torch
 from omegaconf import OmegaConf
 
+from parallel.compile import CUDA_GRAPH_MODES, MODES as COMPILE_MODES
 from parallel.mesh import Topology, TopologyError
 from parallel.pipeline.partition import PartitionError, stage_layers
 from parallel.pipeline.schedules import SCHEDULES
@@ -150,6 +151,10 @@ def _train_problems(cfg, topo: Topology | None) -> list[str]:
     if m.window < 0 or not 0 < m.slow_fraction < 1:
         out.append(f"monitor.window={m.window} must be ≥ 0 and monitor.slow_fraction={m.slow_fraction} "
                    "between 0 and 1 (exclusive)")
+    if t.compile_mode not in COMPILE_MODES:
+        out.append(f"train.compile_mode={t.compile_mode!r} is unknown; valid: {', '.join(COMPILE_MODES)}")
+    if cfg.parallel.reduce_dtype not in ("float32", "bfloat16"):
+        out.append(f"parallel.reduce_dtype={cfg.parallel.reduce_dtype!r} is unknown; valid: float32, bfloat16")
     if cfg.logging.peak_tflops is not None and not cfg.logging.peak_tflops > 0:
         out.append(f"logging.peak_tflops={cfg.logging.peak_tflops} must be > 0 (TFLOP/s per device), or null for "
                    "the datasheet figure (H100/H200) or a measured matmul peak")
@@ -174,6 +179,10 @@ def _device_problems(cfg) -> list[str]:
     if cuda and dtype == "float64":
         out.append("train.dtype=float64 is for CPU exactness tests; on CUDA use float32 or bfloat16 "
                    "(or train.device=cpu)")
+    mode = cfg.train.compile_mode
+    if cfg.train.compile and mode in CUDA_GRAPH_MODES and not cuda:
+        out.append(f"train.compile_mode={mode} captures CUDA graphs, which need a CUDA device; on "
+                   f"{device} use default or max-autotune-no-cudagraphs")
     return out
 
 

@@ -14,12 +14,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool = True,
-               expert_mesh: DeviceMesh | None = None, experts: list[nn.Module] = ()) -> nn.Module:
+               expert_mesh: DeviceMesh | None = None, experts: list[nn.Module] = (),
+               mp_policy: MixedPrecisionPolicy | None = None) -> nn.Module:
     """Shard every Transformer block, then the rest (embedding, final norm, head) at the root.
 
     Call on the meta-device model; parameters become DTensors sharded on dim 0 over `mesh`
@@ -29,17 +30,23 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool =
 
     MoE `experts` modules are replicated over a different group (EDP): they get their own FSDP
     units on `expert_mesh`, or — when EDP has one rank — stay outside FSDP altogether.
+
+    `mp_policy` (bf16 training): parameters are gathered and computed in bf16 while the sharded
+    fp32 parameters stay the master copy the optimizer updates; gradients are reduced in the
+    policy's reduce dtype (fp32 by default) and kept in fp32.
     """
+    mp = {"mp_policy": mp_policy} if mp_policy is not None else {}
     ignored = set()
     for module in experts:
         if expert_mesh is not None:
-            fully_shard(module, mesh=expert_mesh, reshard_after_forward=reshard_after_forward)
+            fully_shard(module, mesh=expert_mesh, reshard_after_forward=reshard_after_forward, **mp)
         else:
             ignored |= set(module.parameters())
     for layer in model.layers.values():
-        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored or None)
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored or None,
+                    **mp)
     # The root's parameters are used again right at the start of backward: keep them gathered.
-    fully_shard(model, mesh=mesh, reshard_after_forward=False, ignored_params=ignored or None)
+    fully_shard(model, mesh=mesh, reshard_after_forward=False, ignored_params=ignored or None, **mp)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             # Each FSDP group has its own settings. A divide factor of 1 turns the mean into a

@@ -16,9 +16,11 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from parallel.activation_checkpoint import apply_ac
 from parallel.collectives import all_gather_along, all_gather_tensor, all_reduce_grads
+from parallel.compile import apply_compile
 from parallel.context import apply_cp
 from parallel.data_parallel import apply_ddp, apply_fsdp
 from parallel.expert import apply_ep
@@ -247,9 +249,12 @@ def split_for_pipeline(model: nn.Module, layers: range, first: bool, last: bool)
 
 
 def parallelize(model: nn.Module, groups: Groups, parallel, loss_fn: Callable, seq_len: int,
-                node_size: int = 0) -> Parallelized:
+                node_size: int = 0, compile_mode: str | None = None,
+                mp_policy: MixedPrecisionPolicy | None = None) -> Parallelized:
     """Rewrite the meta-device `model` into this rank's chunks. `loss_fn` is the single-process
-    loss, replaced where a parallelism computes it differently (vocabulary-parallel with TP)."""
+    loss, replaced where a parallelism computes it differently (vocabulary-parallel with TP).
+    `compile_mode`: torch.compile each block in that mode (None: eager). `mp_policy`: FSDP2's
+    mixed precision (parameters gathered in bf16, gradients reduced in `parallel.reduce_dtype`)."""
     topo, plan = groups.topology, ShardingPlan()
     init_full = model.init_full
     # 1. Pipeline split.
@@ -289,6 +294,10 @@ def parallelize(model: nn.Module, groups: Groups, parallel, loss_fn: Callable, s
     # 5. Activation checkpointing.
     for chunk in chunks:
         apply_ac(chunk, parallel.activation_checkpoint.value)
+    # 6. Compile each block.
+    if compile_mode is not None:
+        for chunk in chunks:
+            apply_compile(chunk, compile_mode)
     # 7. Data parallelism (DDP wraps after materialisation; pipelined DDP reduces by hand).
     if groups["dp_cp"] is not None and parallel.dp_impl.value == "fsdp":
         mesh = groups.hsdp_mesh() if topo.dp_replicate > 1 else groups.device_mesh("dp_cp")
@@ -297,6 +306,7 @@ def parallelize(model: nn.Module, groups: Groups, parallel, loss_fn: Callable, s
         expert_mesh = groups.device_mesh("edp") if groups["edp"] is not None else None
         for chunk in chunks:
             experts = [m.experts for m in moe_layers.values() if any(m is x for x in chunk.modules())]
-            apply_fsdp(chunk, mesh, reshard_after_forward=reshard, expert_mesh=expert_mesh, experts=experts)
+            apply_fsdp(chunk, mesh, reshard_after_forward=reshard, expert_mesh=expert_mesh, experts=experts,
+                       mp_policy=mp_policy)
     return Parallelized(chunks, stages, loss_fn, plan, groups, parallel, init_full, store, positions, moe_layers,
                         model.args, memory)

@@ -6,8 +6,10 @@ import math
 import torch
 
 
-def build_optimizer(params, optim, lr: float) -> torch.optim.Optimizer:
-    """AdamW over `params` (this rank's parameters, of any number of model chunks)."""
+def build_optimizer(params, optim, lr: float, device: torch.device | None = None) -> torch.optim.Optimizer:
+    """AdamW over `params` (this rank's parameters, of any number of model chunks): the fused
+    kernel (one launch per parameter group) where `optim.fused` says so or, when it is null, on
+    CUDA; the foreach kernel otherwise."""
     if optim.name != "adamw":
         raise ValueError(f"optim.name={optim.name!r} is unknown; valid: adamw")
     groups: dict[tuple[bool, type], list] = {}
@@ -18,8 +20,9 @@ def build_optimizer(params, optim, lr: float) -> torch.optim.Optimizer:
         groups.setdefault((p.dim() >= 2, type(p)), []).append(p)
     param_groups = [{"params": ps, "weight_decay": optim.weight_decay if decay else 0.0}
                     for (decay, _), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1].__name__))]
-    return torch.optim.AdamW(param_groups, lr=lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
-                             foreach=True)
+    fused = optim.fused if optim.fused is not None else device is not None and device.type == "cuda"
+    kernel = {"fused": True} if fused else {"foreach": True}
+    return torch.optim.AdamW(param_groups, lr=lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, **kernel)
 
 
 def lr_at(step: int, peak: float, warmup: int, total: int, min_ratio: float) -> float:

@@ -1,4 +1,5 @@
-"""Options of the training run that the parity tests do not cover: bf16 autocast, synthetic data."""
+"""Options of the training run that the parity tests do not cover: bf16 autocast and FSDP2 mixed
+precision, the fused AdamW kernel, synthetic data."""
 import pytest
 
 from tests.training import losses, train
@@ -17,3 +18,44 @@ def test_bfloat16_autocast_tracks_fp32_within_its_tolerance(tmp_path, layout):
 def test_synthetic_data_is_learnable(tmp_path):
     records = train(tmp_path, ["data=synthetic", "train.steps=60", "train.lr=1e-2"])
     assert records[-1]["loss"] < 0.6 * records[0]["loss"]
+
+
+def _bf16_fsdp(rank, world, reduce_dtype):
+    """What FSDP2's mixed precision does in a bf16 step: the dtype a projection computes with, the
+    master parameters' and their gradients' dtype; and which AdamW kernel runs."""
+    import torch
+    import torch.distributed as dist
+
+    from launch.config import compose
+    from launch.train import setup
+    from tests.training import SCRATCH_RUN_DIR, SMALL
+
+    run = setup(compose([*SMALL, "train.dtype=bfloat16", "parallel.dp=2", f"parallel.reduce_dtype={reduce_dtype}",
+                         "optim.fused=true", SCRATCH_RUN_DIR]))
+    block = run.parallel.chunks[0].layers["0"]
+    seen, reduced = [], set()
+    block.attention.wq.register_forward_pre_hook(lambda module, args: seen.append(module.weight.dtype))
+    name = "reduce_scatter_single" if hasattr(dist, "reduce_scatter_single") else "reduce_scatter_tensor"
+    original = getattr(dist, name)
+
+    def recording(output, input, *args, **kwargs):
+        reduced.add(str(input.dtype))
+        return original(output, input, *args, **kwargs)
+
+    setattr(dist, name, recording)  # what FSDP2 calls to reduce gradients
+    run.trainer.forward_backward(run.trainer.loader.step(0))
+    setattr(dist, name, original)
+    master = block.attention.wq.weight
+    return {"compute": seen[0], "master": master.dtype, "grad": master.grad.dtype, "reduced": reduced,
+            "fused": run.optimizer.defaults["fused"], "bf16": torch.bfloat16}
+
+
+@pytest.mark.parametrize("reduce_dtype", ["float32", "bfloat16"])
+def test_bfloat16_fsdp_computes_in_bf16_on_fp32_master_weights(reduce_dtype):
+    from launch.spawn import run_ranks
+
+    for r in run_ranks(_bf16_fsdp, 2, args=(reduce_dtype,)):
+        assert r["compute"] == r["bf16"], "FSDP2 gathered the parameters in fp32"
+        assert str(r["master"]) == str(r["grad"]) == "torch.float32"  # the optimizer updates fp32
+        assert r["reduced"] == {f"torch.{reduce_dtype}"}
+        assert r["fused"] is True

@@ -42,6 +42,8 @@ MATRIX = [
     (["train.lr=0"], "train.lr=0.0 must be > 0"),
     (["train.steps=0"], "train.steps=0 must be ≥ 1"),
     (["train.skip_nonfinite=-1"], "train.skip_nonfinite=-1 must be ≥ 0"),
+    (["train.compile_mode=fast"], "train.compile_mode='fast' is unknown; valid: default, reduce-overhead"),
+    (["parallel.reduce_dtype=float16"], "parallel.reduce_dtype='float16' is unknown; valid: float32, bfloat16"),
     (["logging.peak_tflops=0"], "logging.peak_tflops=0.0 must be > 0 (TFLOP/s per device)"),
     (["checkpoint.every=-1"], "checkpoint.every=-1 must be ≥ 0"),
     (["checkpoint.keep_last=-2"], "checkpoint.keep_last=-2 must be ≥ 0"),
@@ -57,6 +59,8 @@ MATRIX = [
 ]
 if not torch.cuda.is_available():
     MATRIX.append((["train.device=cuda"], "train.device=cuda but no CUDA device is available"))
+    MATRIX.append((["train.compile=true", "train.compile_mode=reduce-overhead"],
+                   "train.compile_mode=reduce-overhead captures CUDA graphs, which need a CUDA device"))
 
 # Runs each configuration as `python -m launch.train` would, in a child forked from one process
 # that imported launch.train once (a fresh interpreter per case would cost ~3 s each).
