@@ -14,6 +14,7 @@ import torch.distributed as dist
 from parallel.mesh import Topology
 from parallel.pipeline.auto_partition import LayerCosts, balance, rank_times, reduction_factor
 from parallel.placement import RankInfo, described_ranks, holmes_placement
+from runtime.accounting import probe_peak_flops
 
 GBIT = 1e9 / 8  # bytes per second in one Gbit/s
 
@@ -44,20 +45,6 @@ def place(topo: Topology, ranks: list[RankInfo], cluster, how: str) -> Topology:
 
 
 # --- rates for the self-adapting partition ------------------------------------------------------
-
-def matmul_flops(device: torch.device, n: int = 256, seconds: float = 0.2) -> float:
-    """This rank's sustained FLOP/s on n×n matrix products (all ranks probe at once, so shared
-    cores are shared here as in training)."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    a @ b
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        done += 1
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return 2 * n ** 3 * done / (time.perf_counter() - start)
-
 
 def allreduce_bandwidth(group, size: int, device: torch.device, nbytes: int = 1 << 22) -> float:
     """Bus bandwidth (bytes/s) of an all-reduce over `group`; infinite for a group of one."""
@@ -100,7 +87,8 @@ def stage_rates(cfg, topo: Topology, groups, ranks: list[RankInfo], device: torc
     cluster = cfg.cluster
     described_flops = bool(cluster.nodes) and all(n.tflops for n in cluster.nodes)
     described_bw = bool(cluster.nodes)
-    flops = 0.0 if described_flops else matmul_flops(device)
+    # All ranks probe at once, so shared cores are shared here as in training.
+    flops = 0.0 if described_flops else probe_peak_flops(device, torch.float32, seconds=0.2, n=256)
     bw = 0.0 if described_bw else allreduce_bandwidth(groups["dp_cp"], groups.size("dp_cp"), device)
     measured = [(flops, bw)]
     if dist.is_initialized() and dist.get_world_size() > 1:
