@@ -5,11 +5,16 @@ import pytest
 from tests.training import losses, train
 
 
+@pytest.fixture(scope="module")
+def fp32_reference(tmp_path_factory):
+    return train(tmp_path_factory.mktemp("fp32"), ["train.dtype=float32"])
+
+
 @pytest.mark.parametrize("layout", [["parallel.dp=2"], ["parallel.tp=2", "parallel.sp=true"]])
-def test_bfloat16_autocast_tracks_fp32_within_its_tolerance(tmp_path, layout):
+def test_bfloat16_autocast_tracks_fp32_within_its_tolerance(tmp_path, layout, fp32_reference):
     """bf16 is allowed to differ (DESIGN.md Section 5); its documented bound is 2% per step
     over 20 steps of the small model."""
-    ref = train(tmp_path / "fp32", ["train.dtype=float32"])
+    ref = fp32_reference
     bf16 = train(tmp_path / "bf16", ["train.dtype=bfloat16", *layout], world_size=2)
     worst = max(abs(a - b) / a for a, b in zip(losses(ref), losses(bf16)))
     assert 0 < worst < 0.02, worst  # > 0: autocast really ran in bf16
@@ -20,7 +25,11 @@ def test_synthetic_data_is_learnable(tmp_path):
     assert records[-1]["loss"] < 0.6 * records[0]["loss"]
 
 
-def _bf16_fsdp(rank, world, reduce_dtype):
+def _bf16_fsdp(rank, world):
+    return {reduce_dtype: _bf16_fsdp_step(reduce_dtype) for reduce_dtype in ("float32", "bfloat16")}
+
+
+def _bf16_fsdp_step(reduce_dtype):
     """What FSDP2's mixed precision does in a bf16 step: the dtype a projection computes with, the
     master parameters' and their gradients' dtype; and which AdamW kernel runs."""
     import torch
@@ -50,11 +59,10 @@ def _bf16_fsdp(rank, world, reduce_dtype):
             "fused": run.optimizer.defaults["fused"], "bf16": torch.bfloat16}
 
 
-@pytest.mark.parametrize("reduce_dtype", ["float32", "bfloat16"])
-def test_bfloat16_fsdp_computes_in_bf16_on_fp32_master_weights(reduce_dtype):
+def test_bfloat16_fsdp_computes_in_bf16_on_fp32_master_weights():
     from launch.spawn import run_ranks
 
-    for r in run_ranks(_bf16_fsdp, 2, args=(reduce_dtype,)):
+    for reduce_dtype, r in ((d, r) for ranks in run_ranks(_bf16_fsdp, 2) for d, r in ranks.items()):
         assert r["compute"] == r["bf16"], "FSDP2 gathered the parameters in fp32"
         assert str(r["master"]) == str(r["grad"]) == "torch.float32"  # the optimizer updates fp32
         assert r["reduced"] == {f"torch.{reduce_dtype}"}

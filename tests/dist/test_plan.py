@@ -1,0 +1,51 @@
+"""The planner against the real thing: the parameter elements it says each rank holds are those
+parallelize() gives it, for every parallelism that splits them."""
+import pytest
+
+from launch.config import compose
+from launch.spawn import run_ranks
+from parallel.plan.memory import rank_elements
+from runtime.model import ModelArgs
+from tests.training import SCRATCH_RUN_DIR
+
+MOE = ["model=tiny_moe", "model.n_layers=4"]
+LAYOUTS = {  # name: (world, overrides)
+    "dp2-fsdp": (2, ["model=tiny"]),
+    "dp2-ddp": (2, ["model=tiny", "parallel.dp_impl=ddp"]),
+    "tp2-sp": (2, ["model=tiny", "parallel.tp=2", "parallel.sp=true"]),
+    "tp4-kv-replicated": (4, ["model=tiny", "parallel.tp=4", "model.n_kv_heads=2"]),
+    "pp2-vpp2": (2, ["model=tiny", "parallel.pp=2", "parallel.vpp=2", "parallel.schedule=interleaved_1f1b"]),
+    "cp2": (2, ["model=tiny", "parallel.cp=2"]),
+    "moe-ep2": (2, MOE + ["parallel.ep=2"]),
+    "moe-ep2-dp4": (4, MOE + ["parallel.ep=2"]),
+    "moe-tp2-ep2-etp2": (4, MOE + ["parallel.tp=2", "parallel.sp=true", "parallel.ep=2", "parallel.etp=2"]),
+    "moe-pp2-ep2": (4, MOE + ["parallel.pp=2", "parallel.ep=2"]),
+}
+
+
+def _held(rank, world, layouts):
+    """Per layout: (parameter elements this rank holds, its pipeline rank)."""
+    from launch.train import setup
+
+    out = []
+    for overrides in layouts:
+        run = setup(compose([*overrides, "checkpoint.pool_mb=8", SCRATCH_RUN_DIR]))
+        local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in run.parallel.parameters())
+        out.append((local, run.groups.index("pp")))
+    return out
+
+
+@pytest.mark.parametrize("world", sorted({w for w, _ in LAYOUTS.values()}))
+def test_elements_per_rank_are_what_parallelize_gives(world):
+    names = [n for n, (w, _) in LAYOUTS.items() if w == world]
+    per_rank = run_ranks(_held, world, args=([LAYOUTS[n][1] for n in names],))
+    for i, name in enumerate(names):
+        cfg = compose([*LAYOUTS[name][1], SCRATCH_RUN_DIR])
+        p = cfg.parallel
+        args = ModelArgs.from_config(cfg.model)
+        dp = world // (p.tp * p.pp * p.cp)
+        etp = p.tp if p.etp == -1 else p.etp
+        for ranks in per_rank:
+            held, pp_rank = ranks[i]
+            expected = rank_elements(args, p.tp, p.pp, p.vpp, p.cp, dp, p.ep, etp, p.dp_impl.value == "fsdp", pp_rank)
+            assert held == expected, (name, held, expected)
