@@ -3,26 +3,16 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import time
 
 import torch
 
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from runtime.accounting import cpu_name
 
 
 def machine() -> dict:
-    return {"cpu": cpu_model(), "cores": os.cpu_count(),
+    return {"cpu": cpu_name(), "cores": os.cpu_count(),
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "date": time.strftime("%Y-%m-%d")}
 

@@ -68,7 +68,8 @@ def _cache_path() -> Path:
     return Path(base) / "quintet" / "peak_flops.json"
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU model as /proc/cpuinfo names it."""
     with contextlib.suppress(OSError):
         match = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
         if match:
@@ -88,7 +89,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype, local_world_size: int,
         if peak is not None:
             return peak, f"datasheet: {name}, {dtype_name}"
     else:
-        name = _cpu_name()
+        name = cpu_name()
     key = f"{platform.node()}|{name}|{dtype_name}|threads={torch.get_num_threads()}|procs={local_world_size}"
     path = _cache_path()
     cache: dict = {}
