@@ -30,7 +30,15 @@ def one_node(run_dir, overrides, nproc=4):
     return read_metrics(run_dir)
 
 
-def test_two_nodes_match_one_node_and_talk_over_the_namespaces(tmp_path):
+def median_step_time(run_dir) -> float:
+    times = sorted(r["step_time_s"] for r in read_metrics(run_dir)[2:])
+    return times[len(times) // 2]
+
+
+def test_two_nodes_match_one_node_talk_over_the_namespaces_and_feel_a_rate_limit(tmp_path):
+    """tp=2 inside a node, dp=2 across: the losses of one node, traffic over the namespaces'
+    addresses; then one node's link at 20 Mbit/s, which the data-parallel reductions cross every
+    step, makes the same run measurably slower."""
     reference = one_node(tmp_path / "one", LAYOUT)
     with EmulatedCluster(2) as cluster:
         results = cluster.torchrun(2, LAYOUT, str(tmp_path / "two"), deadline_s=240)
@@ -45,24 +53,11 @@ def test_two_nodes_match_one_node_and_talk_over_the_namespaces(tmp_path):
     assert match and match.group(1) == address0 and match.group(2).startswith("qv"), log[-2000:]
     assert leftovers_inside  # the namespaces existed while the cluster was up...
     assert not cluster.leftovers()  # ...and are gone
-
-
-def median_step_time(run_dir) -> float:
-    times = sorted(r["step_time_s"] for r in read_metrics(run_dir)[2:])
-    return times[len(times) // 2]
-
-
-def test_a_rate_limited_link_makes_the_run_measurably_slower(tmp_path):
-    """One node's link at 100 Mbit/s: the data-parallel reductions cross it every step."""
-    overrides = ["model.dim=256", "model.ffn_dim=512", "model.n_heads=8", "model.n_kv_heads=4", "model.n_layers=2",
-                 "train.seq_len=64", "train.steps=6", "train.global_batch_size=8", "train.micro_batch_size=4"]
-    timings = {}
-    for name, rates in (("fast", None), ("slow", [None, "100mbit"])):
-        with EmulatedCluster(2, rates=rates) as cluster:
-            results = cluster.torchrun(1, overrides, str(tmp_path / name), deadline_s=240)
-        assert [r.returncode for r in results] == [0, 0], results[0].output[-3000:]
-        timings[name] = median_step_time(tmp_path / name)
-    assert timings["slow"] > 1.5 * timings["fast"], timings
+    with EmulatedCluster(2, rates=[None, "20mbit"]) as cluster:
+        slow = cluster.torchrun(2, LAYOUT, str(tmp_path / "slow"), deadline_s=240)
+    assert [r.returncode for r in slow] == [0, 0], slow[0].output[-3000:]
+    fast_s, slow_s = median_step_time(tmp_path / "two"), median_step_time(tmp_path / "slow")
+    assert slow_s > 1.5 * fast_s, (fast_s, slow_s)
 
 
 def test_nothing_is_left_behind_when_the_run_fails(tmp_path):
