@@ -51,12 +51,11 @@ def main() -> None:
     results = {}
     for name, (world, overrides) in CASES.items():
         cfg = compose([*overrides, "run_dir=unused"])
-        p, args = cfg.parallel, ModelArgs.from_config(cfg.model)
+        args = ModelArgs.from_config(cfg.model)
         per_token, share = block_activations(args, torch.float32)
-        layout = Layout(p.tp, p.pp, p.vpp, p.cp, world // (p.tp * p.pp * p.cp), p.ep, p.tp if p.etp == -1 else p.etp,
-                        cfg.train.micro_batch_size, p.activation_checkpoint.value, p.schedule, p.moe_backend)
+        layout = Layout.from_config(cfg, world)
         estimate = estimate_memory(args, layout, seq_len=cfg.train.seq_len, global_batch_size=cfg.train.global_batch_size,
-                                   dtype="float32", dp_impl=p.dp_impl.value,
+                                   dtype="float32", dp_impl=cfg.parallel.dp_impl.value,
                                    calibration=Calibration(floors[world], per_token, share))
         measured = measured_peak(world, overrides)
         results[name] = {"estimate_mb": round(estimate.total / 1e6, 1), "measured_mb": round(measured / 1e6, 1),

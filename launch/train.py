@@ -197,7 +197,7 @@ def setup(cfg: DictConfig) -> TrainingRun:
         monitor = CollectiveMonitor(rank, topo.world_size, hang_timeout_s=cfg.monitor.hang_timeout_s,
                                     window=cfg.monitor.window, slow_fraction=cfg.monitor.slow_fraction,
                                     run_dir=cfg.run_dir, group_names={k: "/".join(v) for k, v in names.items()},
-                                    on_hang=lambda event: (metrics.event(event), metrics.close()))
+                                    on_hang=lambda event: (metrics.event(event), metrics.close(send_report=False)))
     tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
     trainer = Trainer(
         parallel=par, optimizer=optimizer, schedule=schedule, loader=loader,

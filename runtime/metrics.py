@@ -121,9 +121,12 @@ class MetricsSink:
         if self.active:
             logging.getLogger("quintet").warning(message)
 
-    def close(self) -> None:
+    def close(self, send_report: bool = True) -> None:
+        """Finish the wandb run, after sending it the report's figures (not when the process is
+        about to exit on a hang: drawing is not worth the delay there)."""
         if self.wandb is not None:
-            self._send_report()
+            if send_report:
+                self._send_report()
             self.wandb.finish()
             self.wandb = None
 

@@ -27,6 +27,13 @@ class Layout:
     schedule: str  # 1f1b | interleaved_1f1b | zero_bubble
     moe_backend: str  # ep | fssdp
 
+    @classmethod
+    def from_config(cls, cfg: DictConfig, world: int) -> "Layout":
+        """The layout a composed config describes on `world` ranks."""
+        p = cfg.parallel
+        return cls(p.tp, p.pp, p.vpp, p.cp, world // (p.tp * p.pp * p.cp), p.ep, p.tp if p.etp == -1 else p.etp,
+                   cfg.train.micro_batch_size, p.activation_checkpoint.value, p.schedule, p.moe_backend)
+
     def overrides(self) -> list[str]:
         """The Hydra overrides that give this layout (sequence parallelism with any TP)."""
         return [f"parallel.tp={self.tp}", f"parallel.pp={self.pp}", f"parallel.vpp={self.vpp}",

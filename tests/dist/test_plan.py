@@ -4,6 +4,7 @@ import pytest
 
 from launch.config import compose
 from launch.spawn import run_ranks
+from parallel.plan.layouts import Layout
 from parallel.plan.memory import rank_elements
 from runtime.model import ModelArgs
 from tests.training import SCRATCH_RUN_DIR
@@ -41,11 +42,9 @@ def test_elements_per_rank_are_what_parallelize_gives(world):
     per_rank = run_ranks(_held, world, args=([LAYOUTS[n][1] for n in names],))
     for i, name in enumerate(names):
         cfg = compose([*LAYOUTS[name][1], SCRATCH_RUN_DIR])
-        p = cfg.parallel
-        args = ModelArgs.from_config(cfg.model)
-        dp = world // (p.tp * p.pp * p.cp)
-        etp = p.tp if p.etp == -1 else p.etp
+        lay, args = Layout.from_config(cfg, world), ModelArgs.from_config(cfg.model)
         for ranks in per_rank:
             held, pp_rank = ranks[i]
-            expected = rank_elements(args, p.tp, p.pp, p.vpp, p.cp, dp, p.ep, etp, p.dp_impl.value == "fsdp", pp_rank)
+            expected = rank_elements(args, lay.tp, lay.pp, lay.vpp, lay.cp, lay.dp, lay.ep, lay.etp,
+                                     cfg.parallel.dp_impl.value == "fsdp", pp_rank)
             assert held == expected, (name, held, expected)
