@@ -1,0 +1,99 @@
+"""How long a collective takes on a cluster: bytes over the links each group actually uses.
+
+Every group of one kind (all TP groups, all DP groups, ...) runs its collective at the same time,
+so the groups share the nodes' links. A collective is turned into the bytes it puts on each
+directed edge between two processes (ring algorithms for all-reduce, all-gather and
+reduce-scatter over the group's members in order; one share per pair for all-to-all; stage to
+next stage for pipeline sends); the edges' bytes are summed per resource:
+
+    intra     a process's port to the node's internal links (NVLink, shared memory), each
+              direction, for edges inside the node
+    out / in  a node's NIC, each direction, for edges leaving or entering it
+    cross     a node's traffic to nodes of another NIC class (RDMA does not cross NIC types:
+              it falls back to sockets, `cluster.cross_gbps`)
+
+and the collective lasts as long as its busiest resource needs (ring steps pipeline, so every
+edge is busy at once), plus one latency per algorithm step. Members are process ranks: the
+Topology's groups after the NIC-aware placement, so what Holmes keeps inside a class costs what
+that class costs.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from parallel.mesh import Topology
+from parallel.placement import RankInfo
+
+
+@dataclass(frozen=True)
+class LinkRates:
+    """Bytes per second of each link class, and the latency of one message."""
+
+    intra_node: float
+    nic: dict[str, float] = field(default_factory=dict)  # one node's link, per NIC class
+    cross_class: float | None = None  # between classes; None = the slower class's NIC
+    latency_s: float = 0.0
+
+
+def _edges(groups: list[list[int]], pattern: str):
+    """(src, dst, bytes per byte of the collective's buffer) of every group of a kind."""
+    for g in groups:
+        n = len(g)
+        if n == 1:
+            continue
+        if pattern == "all_reduce":
+            yield from ((g[i], g[(i + 1) % n], 2 * (n - 1) / n) for i in range(n))
+        elif pattern in ("all_gather", "reduce_scatter"):
+            yield from ((g[i], g[(i + 1) % n], (n - 1) / n) for i in range(n))
+        elif pattern == "all_to_all":
+            yield from ((a, b, 1 / n) for a in g for b in g if a != b)
+        elif pattern == "ring_pass":  # every member sends its buffer to the next, once
+            yield from ((g[i], g[(i + 1) % n], 1.0) for i in range(n))
+        elif pattern == "p2p":  # stage i to stage i + 1
+            yield from ((g[i], g[i + 1], 1.0) for i in range(n - 1))
+        else:
+            raise ValueError(f"unknown collective pattern {pattern!r}")
+
+
+def _steps(n: int, pattern: str) -> int:
+    return {"all_reduce": 2 * (n - 1), "all_gather": n - 1, "reduce_scatter": n - 1, "all_to_all": n - 1,
+            "ring_pass": 1, "p2p": 1}[pattern] if n > 1 else 0
+
+
+class Links:
+    """Collective times for one placed topology on one cluster."""
+
+    def __init__(self, topo: Topology, ranks: list[RankInfo], rates: LinkRates):
+        self.topo, self.ranks, self.rates = topo, ranks, rates
+        self._load: dict[tuple[str, str], dict] = {}
+
+    def _nic(self, node_class: str) -> float:
+        return self.rates.nic.get(node_class, min(self.rates.nic.values()))
+
+    def _resource_time(self, kind: str, pattern: str) -> float:
+        """Seconds one byte of buffer costs on the busiest resource (cached per kind, pattern)."""
+        key = (kind, pattern)
+        if key not in self._load:
+            load: dict[tuple, float] = defaultdict(float)
+            for src, dst, share in _edges(self.topo.groups(kind), pattern):
+                a, b = self.ranks[src], self.ranks[dst]
+                if a.node == b.node:  # each process's own port (NVLink/NVSwitch), each direction
+                    load[("intra-out", src)] += share / self.rates.intra_node
+                    load[("intra-in", dst)] += share / self.rates.intra_node
+                    continue
+                load[("out", a.node)] += share / self._nic(a.nic)
+                load[("in", b.node)] += share / self._nic(b.nic)
+                if a.nic != b.nic:
+                    cross = self.rates.cross_class or min(self._nic(a.nic), self._nic(b.nic))
+                    load[("cross", a.node)] += share / cross
+            self._load[key] = max(load.values(), default=0.0)
+        return self._load[key]
+
+    def time(self, kind: str, pattern: str, nbytes: float) -> float:
+        """Seconds for every group of `kind` to run `pattern` on a buffer of `nbytes` per rank
+        (the full buffer: an all-gather's output, a reduce-scatter's input)."""
+        n = len(self.topo.groups(kind)[0])
+        if n == 1 or nbytes == 0:
+            return 0.0
+        return nbytes * self._resource_time(kind, pattern) + _steps(n, pattern) * self.rates.latency_s

@@ -1,0 +1,119 @@
+"""Rank every valid layout of a model on a cluster by estimated step time, among those whose
+estimated peak memory fits a rank.
+
+    plan = make_plan(cfg, processes, calibration)
+    plan.fitting[0]            # the fastest layout that fits
+    plan.smallest              # the layout needing the least memory (when nothing fits)
+
+Pure arithmetic over launch.validate's layouts (parallel/plan/layouts.py), plan/estimate.py's
+memory and plan/steptime.py's time; the only measurement is `calibration`'s.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from omegaconf import DictConfig
+
+from parallel.mesh import Topology
+from parallel.network import GBIT, place
+from parallel.placement import RankInfo
+from parallel.plan.calibrate import block_activations
+from parallel.plan.estimate import Calibration, MemoryEstimate, estimate_memory
+from parallel.plan.layouts import Layout, valid_layouts
+from parallel.plan.links import LinkRates, Links
+from parallel.plan.memory import rank_elements
+from parallel.plan.steptime import DeviceRates, StepTime, estimate_step
+from runtime.model import ModelArgs
+
+
+@dataclass(frozen=True)
+class CalibrationData:
+    """What `launch.plan --probe` measured (or what the cluster description says)."""
+
+    device_flops: float
+    memory_bandwidth: float
+    floor_bytes: float
+    memory_bytes: float  # what one rank may use
+    links: dict[str, float] = field(default_factory=dict)  # intra, a NIC class, cross -> bytes/s
+    latency_s: float = 0.0  # of a message, the job otherwise idle
+    loaded_latency_s: float = 0.0  # of a message while every rank communicates
+    device_flops_shared: float | None = None  # per rank, every rank computing
+    block_overhead_s: float = 0.0
+
+    def link_rates(self, cluster) -> LinkRates:
+        """Measured links where the probe found them, else the cluster description's rates."""
+        nic = {name: self.links.get(name, spec.gbps * GBIT) for name, spec in cluster.classes.items()}
+        cross = self.links.get("cross", cluster.cross_gbps * GBIT if cluster.cross_gbps else None)
+        return LinkRates(intra_node=self.links.get("intra", float("inf")), nic=nic, cross_class=cross,
+                         latency_s=max(self.latency_s, self.loaded_latency_s))
+
+
+@dataclass(frozen=True)
+class Estimate:
+    layout: Layout
+    memory: MemoryEstimate
+    time: StepTime
+    config: DictConfig
+
+    def tokens_per_s(self, global_batch_size: int, seq_len: int) -> float:
+        return global_batch_size * seq_len / self.time.total
+
+
+@dataclass
+class Plan:
+    fitting: list[Estimate]  # fastest first
+    too_big: list[Estimate]  # least memory first
+    memory_bytes: float
+
+    @property
+    def smallest(self) -> Estimate | None:
+        return self.too_big[0] if self.too_big else None
+
+
+def expert_elements(args: ModelArgs, layout: Layout, fsdp: bool) -> int:
+    """Expert parameter elements on the busiest pipeline rank (they reduce over EDP)."""
+    if args.moe is None:
+        return 0
+    m = args.moe
+    layers = sum(args.is_moe(i) for i in range(args.n_layers)) / layout.pp
+    edp = layout.tp * layout.cp * layout.dp // (layout.ep * layout.etp)
+    per = 3 * args.dim * m.expert_ffn_dim * (m.num_experts // layout.ep) / layout.etp
+    return int(layers * per / (edp if fsdp else 1))
+
+
+def make_plan(cfg: DictConfig, processes: list[RankInfo], calibration: CalibrationData,
+              layouts: list[tuple[Layout, DictConfig]] | None = None) -> Plan:
+    world = len(processes)
+    args = ModelArgs.from_config(cfg.model)
+    t = cfg.train
+    dtype, dp_impl = t.dtype.value, cfg.parallel.dp_impl.value
+    torch_dtype = torch.bfloat16 if dtype == "bfloat16" else (torch.float64 if dtype == "float64" else torch.float32)
+    per_token, share = block_activations(args, torch_dtype)
+    memory_cal = Calibration(calibration.floor_bytes, per_token, share)
+    device = DeviceRates(calibration.device_flops, calibration.memory_bandwidth, calibration.block_overhead_s,
+                         calibration.device_flops_shared)
+    link_rates = calibration.link_rates(cfg.cluster)
+    links_of: dict[tuple, Links] = {}
+    fitting, too_big = [], []
+    for layout, merged in (layouts if layouts is not None else valid_layouts(cfg, world)):
+        key = (layout.tp, layout.pp, layout.cp, layout.dp, layout.ep, layout.etp)
+        if key not in links_of:
+            topo = Topology.from_config(merged.parallel, world)
+            links_of[key] = Links(place(topo, processes, cfg.cluster, cfg.parallel.placement), processes,
+                                  link_rates)
+        memory = estimate_memory(args, layout, seq_len=t.seq_len, global_batch_size=t.global_batch_size,
+                                 dtype=dtype, dp_impl=dp_impl, calibration=memory_cal)
+        fsdp = dp_impl == "fsdp" and layout.dp * layout.cp > 1
+        elements = rank_elements(args, layout.tp, layout.pp, layout.vpp, layout.cp, layout.dp, layout.ep,
+                                 layout.etp, fsdp, 0)
+        step = estimate_step(args, layout, links_of[key], device, seq_len=t.seq_len,
+                             global_batch_size=t.global_batch_size, dtype=dtype, dp_impl=dp_impl,
+                             reshard_after_forward=cfg.parallel.reshard_after_forward,
+                             cp_impl=cfg.parallel.cp_impl, local_elements=elements,
+                             expert_elements=expert_elements(args, layout, fsdp))
+        estimate = Estimate(layout, memory, step, merged)
+        (fitting if memory.total <= calibration.memory_bytes else too_big).append(estimate)
+    fitting.sort(key=lambda e: (e.time.total, e.memory.total))
+    too_big.sort(key=lambda e: e.memory.total)
+    return Plan(fitting, too_big, calibration.memory_bytes)

@@ -1,0 +1,168 @@
+"""The planner's calibration, measured on the cluster it plans for (`python -m launch.plan --probe`
+under torchrun or Slurm, on every node of the allocation):
+
+- floor: the peak memory of a rank training the smallest model through the same code (torch, the
+  process groups, allocator arenas, the checkpoint engine's host pool);
+- device: rank 0 alone, then every rank at once, multiplies matrices: the sustained FLOP/s of a
+  rank with its device to itself, and while every rank computes (ranks sharing a device or a
+  host's cores share its throughput: the planner bounds a step by the total work over it); rank 0
+  times the forward and backward of one of the model's blocks on a handful of tokens — the fixed
+  cost per block and microbatch that FLOPs do not show (dispatch, kernel launches); every rank
+  streams an element-wise update through memory (the optimizer's bound);
+- links: one pair of processes at a time, everyone else waiting, sends a buffer there and back
+  for each link class the cluster has: inside a node, between two nodes of each NIC class, and
+  between classes; then every rank at once bounces small messages with a neighbour: the latency
+  of a message while the whole job is busy.
+
+Everything is gathered to rank 0, which writes one JSON file the planner reads (`--calibration`).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+from parallel.placement import RankInfo
+from runtime.accounting import cpu_name, probe_peak_flops
+
+# The smallest model the runtime trains: its peak is the floor every layout pays.
+FLOOR_MODEL = ["model.n_layers=1", "model.dim=8", "model.n_heads=1", "model.n_kv_heads=1", "model.ffn_dim=8",
+               "model.moe.num_experts=0"]
+LINK_BYTES = 8 << 20
+PING_BYTES = 4
+
+
+def memory_bandwidth(device: torch.device, seconds: float = 0.5, nbytes: int = 64 << 20) -> float:
+    """Bytes/s of `x += y` over buffers larger than the caches (two reads and a write per element)."""
+    x = torch.zeros(nbytes // 4, device=device)
+    y = torch.ones_like(x)
+    x.add_(y)
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or done == 0:
+        x.add_(y)
+        done += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 3 * nbytes * done / (time.perf_counter() - start)
+
+
+def link_pairs(ranks: list[RankInfo]) -> dict[str, tuple[int, int]]:
+    """One pair of processes per link class present: 'intra' (one node), a NIC class's name (two
+    nodes of it), 'cross' (nodes of two classes)."""
+    firsts: dict[int, int] = {}
+    for p, r in enumerate(ranks):
+        firsts.setdefault(r.node, p)
+    pairs: dict[str, tuple[int, int]] = {}
+    for p, r in enumerate(ranks):
+        if p != firsts[r.node] and "intra" not in pairs:
+            pairs["intra"] = (firsts[r.node], p)
+    heads = sorted(firsts.values())
+    for i, a in enumerate(heads):
+        for b in heads[i + 1:]:
+            na, nb = ranks[a].nic, ranks[b].nic
+            pairs.setdefault(na if na == nb else "cross", (a, b))
+    return pairs
+
+
+def _ping_pong(a: int, b: int, nbytes: int, repeats: int) -> float:
+    """Seconds for one round trip of `nbytes` between processes a and b (others return 0)."""
+    me = dist.get_rank()
+    if me not in (a, b):
+        return 0.0
+    buf = torch.zeros(max(1, nbytes // 4))
+    other = b if me == a else a
+    best = float("inf")
+    for i in range(repeats + 1):  # the first trip connects
+        start = time.perf_counter()
+        if me == a:
+            dist.send(buf, other)
+            dist.recv(buf, other)
+        else:
+            dist.recv(buf, other)
+            dist.send(buf, other)
+        if i:
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
+def block_overhead(args, device: torch.device, flops_rate: float, tokens: int = 16, repeats: int = 10) -> float:
+    """Seconds one block's forward and backward take beyond its FLOPs at `flops_rate`, on a
+    handful of tokens: the per-block, per-microbatch fixed cost."""
+    from parallel.materialize import materialize
+    from parallel.plan.steptime import block_forward_flops
+    from runtime.model import ModelArgs, Transformer, rotary_tables
+
+    one = ModelArgs(**{**args.__dict__, "n_layers": 1})
+    with torch.device("meta"):
+        model = Transformer(one)
+    model.tok_embeddings = model.output = None
+    materialize(model, model.init_full, device, 0)
+    block = model.layers["0"]
+    x = torch.randn(1, tokens, args.dim, device=device, requires_grad=True)
+    rope = rotary_tables(torch.arange(tokens, device=device), args.head_dim, args.rope_theta, torch.float32)
+    times = []
+    for _ in range(repeats + 2):
+        start = time.perf_counter()
+        block(x, rope).sum().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    flops = 3 * block_forward_flops(one, 0, tokens, tokens, 1)[0]
+    return max(0.0, statistics.median(times[2:]) - flops / flops_rate)
+
+
+def _loaded_latency(ranks: list[RankInfo], repeats: int = 50) -> float:
+    """Half a round trip of a tiny message, every rank bouncing with a partner at once."""
+    me, world = dist.get_rank(), dist.get_world_size()
+    partner = me ^ 1
+    if partner >= world:
+        return 0.0
+    buf, start = torch.zeros(1), time.perf_counter()
+    for _ in range(repeats):
+        if me < partner:
+            dist.send(buf, partner)
+            dist.recv(buf, partner)
+        else:
+            dist.recv(buf, partner)
+            dist.send(buf, partner)
+    return (time.perf_counter() - start) / repeats / 2
+
+
+def probe(ranks: list[RankInfo], device: torch.device, dtype: torch.dtype, args, seconds: float = 1.0) -> dict:
+    """Measure on every rank (a collective); rank 0 gets the whole calibration, others None.
+    `args`: the model's ModelArgs (its block's fixed cost)."""
+    world = dist.get_world_size()
+    dist.barrier()
+    alone = overhead = 0.0
+    if dist.get_rank() == 0:
+        alone = probe_peak_flops(device, dtype, seconds=seconds)
+        overhead = block_overhead(args, device, alone)
+    dist.barrier()
+    flops = probe_peak_flops(device, dtype, seconds=seconds)
+    dist.barrier()
+    stream = memory_bandwidth(device, seconds=seconds / 2)
+    links: dict[str, float] = {}
+    latency = []
+    for name, (a, b) in link_pairs(ranks).items():
+        dist.barrier()
+        trip = _ping_pong(a, b, LINK_BYTES, repeats=3)
+        ping = _ping_pong(a, b, PING_BYTES, repeats=5)
+        measured = [None] * world
+        dist.all_gather_object(measured, (trip, ping))
+        links[name] = 2 * LINK_BYTES / measured[a][0]
+        latency.append(measured[a][1] / 2)
+    dist.barrier()
+    loaded = _loaded_latency(ranks)
+    rates = [None] * world
+    dist.all_gather_object(rates, (flops, stream, loaded))
+    if dist.get_rank():
+        return None
+    return {"machine": cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(device),
+            "world_size": world, "processes": [[r.node, r.local_rank, r.nic] for r in ranks],
+            "device_flops": alone, "device_flops_shared": statistics.median(r[0] for r in rates),
+            "block_overhead_s": overhead,
+            "memory_bandwidth": statistics.median(r[1] for r in rates),
+            "links": links, "latency_s": statistics.median(latency) if latency else 0.0,
+            "loaded_latency_s": statistics.median(r[2] for r in rates)}

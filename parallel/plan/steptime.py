@@ -1,0 +1,191 @@
+"""Estimated time of one training step of a layout, from FLOPs, bytes and measured rates.
+
+A pipeline stage's forward and backward of one microbatch cost
+
+    compute   its FLOPs (runtime/flops.py's counting, split as the layout splits the work, plus
+              what activation checkpointing recomputes) / the device's measured FLOP/s;
+    TP        sequence parallelism's all-gather and reduce-scatter around attention and the MLP
+              (two each way per block in forward, two in backward; full checkpointing repeats the
+              forward's), not overlapped;
+    CP        the ring of K/V blocks (forward) and of K/V with their gradients (backward): it
+              overlaps the attention of the current block (parallel/context.py), so only what
+              exceeds the attention's compute shows; Ulysses' four all-to-alls do not overlap;
+    EP        the token dispatch and combine all-to-alls of every MoE block, each way
+              (MoE backend fssdp: the layer's experts gathered instead, in forward and backward);
+    PP        the stage's output (forward) or its input's gradient (backward) sent to the
+              neighbouring stage;
+
+and the pipeline's schedule (1F1B, interleaved, ZB-H1) is executed with those durations by the
+schedule simulator — the exact bubble of that schedule, not a formula. Compute is FLOPs at the
+device's measured rate plus a measured fixed cost per block and microbatch (dispatch and kernel
+launches: what makes many small microbatches slower than their FLOPs say). Where ranks share a
+device (an emulated cluster's ranks share the host's cores), a step lasts at least the ranks'
+total work at the shared rate: `shared` is the time beyond the critical path that costs. Once per step come
+the data-parallel gradient reduction (DDP: an all-reduce overlapping the last backward; FSDP: the
+reduce-scatter likewise, and the parameter all-gathers of every microbatch's forward — and
+backward, when resharded — prefetched under compute: what exceeds the compute shows) and the
+optimizer (AdamW reads and writes 7 words per parameter at the measured memory bandwidth).
+
+Every communication term is `Links.time` of the group kind the runtime uses (parallel/plan/
+links.py), so a group that the placement puts across a slow or mixed link pays for it.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from parallel.pipeline.partition import stage_layers
+from parallel.pipeline.schedules import build, simulate
+from parallel.plan.layouts import Layout
+from parallel.plan.links import Links
+from runtime.model import ModelArgs
+
+ACT_BYTES = {"float32": 4, "bfloat16": 2, "float64": 8}
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Seconds per step and where they go (the parts of the critical path, not summed work)."""
+
+    compute: float  # the busiest stage's compute over all its microbatches
+    tp: float
+    cp: float
+    ep: float
+    pp: float
+    bubble: float  # the schedule's idle time on the busiest stage
+    dp: float  # exposed data-parallel communication
+    optimizer: float
+    shared: float = 0.0  # waiting for a device other ranks share (more work than it can do)
+
+    @property
+    def total(self) -> float:
+        return (self.compute + self.tp + self.cp + self.ep + self.pp + self.bubble + self.dp + self.optimizer
+                + self.shared)
+
+
+@dataclass(frozen=True)
+class DeviceRates:
+    flops: float  # sustained matmul FLOP/s of one rank, its device to itself
+    memory_bandwidth: float  # bytes/s of an element-wise kernel (the optimizer's bound)
+    block_overhead_s: float = 0.0  # one block's forward and backward beyond its FLOPs
+    flops_shared: float | None = None  # per rank while every rank computes; None = flops
+
+    @property
+    def sharing(self) -> float:
+        """How many ranks' work a device does at once: 1 for a GPU per rank; on an emulated
+        cluster, ranks over cores (the host's throughput is shared)."""
+        return max(1.0, self.flops / self.flops_shared) if self.flops_shared else 1.0
+
+
+def block_forward_flops(args: ModelArgs, layer: int, tokens: float, seq_len: int, tp: int) -> tuple[float, float]:
+    """(forward FLOPs of one block on one rank, of which the attention core) for `tokens` local
+    tokens: projections and MLP split over tp (sequence parallelism: the tokens over tp for
+    experts), the attention of each local query over the whole sequence."""
+    d, hd = args.dim, args.head_dim
+    proj = 2 * tokens * d * hd * (2 * args.n_heads + 2 * args.n_kv_heads) / tp
+    core = 4 * tokens * seq_len * args.n_heads * hd / tp
+    if args.is_moe(layer):
+        m = args.moe
+        expert = 3 * d * m.expert_ffn_dim
+        mlp = 2 * tokens * (d * m.num_experts + (m.top_k + m.shared_expert) * expert) / tp
+    else:
+        mlp = 2 * tokens * 3 * d * args.ffn_dim / tp
+    return proj + core + mlp, core
+
+
+@functools.lru_cache(maxsize=4096)
+def _makespan(schedule: str, pp: int, vpp: int, m: int, f: float, b: float, w: float) -> float:
+    schedules = [build(schedule, pp, vpp, m, r) for r in range(pp)]
+    split = schedule == "zero_bubble"
+    times = {"F": f, "B": b if split else b + w, "W": w}
+    timeline = simulate(schedules, pp, vpp, lambda a: times[a.kind])
+    return max(t[-1][2] for t in timeline)
+
+
+def estimate_step(args: ModelArgs, layout: Layout, links: Links, rates: DeviceRates, *, seq_len: int,
+                  global_batch_size: int, dtype: str, dp_impl: str, reshard_after_forward: bool = True,
+                  cp_impl: str = "ring", local_elements: int | None = None,
+                  expert_elements: int = 0) -> StepTime:
+    """`local_elements`: parameter elements of the busiest pipeline rank (plan/memory.py),
+    `expert_elements`: the part of them that are experts (reduced over EDP, not DP·CP)."""
+    L, act = layout, ACT_BYTES[dtype]
+    grad = 8 if dtype == "float64" else 4
+    m = global_batch_size // L.dp // L.micro_batch_size
+    tokens = L.micro_batch_size * seq_len / L.cp  # per rank of a TP group, before SP splits them
+    chunks = stage_layers(args.n_layers, L.pp, L.vpp)
+    # The slowest stage sets the pipeline's pace: durations are those of the heaviest chunk.
+    f = b = w = tp_f = tp_b = cp_f = cp_b = ep_f = ep_b = 0.0
+    for stage, layers in enumerate(chunks):
+        cf = cb = cw = 0.0
+        c_tp = c_cp = c_ep = 0.0
+        for layer in layers:
+            fwd, core = block_forward_flops(args, layer, tokens, seq_len, L.tp)
+            recompute = {"none": 0.0, "selective": core, "full": fwd}[L.activation_checkpoint]
+            fixed = rates.block_overhead_s / 3  # forward, input gradient, weight gradient alike
+            cf += fixed + fwd / rates.flops
+            cb += fixed * (1 + (recompute > 0)) + (fwd + recompute) / rates.flops  # (and the recomputation)
+            cw += fixed + fwd / rates.flops  # the weight gradient
+            activations = tokens * args.dim * act
+            c_tp += 4 * links.time("tp", "all_gather", activations)  # two gathers + two scatters each way
+            kv = 2 * tokens * args.n_kv_heads * args.head_dim / L.tp * act
+            if L.cp > 1:
+                if cp_impl == "ring":
+                    ring = (L.cp - 1) * links.time("cp", "ring_pass", kv)
+                    c_cp += max(0.0, ring - core / rates.flops) + max(0.0, 2 * ring - 2 * core / rates.flops)
+                else:
+                    c_cp += 3 * 4 * links.time("cp", "all_to_all", activations / L.tp)
+            if args.is_moe(layer) and L.ep > 1:
+                if L.moe_backend == "fssdp":
+                    weights = 3 * args.dim * args.moe.expert_ffn_dim * args.moe.num_experts / L.etp * act
+                    c_ep += 3 * links.time("ep", "all_gather", weights)  # forward, backward and gradients
+                else:
+                    routed = tokens / L.tp * args.moe.top_k * args.dim * act
+                    c_ep += 6 * links.time("ep", "all_to_all", routed)  # dispatch + combine, twice in backward
+        if stage == len(chunks) - 1:  # the head
+            head = 2 * tokens * args.dim * args.vocab_size / L.tp
+            cf, cb, cw = cf + head / rates.flops, cb + head / rates.flops, cw + head / rates.flops
+        full_ac = L.activation_checkpoint == "full"
+        if cf + cb + cw + c_tp + c_cp + c_ep > f + b + w + tp_f + tp_b + cp_f + cp_b + ep_f + ep_b:
+            f, b, w = cf, cb, cw
+            tp_f, tp_b = c_tp / 2, c_tp / 2 * (2 if full_ac else 1)
+            cp_f, cp_b = c_cp / 3, c_cp * 2 / 3
+            ep_f, ep_b = c_ep / 3, c_ep * 2 / 3
+    sent = tokens * args.dim / L.tp * act
+    p2p = links.time("pp", "p2p", sent) if L.pp > 1 else 0.0
+    fwd_total = f + tp_f + cp_f + ep_f + p2p
+    bwd_total = b + tp_b + cp_b + ep_b + p2p
+    if L.pp > 1:
+        span = _makespan(L.schedule, L.pp, L.vpp, m, round(fwd_total, 9), round(bwd_total, 9), round(w, 9))
+    else:
+        span = m * (fwd_total + bwd_total + w)
+    per_rank = L.vpp * m  # chunk-microbatches the busiest rank runs
+    compute = per_rank * (f + b + w)
+    tp, cp, ep, pp = (per_rank * (tp_f + tp_b), per_rank * (cp_f + cp_b), per_rank * (ep_f + ep_b),
+                      per_rank * 2 * p2p)
+    bubble = max(0.0, span - compute - tp - cp - ep - pp)
+
+    # Data parallelism: the gradients once per step, the FSDP gathers every microbatch.
+    elements = local_elements or 0
+    dense, experts = elements - expert_elements, expert_elements
+    fsdp = dp_impl == "fsdp" and L.dp * L.cp > 1
+    shards_dense, shards_expert = (L.dp * L.cp, links.topo.edp) if fsdp else (1, 1)
+    reduce = (links.time("dp_cp", "reduce_scatter" if fsdp else "all_reduce", dense * shards_dense * grad)
+              + links.time("edp", "reduce_scatter" if fsdp else "all_reduce", experts * shards_expert * grad))
+    layers = args.n_layers / L.pp
+    # The reduction overlaps the rank's last backward; its last bucket (a block's) cannot.
+    dp = max(reduce / layers, reduce - L.vpp * (b + w))
+    if fsdp:
+        gather = (links.time("dp_cp", "all_gather", dense * shards_dense * act)
+                  + links.time("edp", "all_gather", experts * shards_expert * act))
+        # Prefetching hides a gather under the previous block's compute; the first block's shows.
+        exposed_fwd = max(gather / layers, gather - L.vpp * f)
+        exposed_bwd = max(gather / layers, gather - L.vpp * (b + w))
+        if L.pp == 1:
+            dp += m * (exposed_fwd + (exposed_bwd if reshard_after_forward else 0.0))
+        else:  # pipelines keep the parameters gathered over the step's microbatches
+            dp += exposed_fwd
+    optimizer = 7 * elements * grad / rates.memory_bandwidth
+    # Ranks that share a device can together do no more than it can: the step lasts at least
+    # their work at the shared rate. The schedule's idle time is then other ranks' busy time.
+    shared = max(0.0, rates.sharing * (compute + optimizer) - (span + optimizer))
+    return StepTime(compute, tp, cp, ep, pp, bubble, dp, optimizer * rates.sharing, shared)

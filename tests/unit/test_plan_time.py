@@ -1,0 +1,81 @@
+"""The planner's step-time model: links under the placement, the schedule's bubble, shared devices."""
+import dataclasses
+
+import pytest
+
+from launch.config import compose
+from parallel.mesh import Topology
+from parallel.network import place
+from parallel.pipeline.schedules import theoretical_bubble
+from parallel.placement import RankInfo, described_ranks
+from parallel.plan.layouts import Layout
+from parallel.plan.links import LinkRates, Links
+from parallel.plan.steptime import DeviceRates, estimate_step
+from runtime.model import ModelArgs
+
+MIXED = compose(["cluster=mixed_4x2", "run_dir=unused"])
+PROCS = described_ranks(MIXED.cluster.nodes, 8)
+# Between classes RDMA falls back to sockets: slower than either class.
+RATES = LinkRates(intra_node=10e9, nic={"ib": 1e9, "ethernet": 0.1e9}, cross_class=0.05e9)
+
+
+def _links(placement: str, **sizes) -> Links:
+    topo = Topology(world_size=8, **sizes)
+    return Links(place(topo, PROCS, MIXED.cluster, placement), PROCS, RATES)
+
+
+def test_holmes_keeps_the_gradient_reduction_off_the_slow_links():
+    megatron = _links("megatron", tp=2, pp=2, dp=2).time("dp_cp", "all_reduce", 1e8)
+    holmes = _links("holmes", tp=2, pp=2, dp=2).time("dp_cp", "all_reduce", 1e8)
+    # Megatron's order puts each DP pair across an ib and an ethernet node: a ring of two moves
+    # the buffer once each way across classes, two groups through each node's link.
+    assert megatron == pytest.approx(2 * 1e8 / 0.05e9)
+    # Holmes: stage 0's pairs between the ib nodes, stage 1's between the ethernet nodes.
+    assert holmes == pytest.approx(2 * 1e8 / 0.1e9)
+    # Within a node the TP groups use the fast internal link.
+    assert _links("holmes", tp=2, pp=2, dp=2).time("tp", "all_gather", 1e8) == pytest.approx(0.5 * 1e8 / 10e9)
+
+
+def test_groups_sharing_a_nic_share_its_bandwidth():
+    one_node = [RankInfo(node=n, local_rank=0, nic="ib") for n in range(2)]
+    two_per_node = [RankInfo(node=n // 2, local_rank=n % 2, nic="ib") for n in range(4)]
+    alone = Links(Topology(world_size=2, dp=2), one_node, RATES).time("dp", "all_reduce", 1e8)
+    shared = Links(Topology(world_size=4, tp=2, dp=2), two_per_node, RATES).time("dp", "all_reduce", 1e8)
+    assert shared == pytest.approx(2 * alone)
+
+
+ARGS = ModelArgs.from_config(compose(["model.n_layers=8", "run_dir=unused"]).model)
+FREE = LinkRates(intra_node=float("inf"), nic={"ethernet": float("inf")})
+DEVICE = DeviceRates(flops=1e10, memory_bandwidth=1e12)
+
+
+def _step(layout: Layout, device=DEVICE, **kw):
+    procs = [RankInfo(node=0, local_rank=i, nic="ethernet") for i in range(layout.tp * layout.pp * layout.cp * layout.dp)]
+    topo = Topology(world_size=len(procs), tp=layout.tp, pp=layout.pp, cp=layout.cp, dp=layout.dp)
+    return estimate_step(ARGS, layout, Links(topo, procs, FREE), device, seq_len=256, global_batch_size=16,
+                         dtype="float32", dp_impl="fsdp", **kw)
+
+
+@pytest.mark.parametrize("schedule,vpp", [("1f1b", 1), ("interleaved_1f1b", 2), ("zero_bubble", 1)])
+def test_the_bubble_is_the_simulated_schedule_s(schedule, vpp):
+    layout = Layout(1, 4, vpp, 1, 1, 1, 1, 2, "none", schedule, "ep")
+    step = _step(layout)
+    m = 16 // 2
+    assert step.bubble / step.compute == pytest.approx(theoretical_bubble(schedule, 4, vpp, m), rel=0.05)
+
+
+def test_recomputation_costs_what_checkpointing_recomputes():
+    base = Layout(1, 1, 1, 1, 1, 1, 1, 4, "none", "1f1b", "ep")
+    full = _step(dataclasses.replace(base, activation_checkpoint="full")).compute
+    selective = _step(dataclasses.replace(base, activation_checkpoint="selective")).compute
+    assert _step(base).compute < selective < full
+    assert full / _step(base).compute == pytest.approx(4 / 3, rel=0.05)  # F + 2F + F of the head aside
+
+
+def test_a_shared_device_bounds_the_step_by_the_total_work():
+    deep = Layout(1, 4, 1, 1, 1, 1, 1, 4, "none", "1f1b", "ep")  # 4 microbatches over 4 stages: half idle
+    own = _step(deep)
+    shared = _step(deep, device=dataclasses.replace(DEVICE, flops_shared=DEVICE.flops / 4))
+    assert own.shared == 0 and own.bubble > 0
+    # Four ranks on one device's worth of throughput: the step is their total work.
+    assert shared.total == pytest.approx(4 * (own.compute + own.optimizer), rel=1e-6)
