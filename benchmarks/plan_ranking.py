@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--slow-rate", default="200mbit")
     parser.add_argument("--layouts", type=int, default=7)
     parser.add_argument("--span", type=float, default=4.0)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args(argv)
     reason = available()
     if reason:

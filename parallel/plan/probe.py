@@ -11,8 +11,8 @@ under torchrun or Slurm, on every node of the allocation):
   streams an element-wise update through memory (the optimizer's bound);
 - links: one pair of processes at a time, everyone else waiting, sends a buffer there and back
   for each link class the cluster has: inside a node, between two nodes of each NIC class, and
-  between classes; then every rank at once bounces small messages with a neighbour: the latency
-  of a message while the whole job is busy.
+  between classes; then two ranks bounce a tiny message while all others compute: the latency
+  of a message while the job is busy.
 
 Everything is gathered to rank 0, which writes one JSON file the planner reads (`--calibration`).
 """
@@ -113,21 +113,34 @@ def block_overhead(args, device: torch.device, flops_rate: float, tokens: int = 
     return max(0.0, statistics.median(times[2:]) - flops / flops_rate)
 
 
-def _loaded_latency(ranks: list[RankInfo], repeats: int = 50) -> float:
-    """Half a round trip of a tiny message, every rank bouncing with a partner at once."""
-    me, world = dist.get_rank(), dist.get_world_size()
-    partner = me ^ 1
-    if partner >= world:
+def _loaded_latency(seconds: float = 1.0) -> float:
+    """Seconds a message takes while the job computes: ranks 0 and 1 bounce a tiny message for
+    `seconds` while every other rank multiplies matrices, as in training some ranks wait on a
+    message while the rest compute (where ranks share cores, the receiver waits to be
+    scheduled)."""
+    me = dist.get_rank()
+    if dist.get_world_size() < 2:
         return 0.0
-    buf, start = torch.zeros(1), time.perf_counter()
-    for _ in range(repeats):
-        if me < partner:
-            dist.send(buf, partner)
-            dist.recv(buf, partner)
+    buf, a = torch.zeros(1), torch.randn(256, 256)
+    dist.barrier()
+    start, trips = time.perf_counter(), 0
+    if me == 1:  # answers until rank 0 says stop
+        while True:
+            dist.recv(buf, 0)
+            if buf.item() < 0:
+                return 0.0
+            dist.send(buf, 0)
+    while time.perf_counter() - start < seconds:
+        if me == 0:
+            dist.send(buf, 1)
+            dist.recv(buf, 1)
+            trips += 1
         else:
-            dist.recv(buf, partner)
-            dist.send(buf, partner)
-    return (time.perf_counter() - start) / repeats / 2
+            torch.mm(a, a)
+    if me:
+        return 0.0
+    dist.send(torch.tensor([-1.0]), 1)
+    return (time.perf_counter() - start) / max(1, trips) / 2
 
 
 def probe(ranks: list[RankInfo], device: torch.device, dtype: torch.dtype, args, seconds: float = 1.0) -> dict:
@@ -154,7 +167,7 @@ def probe(ranks: list[RankInfo], device: torch.device, dtype: torch.dtype, args,
         links[name] = 2 * LINK_BYTES / measured[a][0]
         latency.append(measured[a][1] / 2)
     dist.barrier()
-    loaded = _loaded_latency(ranks)
+    loaded = _loaded_latency()
     rates = [None] * world
     dist.all_gather_object(rates, (flops, stream, loaded))
     if dist.get_rank():
@@ -165,4 +178,4 @@ def probe(ranks: list[RankInfo], device: torch.device, dtype: torch.dtype, args,
             "block_overhead_s": overhead,
             "memory_bandwidth": statistics.median(r[1] for r in rates),
             "links": links, "latency_s": statistics.median(latency) if latency else 0.0,
-            "loaded_latency_s": statistics.median(r[2] for r in rates)}
+            "loaded_latency_s": rates[0][2]}
