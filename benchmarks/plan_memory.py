@@ -2,12 +2,17 @@
 
 Ten layouts of `tiny` and `tiny_moe` on 1–2 local ranks (the test harness's forkserver ranks),
 3 steps each; the measured peak is the largest per-step peak of any rank (`memory_gib_ranks`:
-VmHWM on CPU). The floor is measured by the same harness on a model of one 8-wide layer.
+VmHWM on CPU). The floor is measured by the same harness on FLOOR (plan/calibrate.py's
+FLOOR_MODEL: one 8-wide layer).
 
-    python -m benchmarks.plan_memory      # ~1 minute on 2 cores
+    python -m benchmarks.plan_memory      # ~2 minutes on 2 cores
+
+The estimate uses plan/calibrate.py's memory_calibration per model (its heap probe: ~4 s). "above
+the floor" compares the parts above the floor: the model's share, which the floor does not hide.
 """
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 
 import torch
@@ -15,14 +20,14 @@ import torch
 from benchmarks.common import emit
 from launch.config import compose
 from launch.spawn import run_ranks
-from parallel.plan.calibrate import block_activations
-from parallel.plan.estimate import Calibration, estimate_memory
+from parallel.plan.calibrate import FLOOR_MODEL, memory_calibration
+from parallel.plan.estimate import estimate_memory
 from parallel.plan.layouts import Layout
 from runtime.metrics import read_metrics
 from runtime.model import ModelArgs
 
 BASE = ["train.steps=3", "logging.every=1000", "checkpoint.every=0"]
-FLOOR = ["model.n_layers=1", "model.dim=8", "model.n_heads=1", "model.n_kv_heads=1", "model.ffn_dim=8"]
+FLOOR = FLOOR_MODEL
 CASES = {
     "tiny-1": (1, ["model=tiny"]), "tiny-dp2": (2, ["model=tiny"]),
     "tiny-ddp2": (2, ["model=tiny", "parallel.dp_impl=ddp"]),
@@ -48,15 +53,17 @@ def measured_peak(world: int, overrides: list[str]) -> float:
 
 def main() -> None:
     floors = {world: measured_peak(world, FLOOR) for world in (1, 2)}
-    results = {}
+    results, calibrations = {}, {}
     for name, (world, overrides) in CASES.items():
         cfg = compose([*overrides, "run_dir=unused"])
         args = ModelArgs.from_config(cfg.model)
-        per_token, share = block_activations(args, torch.float32)
+        if cfg.model.name not in calibrations:
+            calibrations[cfg.model.name] = memory_calibration(args, torch.float32, 0.0)
+        calibration = dataclasses.replace(calibrations[cfg.model.name], floor_bytes=floors[world])
         layout = Layout.from_config(cfg, world)
         estimate = estimate_memory(args, layout, seq_len=cfg.train.seq_len, global_batch_size=cfg.train.global_batch_size,
                                    dtype="float32", dp_impl=cfg.parallel.dp_impl.value,
-                                   calibration=Calibration(floors[world], per_token, share))
+                                   calibration=calibration)
         measured = measured_peak(world, overrides)
         results[name] = {"estimate_mb": round(estimate.total / 1e6, 1), "measured_mb": round(measured / 1e6, 1),
                          "error": round(estimate.total / measured - 1, 3),

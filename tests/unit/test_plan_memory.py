@@ -1,0 +1,66 @@
+"""The memory estimate's parts behave as the layouts say, and the calibration it needs is
+measured in a few seconds and survives JSON."""
+import dataclasses
+import json
+import time
+
+import pytest
+import torch
+
+from launch.config import compose
+from parallel.plan.calibrate import memory_calibration
+from parallel.plan.estimate import Calibration, estimate_memory
+from parallel.plan.layouts import Layout
+from runtime.model import ModelArgs
+
+TINY = ModelArgs.from_config(compose(["model=tiny", "run_dir=unused"]).model)
+CAL = Calibration(600e6, 20e3, 0.01, 24e3, 49e3)
+
+
+def _layout(**kw):
+    base = {"tp": 1, "pp": 1, "vpp": 1, "cp": 1, "dp": 1, "ep": 1, "etp": 1, "micro_batch_size": 4,
+            "activation_checkpoint": "none", "schedule": "1f1b", "moe_backend": "ep"}
+    return Layout(**{**base, **kw})
+
+
+def _estimate(dp_impl="fsdp", **kw):
+    return estimate_memory(TINY, _layout(**kw), seq_len=256, global_batch_size=16, dtype="float32",
+                           dp_impl=dp_impl, calibration=CAL)
+
+
+def test_total_is_the_sum_of_the_named_parts():
+    e = _estimate(dp=2)
+    parts = {k: v for k, v in dataclasses.asdict(e).items() if k != "pp_rank"}
+    assert e.total == pytest.approx(sum(parts.values()))
+    assert all(v >= 0 for v in parts.values())
+
+
+def test_layouts_move_the_parts_they_should():
+    one, fsdp, ddp = _estimate(), _estimate(dp=2), _estimate(dp=2, dp_impl="ddp")
+    assert fsdp.parameters == pytest.approx(one.parameters / 2, rel=0.01) and fsdp.comm_buffers > 0
+    assert ddp.parameters == one.parameters and ddp.comm_buffers == one.gradients
+    cp = _estimate(cp=2)
+    assert cp.cp_ring_buffers > 0 and one.cp_ring_buffers == 0
+    assert cp.activations == pytest.approx(one.activations / 2)
+    full = _estimate(dp=2, activation_checkpoint="full")
+    assert full.activations < fsdp.activations / 2 and full.heap_slack < fsdp.heap_slack
+    # Slack in proportion to the saved activations: (24k / 20k − 1) of them.
+    assert one.heap_slack == pytest.approx(one.activations * 0.2)
+
+
+def test_estimate_is_fast():
+    start = time.perf_counter()
+    for _ in range(200):
+        _estimate(dp=2)
+    assert (time.perf_counter() - start) / 200 < 2e-3
+
+
+def test_calibration_measures_a_model_in_seconds():
+    start = time.perf_counter()
+    cal = memory_calibration(TINY, torch.float32, 1.0)
+    assert time.perf_counter() - start < 60  # ~4 s alone; more beside other work on 2 cores
+    data = json.loads(json.dumps(dataclasses.asdict(cal)))
+    assert Calibration(**data) == cal
+    # The heap grows by at least what a layer saves; the ends (logits, loss, working set) cost.
+    assert cal.layer_heap_bytes_per_token >= cal.block_bytes_per_token > 0
+    assert cal.ends_heap_bytes_per_token > 0
