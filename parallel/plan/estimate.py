@@ -32,6 +32,7 @@ from parallel.plan.memory import (
     BYTES_PER_ELEMENT,
     activation_bytes,
     in_flight,
+    logits_bytes,
     rank_elements,
     state_bytes,
 )
@@ -88,7 +89,9 @@ def estimate_memory(args: ModelArgs, layout: Layout, *, seq_len: int, global_bat
     slack_ratio = max(calibration.layer_heap_bytes_per_token / calibration.block_bytes_per_token - 1, 0.0)
     # Not split over tp: sequence parallelism all-gathers the sequence before each projection, so
     # the matmuls' buffers and a block's activation gradients see every token of the microbatch.
-    ends = calibration.ends_heap_bytes_per_token * tokens
+    # Where there is no heap probe (CUDA: the peak is allocated bytes), the logits and the loss's
+    # fp32 copies and gradients are the ends' working set.
+    ends = max(calibration.ends_heap_bytes_per_token * tokens, logits_bytes(args, tokens, layout.tp))
     best = None
     for r in range(layout.pp):
         elements = rank_elements(args, layout.tp, layout.pp, layout.vpp, layout.cp, layout.dp, layout.ep, layout.etp,
