@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         launch("launch.plan", ["--probe", str(probe_file), *MODEL], root / "probe", args.slow_rate, 600)
         cfg = compose([*MODEL, "run_dir=unused"])
         processes = described_ranks(cfg.cluster.nodes, 8)
-        calibration = load_calibration(str(probe_file), processes)
+        calibration = load_calibration(str(probe_file), processes, cfg.model.name)
         plan = make_plan(cfg, processes, calibration)
         chosen = contenders(plan.fitting, args.layouts, args.span)
         print(f"probe: {probe_file.read_text()}\n{len(plan.fitting)} layouts fit; measuring {len(chosen)}", flush=True)

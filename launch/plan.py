@@ -21,6 +21,7 @@ Exit codes: 0 a plan, 2 bad input, 3 no layout fits (the message says by how muc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -36,8 +37,10 @@ from omegaconf.errors import OmegaConfBaseException
 from launch.config import CONFIG_DIR, compose
 from launch.validate import ConfigError
 from parallel.placement import RankInfo, described_ranks
+from parallel.plan.estimate import MemoryEstimate
 from parallel.plan.planner import CalibrationData, Estimate, Plan, make_plan
-from parallel.plan.probe import FLOOR_MODEL, block_overhead, memory_bandwidth
+from parallel.plan.calibrate import FLOOR_MODEL, memory_calibration
+from parallel.plan.probe import block_overhead, memory_bandwidth
 from runtime.accounting import probe_peak_flops
 from runtime.model import ModelArgs
 
@@ -110,7 +113,8 @@ def local_calibration(cfg, processes: list[RankInfo]) -> CalibrationData:
                            block_overhead_s=block_overhead(ModelArgs.from_config(cfg.model), device, flops))
 
 
-def load_calibration(path: str, processes: list[RankInfo]) -> CalibrationData:
+def load_calibration(path: str, processes: list[RankInfo], model: str | None = None) -> CalibrationData:
+    """A probe's file; its model-specific memory calibration only if it was probed with `model`."""
     data = json.loads(Path(path).read_text())
     probed = [tuple(p) for p in data["processes"]]
     wanted = [(p.node, p.local_rank, p.nic) for p in processes]
@@ -121,7 +125,7 @@ def load_calibration(path: str, processes: list[RankInfo]) -> CalibrationData:
                            floor_bytes=data["floor_bytes"], memory_bytes=data["memory_bytes"],
                            links=data["links"], latency_s=data["latency_s"],
                            loaded_latency_s=data["loaded_latency_s"], device_flops_shared=data["device_flops_shared"],
-                           block_overhead_s=data["block_overhead_s"])
+                           block_overhead_s=data["block_overhead_s"], memory=data.get("memory") if data.get("model") == model else None)
 
 
 def run_probe(cfg, out: str) -> None:
@@ -143,7 +147,12 @@ def run_probe(cfg, out: str) -> None:
     dist.all_gather_object(memory, _rank_memory(device, per_node))
     result = probe(ranks, device, torch.float32, ModelArgs.from_config(cfg.model))
     if result is not None:
-        result |= {"floor_bytes": floor, "memory_bytes": min(memory), "date": time.strftime("%Y-%m-%d")}
+        # The model's activations and (on CPU) heap growth, measured beside the cluster's rates.
+        dtype = {"bfloat16": torch.bfloat16, "float64": torch.float64}.get(cfg.train.dtype.value, torch.float32)
+        calibration = dataclasses.asdict(memory_calibration(ModelArgs.from_config(cfg.model), dtype, floor, device))
+        calibration.pop("floor_bytes")
+        result |= {"floor_bytes": floor, "memory_bytes": min(memory), "date": time.strftime("%Y-%m-%d"),
+                   "model": cfg.model.name, "memory": calibration}
         Path(out).write_text(json.dumps(result, indent=1))
         print(f"probe: {json.dumps(result)}", flush=True)
     dist.destroy_process_group()
@@ -157,15 +166,16 @@ def describe_plan(plan: Plan, cfg, top: int) -> str:
     t = cfg.train
     lines = [f"{len(plan.fitting)} layouts fit {plan.memory_bytes / GIB:.2f} GiB per rank "
              f"({len(plan.too_big)} do not); fastest first (estimates):", ""]
+    parts = [f.name for f in dataclasses.fields(MemoryEstimate) if f.name != "pp_rank"]
     header = (f"{'#':>3} {'layout':<44} {'step ms':>8} {'tok/s':>9} {'GiB':>6} |{'compute':>8}{'tp':>8}{'cp':>8}"
-              f"{'ep':>8}{'pp':>8}{'bubble':>8}{'dp':>8}{'optim':>8} | memory GiB: states act transient logits floor")
+              f"{'ep':>8}{'pp':>8}{'bubble':>8}{'dp':>8}{'optim':>8}{'shared':>8} | MiB: " + " ".join(parts))
     lines += [header, "-" * len(header)]
     for i, e in enumerate(plan.fitting[:top], 1):
         s, m = e.time, e.memory
         lines.append(f"{i:>3} {e.layout.describe():<44} {_ms(s.total)} {e.tokens_per_s(t.global_batch_size, t.seq_len):9.0f} "
                      f"{m.total / GIB:6.3f} |{_ms(s.compute)}{_ms(s.tp)}{_ms(s.cp)}{_ms(s.ep)}{_ms(s.pp)}"
-                     f"{_ms(s.bubble)}{_ms(s.dp)}{_ms(s.optimizer)} | {m.states / GIB:.3f} {m.activations / GIB:.3f} "
-                     f"{m.transient / GIB:.3f} {m.logits / GIB:.3f} {m.floor / GIB:.3f}")
+                     f"{_ms(s.bubble)}{_ms(s.dp)}{_ms(s.optimizer)}{_ms(s.shared)} | "
+                     + " ".join(f"{getattr(m, name) / 2**20:.0f}" for name in parts))
     return "\n".join(lines)
 
 
@@ -176,7 +186,8 @@ def no_fit_message(plan: Plan, cfg, world: int) -> str:
     need, have = e.memory.total, plan.memory_bytes
     return (f"no layout of model={cfg.model.name} fits {have / GIB:.2f} GiB per rank on {world} ranks: the one "
             f"needing least ({e.layout.describe()}) needs {need / GIB:.2f} GiB per rank, {(need - have) / GIB:.2f} "
-            f"GiB ({need / have - 1:.0%}) more (parameters, gradients and AdamW {e.memory.states / GIB:.2f}, "
+            f"GiB ({need / have - 1:.0%}) more (parameters, gradients and AdamW "
+            f"{(e.memory.parameters + e.memory.gradients + e.memory.optimizer_states) / GIB:.2f}, "
             f"activations {e.memory.activations / GIB:.2f}, runtime floor {e.memory.floor / GIB:.2f}); "
             f"more ranks, a shorter train.seq_len or a smaller model would fit")
 
@@ -230,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
             run_probe(cfg, args.probe)
             return
         processes = processes_of(cfg, world_size)
-        calibration = (load_calibration(args.calibration, processes) if args.calibration
+        calibration = (load_calibration(args.calibration, processes, cfg.model.name) if args.calibration
                        else local_calibration(cfg, processes))
         if args.memory_gib is not None:
             calibration = CalibrationData(**{**calibration.__dict__, "memory_bytes": args.memory_gib * GIB})

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from parallel.mesh import Topology
 from parallel.network import GBIT, place
 from parallel.placement import RankInfo
-from parallel.plan.calibrate import block_activations
+from parallel.plan.calibrate import memory_calibration
 from parallel.plan.estimate import Calibration, MemoryEstimate, estimate_memory
 from parallel.plan.layouts import Layout, valid_layouts
 from parallel.plan.links import LinkRates, Links
@@ -40,6 +40,7 @@ class CalibrationData:
     loaded_latency_s: float = 0.0  # of a message while every rank communicates
     device_flops_shared: float | None = None  # per rank, every rank computing
     block_overhead_s: float = 0.0
+    memory: dict | None = None  # plan/estimate.py's Calibration for the model, less the floor
 
     def link_rates(self, cluster) -> LinkRates:
         """Measured links where the probe found them, else the cluster description's rates."""
@@ -89,8 +90,10 @@ def make_plan(cfg: DictConfig, processes: list[RankInfo], calibration: Calibrati
     t = cfg.train
     dtype, dp_impl = t.dtype.value, cfg.parallel.dp_impl.value
     torch_dtype = torch.bfloat16 if dtype == "bfloat16" else (torch.float64 if dtype == "float64" else torch.float32)
-    per_token, share = block_activations(args, torch_dtype)
-    memory_cal = Calibration(calibration.floor_bytes, per_token, share)
+    if calibration.memory is not None:
+        memory_cal = Calibration(floor_bytes=calibration.floor_bytes, **calibration.memory)
+    else:
+        memory_cal = memory_calibration(args, torch_dtype, calibration.floor_bytes)
     device = DeviceRates(calibration.device_flops, calibration.memory_bandwidth, calibration.block_overhead_s,
                          calibration.device_flops_shared)
     link_rates = calibration.link_rates(cfg.cluster)

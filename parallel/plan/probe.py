@@ -27,9 +27,6 @@ import torch.distributed as dist
 from parallel.placement import RankInfo
 from runtime.accounting import cpu_name, probe_peak_flops
 
-# The smallest model the runtime trains: its peak is the floor every layout pays.
-FLOOR_MODEL = ["model.n_layers=1", "model.dim=8", "model.n_heads=1", "model.n_kv_heads=1", "model.ffn_dim=8",
-               "model.moe.num_experts=0"]
 LINK_BYTES = 8 << 20
 PING_BYTES = 4
 

@@ -17,7 +17,9 @@ def _calibration(tmp_path, processes, memory_gib=8.0):
     path.write_text(json.dumps({
         "processes": processes, "device_flops": 5e10, "device_flops_shared": 2.5e10, "memory_bandwidth": 1e10,
         "block_overhead_s": 1e-3, "floor_bytes": 0.5 * GIB, "memory_bytes": memory_gib * GIB,
-        "links": {"intra": 4e9}, "latency_s": 1e-4, "loaded_latency_s": 1e-3}))
+        "links": {"intra": 4e9}, "latency_s": 1e-4, "loaded_latency_s": 1e-3, "model": "tiny",
+        "memory": {"block_bytes_per_token": 20e3, "attention_share": 0.3, "layer_heap_bytes_per_token": 8e3,
+                   "ends_heap_bytes_per_token": 10e3}}))
     return str(path)
 
 
