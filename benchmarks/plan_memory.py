@@ -2,8 +2,8 @@
 
 Ten layouts of `tiny` and `tiny_moe` on 1–2 local ranks (the test harness's forkserver ranks),
 3 steps each; the measured peak is the largest per-step peak of any rank (`memory_gib_ranks`:
-VmHWM on CPU). The floor is measured by the same harness on FLOOR (plan/calibrate.py's
-FLOOR_MODEL: one 8-wide layer).
+VmHWM on CPU). The floor is measured by the same harness on plan/calibrate.py's
+FLOOR_MODEL (one 8-wide layer).
 
     python -m benchmarks.plan_memory      # ~2 minutes on 2 cores
 
@@ -27,7 +27,6 @@ from runtime.metrics import read_metrics
 from runtime.model import ModelArgs
 
 BASE = ["train.steps=3", "logging.every=1000", "checkpoint.every=0"]
-FLOOR = FLOOR_MODEL
 CASES = {
     "tiny-1": (1, ["model=tiny"]), "tiny-dp2": (2, ["model=tiny"]),
     "tiny-ddp2": (2, ["model=tiny", "parallel.dp_impl=ddp"]),
@@ -52,7 +51,7 @@ def measured_peak(world: int, overrides: list[str]) -> float:
 
 
 def main() -> None:
-    floors = {world: measured_peak(world, FLOOR) for world in (1, 2)}
+    floors = {world: measured_peak(world, FLOOR_MODEL) for world in (1, 2)}
     results, calibrations = {}, {}
     for name, (world, overrides) in CASES.items():
         cfg = compose([*overrides, "run_dir=unused"])

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -38,7 +39,7 @@ from launch.config import CONFIG_DIR, compose
 from launch.validate import ConfigError
 from parallel.placement import RankInfo, described_ranks
 from parallel.plan.estimate import MemoryEstimate
-from parallel.plan.planner import CalibrationData, Estimate, Plan, make_plan
+from parallel.plan.planner import CalibrationData, Estimate, Plan, calibration_dtype, make_plan
 from parallel.plan.calibrate import FLOOR_MODEL, memory_calibration
 from parallel.plan.probe import block_overhead, memory_bandwidth
 from runtime.accounting import probe_peak_flops
@@ -81,8 +82,6 @@ def _train_floor(cfg, run_dir: str, world: int) -> float:
                                                          "train.micro_batch_size=1",
                                                          f"train.global_batch_size={world}"]))
     run(floor)
-    import torch.distributed as dist
-
     if dist.is_initialized():
         dist.barrier()  # rank 0 has written the metrics
     return max(max(r["memory_gib_ranks"]) for r in read_metrics(run_dir)) * GIB
@@ -96,8 +95,6 @@ def _rank_memory(device: torch.device, ranks_on_node: int) -> float:
 
 def local_calibration(cfg, processes: list[RankInfo]) -> CalibrationData:
     """This machine, measured in one process, standing for every rank of the plan."""
-    import torch.distributed as dist
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     per_node = max(sum(p.node == n for p in processes) for n in {p.node for p in processes})
     with tempfile.TemporaryDirectory(prefix="quintet-floor-") as run_dir:
@@ -114,24 +111,18 @@ def local_calibration(cfg, processes: list[RankInfo]) -> CalibrationData:
 
 
 def load_calibration(path: str, processes: list[RankInfo], model: str | None = None) -> CalibrationData:
-    """A probe's file; its model-specific memory calibration only if it was probed with `model`."""
+    """A probe's file, refused when it was measured on other processes."""
     data = json.loads(Path(path).read_text())
     probed = [tuple(p) for p in data["processes"]]
     wanted = [(p.node, p.local_rank, p.nic) for p in processes]
     if probed != wanted:
         raise ConfigError([f"--calibration {path} was probed on processes (node, local rank, nic) {probed}, "
                            f"but this plan is for {wanted}: probe this cluster (--probe)"])
-    return CalibrationData(device_flops=data["device_flops"], memory_bandwidth=data["memory_bandwidth"],
-                           floor_bytes=data["floor_bytes"], memory_bytes=data["memory_bytes"],
-                           links=data["links"], latency_s=data["latency_s"],
-                           loaded_latency_s=data["loaded_latency_s"], device_flops_shared=data["device_flops_shared"],
-                           block_overhead_s=data["block_overhead_s"], memory=data.get("memory") if data.get("model") == model else None)
+    return CalibrationData.from_probe(data, model)
 
 
 def run_probe(cfg, out: str) -> None:
     """Every rank of a torchrun/Slurm job: train the floor model, then measure; rank 0 writes `out`."""
-    import torch.distributed as dist
-
     from launch import env as launch_env
     from parallel.network import process_ranks
     from parallel.plan.probe import probe
@@ -148,7 +139,7 @@ def run_probe(cfg, out: str) -> None:
     result = probe(ranks, device, torch.float32, ModelArgs.from_config(cfg.model))
     if result is not None:
         # The model's activations and (on CPU) heap growth, measured beside the cluster's rates.
-        dtype = {"bfloat16": torch.bfloat16, "float64": torch.float64}.get(cfg.train.dtype.value, torch.float32)
+        dtype = calibration_dtype(cfg.train.dtype.value)
         calibration = dataclasses.asdict(memory_calibration(ModelArgs.from_config(cfg.model), dtype, floor, device))
         calibration.pop("floor_bytes")
         result |= {"floor_bytes": floor, "memory_bytes": min(memory), "date": time.strftime("%Y-%m-%d"),
@@ -189,7 +180,7 @@ def no_fit_message(plan: Plan, cfg, world: int) -> str:
             f"GiB ({need / have - 1:.0%}) more (parameters, gradients and AdamW "
             f"{(e.memory.parameters + e.memory.gradients + e.memory.optimizer_states) / GIB:.2f}, "
             f"activations {e.memory.activations / GIB:.2f}, runtime floor {e.memory.floor / GIB:.2f}); "
-            f"more ranks, a shorter train.seq_len or a smaller model would fit")
+            f"try more ranks, a shorter train.seq_len or a smaller model")
 
 
 def write_layout(best: Estimate, cfg, name: str, processes: list[RankInfo]) -> Path:
@@ -231,6 +222,9 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"{sizes[-1]} is not an integer")
     if args.top < 1 or (args.memory_gib is not None and args.memory_gib <= 0):
         fail(f"--top {args.top} must be ≥ 1 and --memory-gib {args.memory_gib} > 0")
+    if args.probe and (args.calibration or args.write or args.memory_gib is not None or args.json):
+        fail("--probe measures the cluster and writes its file; plan in a second call with --calibration "
+             f"{args.probe} (--calibration, --write, --memory-gib and --json do not go with --probe)")
     if args.write and ("/" in args.write or args.write.endswith(".yaml") or args.write == "default"):
         fail(f"--write {args.write!r}: give a config name (written as configs/parallel/NAME.yaml), not "
              "a path, and not 'default'")

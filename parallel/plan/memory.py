@@ -48,9 +48,9 @@ def _block_tensors(args: ModelArgs, layer: int, tp: int, ep: int, etp: int) -> l
 
 
 def rank_elements(args: ModelArgs, tp: int, pp: int, vpp: int, cp: int, dp: int, ep: int, etp: int,
-                  fsdp: bool, pp_rank: int, pp_layers=None) -> int:
+                  fsdp: bool, pp_rank: int, pp_layers=None, experts_only: bool = False) -> int:
     """Parameter elements pipeline rank `pp_rank` holds (every tp/dp/ep coordinate holds as
-    many, up to FSDP's padding)."""
+    many, up to FSDP's padding); `experts_only`: of them, the experts (reduced over EDP)."""
     world_stage = tp * cp * dp
     edp = world_stage // (etp * ep)
     tensors: list[Tensor2D] = []
@@ -64,6 +64,8 @@ def rank_elements(args: ModelArgs, tp: int, pp: int, vpp: int, cp: int, dp: int,
             tensors += [Tensor2D(args.dim, 1), Tensor2D(args.vocab_size // tp, args.dim)]
     total = 0
     for t in tensors:
+        if experts_only and not t.expert:
+            continue
         shards = (edp if t.expert else dp * cp) if fsdp else 1
         total += math.ceil(t.rows / shards) * t.cols
     return total

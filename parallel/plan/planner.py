@@ -10,6 +10,7 @@ memory and plan/steptime.py's time; the only measurement is `calibration`'s.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +43,14 @@ class CalibrationData:
     block_overhead_s: float = 0.0
     memory: dict | None = None  # plan/estimate.py's Calibration for the model, less the floor
 
+    @classmethod
+    def from_probe(cls, data: dict, model: str | None) -> "CalibrationData":
+        """A probe file's contents; its memory calibration only if it was measured for `model`
+        (activations and heap growth are the model's own)."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"memory"}
+        return cls(**{k: v for k, v in data.items() if k in known},
+                   memory=data.get("memory") if data.get("model") == model else None)
+
     def link_rates(self, cluster) -> LinkRates:
         """Measured links where the probe found them, else the cluster description's rates."""
         nic = {name: self.links.get(name, spec.gbps * GBIT) for name, spec in cluster.classes.items()}
@@ -72,15 +81,9 @@ class Plan:
         return self.too_big[0] if self.too_big else None
 
 
-def expert_elements(args: ModelArgs, layout: Layout, fsdp: bool) -> int:
-    """Expert parameter elements on the busiest pipeline rank (they reduce over EDP)."""
-    if args.moe is None:
-        return 0
-    m = args.moe
-    layers = sum(args.is_moe(i) for i in range(args.n_layers)) / layout.pp
-    edp = layout.tp * layout.cp * layout.dp // (layout.ep * layout.etp)
-    per = 3 * args.dim * m.expert_ffn_dim * (m.num_experts // layout.ep) / layout.etp
-    return int(layers * per / (edp if fsdp else 1))
+def calibration_dtype(name: str) -> torch.dtype:
+    """The dtype a run of `train.dtype=name` computes its blocks in."""
+    return {"bfloat16": torch.bfloat16, "float64": torch.float64}.get(name, torch.float32)
 
 
 def make_plan(cfg: DictConfig, processes: list[RankInfo], calibration: CalibrationData,
@@ -89,11 +92,10 @@ def make_plan(cfg: DictConfig, processes: list[RankInfo], calibration: Calibrati
     args = ModelArgs.from_config(cfg.model)
     t = cfg.train
     dtype, dp_impl = t.dtype.value, cfg.parallel.dp_impl.value
-    torch_dtype = torch.bfloat16 if dtype == "bfloat16" else (torch.float64 if dtype == "float64" else torch.float32)
     if calibration.memory is not None:
         memory_cal = Calibration(floor_bytes=calibration.floor_bytes, **calibration.memory)
     else:
-        memory_cal = memory_calibration(args, torch_dtype, calibration.floor_bytes)
+        memory_cal = memory_calibration(args, calibration_dtype(dtype), calibration.floor_bytes)
     device = DeviceRates(calibration.device_flops, calibration.memory_bandwidth, calibration.block_overhead_s,
                          calibration.device_flops_shared)
     link_rates = calibration.link_rates(cfg.cluster)
@@ -108,13 +110,14 @@ def make_plan(cfg: DictConfig, processes: list[RankInfo], calibration: Calibrati
         memory = estimate_memory(args, layout, seq_len=t.seq_len, global_batch_size=t.global_batch_size,
                                  dtype=dtype, dp_impl=dp_impl, calibration=memory_cal)
         fsdp = dp_impl == "fsdp" and layout.dp * layout.cp > 1
-        elements = rank_elements(args, layout.tp, layout.pp, layout.vpp, layout.cp, layout.dp, layout.ep,
-                                 layout.etp, fsdp, 0)
+        sizes = (args, layout.tp, layout.pp, layout.vpp, layout.cp, layout.dp, layout.ep, layout.etp, fsdp, 0)
+        # Pipeline rank 0 stands for all: stages are balanced by layers (the time model takes
+        # the heaviest chunk's durations separately).
         step = estimate_step(args, layout, links_of[key], device, seq_len=t.seq_len,
                              global_batch_size=t.global_batch_size, dtype=dtype, dp_impl=dp_impl,
                              reshard_after_forward=cfg.parallel.reshard_after_forward,
-                             cp_impl=cfg.parallel.cp_impl, local_elements=elements,
-                             expert_elements=expert_elements(args, layout, fsdp))
+                             cp_impl=cfg.parallel.cp_impl, local_elements=rank_elements(*sizes),
+                             expert_elements=rank_elements(*sizes, experts_only=True))
         estimate = Estimate(layout, memory, step, merged)
         (fitting if memory.total <= calibration.memory_bytes else too_big).append(estimate)
     fitting.sort(key=lambda e: (e.time.total, e.memory.total))

@@ -185,7 +185,7 @@ def estimate_step(args: ModelArgs, layout: Layout, links: Links, rates: DeviceRa
         else:  # pipelines keep the parameters gathered over the step's microbatches
             dp += exposed_fwd
     optimizer = 7 * elements * grad / rates.memory_bandwidth
-    # Ranks that share a device can together do no more than it can: the step lasts at least
-    # their work at the shared rate. The schedule's idle time is then other ranks' busy time.
-    shared = max(0.0, rates.sharing * (compute + optimizer) - (span + optimizer))
+    # Ranks that share a device can together do no more than it can: their compute lasts at
+    # least their work at the shared rate (the schedule's idle time is then others' busy time).
+    shared = max(0.0, rates.sharing * compute - span)
     return StepTime(compute, tp, cp, ep, pp, bubble, dp, optimizer * rates.sharing, shared)

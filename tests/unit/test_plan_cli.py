@@ -69,6 +69,7 @@ def test_a_model_that_fits_nowhere_is_told_by_how_much(tmp_path, capsys):
     (["world_size=4", "cluster=mixed_4x2"], "describes 8 processes"),
     (["world_size=2", "--write", "configs/x.yaml"], "give a config name"),
     (["world_size=2", "--top", "0"], "--top 0 must be ≥ 1"),
+    (["world_size=2", "--probe", "out.json"], "do not go with --probe"),
 ])
 def test_bad_input_is_named(argv, expected, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:

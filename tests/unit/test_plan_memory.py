@@ -64,3 +64,17 @@ def test_calibration_measures_a_model_in_seconds():
     # The heap grows by at least what a layer saves; the ends (logits, loss, working set) cost.
     assert cal.layer_heap_bytes_per_token >= cal.block_bytes_per_token > 0
     assert cal.ends_heap_bytes_per_token > 0
+
+
+def test_expert_elements_are_the_experts_of_a_rank():
+    from launch.config import compose
+    from parallel.plan.memory import rank_elements
+    from runtime.model import ModelArgs
+
+    args = ModelArgs.from_config(compose(["model=tiny_moe", "run_dir=unused"]).model)
+    m = args.moe
+    per_layer = 3 * args.dim * m.expert_ffn_dim * m.num_experts
+    # ep2 over two ranks, no FSDP: half the experts of every layer; FSDP over edp=2 with ep=1: half of all.
+    assert rank_elements(args, 1, 1, 1, 1, 2, 2, 1, False, 0, experts_only=True) == args.n_layers * per_layer // 2
+    assert rank_elements(args, 1, 1, 1, 1, 2, 1, 1, True, 0, experts_only=True) == args.n_layers * per_layer // 2
+    assert rank_elements(args, 1, 1, 1, 1, 2, 2, 1, False, 0) > args.n_layers * per_layer // 2
