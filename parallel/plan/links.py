@@ -13,7 +13,12 @@ next stage for pipeline sends); the edges' bytes are summed per resource:
               it falls back to sockets, `cluster.cross_gbps`)
 
 and the collective lasts as long as its busiest resource needs (ring steps pipeline, so every
-edge is busy at once), plus one latency per algorithm step. Members are process ranks: the
+edge is busy at once), plus one latency per algorithm step, plus — for a collective, not a
+point-to-point send — the library's fixed cost of a call (`LinkRates.call_s`: gloo's is a
+millisecond on a CPU, fifteen times a message's latency, and a layout running thousands of small
+collectives pays it thousands of times). Libraries do not all run the ring:
+`LinkRates.cost` scales a pattern's bytes by what the probe measured of it against an all-gather
+(gloo's reduce-scatter moves an all-reduce's bytes, twice the ring's). Members are process ranks: the
 Topology's groups after the NIC-aware placement, so what Holmes keeps inside a class costs what
 that class costs.
 """
@@ -34,6 +39,13 @@ class LinkRates:
     nic: dict[str, float] = field(default_factory=dict)  # one node's link, per NIC class
     cross_class: float | None = None  # between classes; None = the slower class's NIC
     latency_s: float = 0.0
+    # A pattern's measured time over its ring model's, relative to an all-gather's (probe.py's
+    # collective_costs); patterns not named cost what the ring says.
+    cost: dict[str, float] = field(default_factory=dict)
+    call_s: float = 0.0  # a collective call's fixed cost beyond its messages' latency
+
+
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")  # the rest are sends
 
 
 def _edges(groups: list[list[int]], pattern: str):
@@ -90,10 +102,12 @@ class Links:
             self._load[key] = max(load.values(), default=0.0)
         return self._load[key]
 
-    def time(self, kind: str, pattern: str, nbytes: float) -> float:
+    def time(self, kind: str, pattern: str, nbytes: float, calls: int = 1) -> float:
         """Seconds for every group of `kind` to run `pattern` on a buffer of `nbytes` per rank
-        (the full buffer: an all-gather's output, a reduce-scatter's input)."""
+        (the full buffer: an all-gather's output, a reduce-scatter's input), split over `calls`
+        calls of the collective."""
         n = len(self.topo.groups(kind)[0])
         if n == 1 or nbytes == 0:
             return 0.0
-        return nbytes * self._resource_time(kind, pattern) + _steps(n, pattern) * self.rates.latency_s
+        fixed = _steps(n, pattern) * self.rates.latency_s + (self.rates.call_s if pattern in COLLECTIVES else 0.0)
+        return nbytes * self._resource_time(kind, pattern) * self.rates.cost.get(pattern, 1.0) + calls * fixed

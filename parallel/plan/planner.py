@@ -42,6 +42,8 @@ class CalibrationData:
     device_flops_shared: float | None = None  # per rank, every rank computing
     block_overhead_s: float = 0.0
     memory: dict | None = None  # plan/estimate.py's Calibration for the model, less the floor
+    collective_cost: dict[str, float] = field(default_factory=dict)  # LinkRates.cost
+    collective_call_s: float = 0.0  # LinkRates.call_s
 
     @classmethod
     def from_probe(cls, data: dict, model: str | None) -> "CalibrationData":
@@ -56,7 +58,8 @@ class CalibrationData:
         nic = {name: self.links.get(name, spec.gbps * GBIT) for name, spec in cluster.classes.items()}
         cross = self.links.get("cross", cluster.cross_gbps * GBIT if cluster.cross_gbps else None)
         return LinkRates(intra_node=self.links.get("intra", float("inf")), nic=nic, cross_class=cross,
-                         latency_s=max(self.latency_s, self.loaded_latency_s))
+                         latency_s=max(self.latency_s, self.loaded_latency_s), cost=self.collective_cost,
+                         call_s=self.collective_call_s)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,12 @@ under torchrun or Slurm, on every node of the allocation):
 - links: one pair of processes at a time, everyone else waiting, sends a buffer there and back
   for each link class the cluster has: inside a node, between two nodes of each NIC class, and
   between classes; then two ranks bounce a tiny message while all others compute: the latency
-  of a message while the job is busy.
+  of a message while the job is busy;
+- collectives: the first link class's pair runs an all-gather, a reduce-scatter, an all-reduce
+  and an all-to-all of one buffer: how each costs against the ring model, relative to the
+  all-gather (the library's algorithm: gloo's reduce-scatter takes an all-reduce's time); and a
+  tiny all-reduce: a collective call's fixed cost beyond a message's latency (gloo's is about
+  a millisecond on a CPU, where a message takes 0.1 ms).
 
 Everything is gathered to rank 0, which writes one JSON file the planner reads (`--calibration`).
 """
@@ -63,25 +68,70 @@ def link_pairs(ranks: list[RankInfo]) -> dict[str, tuple[int, int]]:
     return pairs
 
 
-def _ping_pong(a: int, b: int, nbytes: int, repeats: int) -> float:
+def _timed(fn, repeats: int, device: torch.device) -> float:
+    """The best of `repeats` runs of fn, after one that connects and allocates."""
+    def run():
+        fn()
+        if device.type == "cuda":  # NCCL returns before the transfer ends
+            torch.cuda.synchronize(device)
+
+    run()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _ping_pong(a: int, b: int, nbytes: int, repeats: int, device: torch.device) -> float:
     """Seconds for one round trip of `nbytes` between processes a and b (others return 0)."""
     me = dist.get_rank()
     if me not in (a, b):
         return 0.0
-    buf = torch.zeros(max(1, nbytes // 4))
+    buf = torch.zeros(max(1, nbytes // 4), device=device)
     other = b if me == a else a
-    best = float("inf")
-    for i in range(repeats + 1):  # the first trip connects
-        start = time.perf_counter()
+
+    def trip():
         if me == a:
             dist.send(buf, other)
             dist.recv(buf, other)
         else:
             dist.recv(buf, other)
             dist.send(buf, other)
-        if i:
-            best = min(best, time.perf_counter() - start)
-    return best
+
+    return _timed(trip, repeats, device)
+
+
+def collective_costs(a: int, b: int, device: torch.device, latency_s: float, nbytes: int = LINK_BYTES,
+                     repeats: int = 3) -> tuple[dict[str, float], float]:
+    """On processes a and b: (each pattern's time over the all-gather's, divided by the same
+    ratio in the ring model of links.py — 1 where the library moves the ring's bytes; a tiny
+    all-reduce's time beyond one message's `latency_s` — the fixed cost of a collective call).
+    Every rank calls it (it creates the pair's group) and gets the pair's values."""
+    from parallel.collectives import all_gather_tensor, reduce_scatter_tensor
+
+    group = dist.new_group([a, b])
+    measured = None
+    if dist.get_rank() in (a, b):
+        full, out = torch.zeros(nbytes // 4, device=device), torch.zeros(nbytes // 4, device=device)
+        half = torch.zeros(nbytes // 8, device=device)
+        gather = _timed(lambda: all_gather_tensor(full, half, group=group), repeats, device)
+        # Per byte of the full buffer on a pair, the ring moves half of it for an all-gather, a
+        # reduce-scatter and an all-to-all, all of it for an all-reduce.
+        ring = {"reduce_scatter": 1.0, "all_reduce": 2.0, "all_to_all": 1.0}
+        timed = {"reduce_scatter": lambda: reduce_scatter_tensor(half, full, group=group),
+                 "all_reduce": lambda: dist.all_reduce(full, group=group),
+                 "all_to_all": lambda: dist.all_to_all_single(out, full, group=group)}
+        costs = {k: _timed(fn, repeats, device) / gather / ring[k] for k, fn in timed.items()}
+        # The typical call, not the best: training pays every one of thousands.
+        tiny = torch.zeros(1, device=device)
+        calls = [_timed(lambda: dist.all_reduce(tiny, group=group), 1, device) for _ in range(20)]
+        measured = (costs, max(0.0, statistics.median(calls) - latency_s))
+    shared = [None] * dist.get_world_size()
+    dist.all_gather_object(shared, measured)
+    dist.destroy_process_group(group)
+    return shared[a]
 
 
 def block_overhead(args, device: torch.device, flops_rate: float, tokens: int = 16, repeats: int = 10) -> float:
@@ -110,7 +160,7 @@ def block_overhead(args, device: torch.device, flops_rate: float, tokens: int = 
     return max(0.0, statistics.median(times[2:]) - flops / flops_rate)
 
 
-def _loaded_latency(seconds: float = 1.0) -> float:
+def _loaded_latency(device: torch.device, seconds: float = 1.0) -> float:
     """Seconds a message takes while the job computes: ranks 0 and 1 bounce a tiny message for
     `seconds` while every other rank multiplies matrices, as in training some ranks wait on a
     message while the rest compute (where ranks share cores, the receiver waits to be
@@ -118,7 +168,7 @@ def _loaded_latency(seconds: float = 1.0) -> float:
     me = dist.get_rank()
     if dist.get_world_size() < 2:
         return 0.0
-    buf, a = torch.zeros(1), torch.randn(256, 256)
+    buf, a = torch.zeros(1, device=device), torch.randn(256, 256, device=device)
     dist.barrier()
     start, trips = time.perf_counter(), 0
     if me == 1:  # answers until rank 0 says stop
@@ -136,7 +186,7 @@ def _loaded_latency(seconds: float = 1.0) -> float:
             torch.mm(a, a)
     if me:
         return 0.0
-    dist.send(torch.tensor([-1.0]), 1)
+    dist.send(torch.tensor([-1.0], device=device), 1)
     return (time.perf_counter() - start) / max(1, trips) / 2
 
 
@@ -155,16 +205,18 @@ def probe(ranks: list[RankInfo], device: torch.device, dtype: torch.dtype, args,
     stream = memory_bandwidth(device, seconds=seconds / 2)
     links: dict[str, float] = {}
     latency = []
-    for name, (a, b) in link_pairs(ranks).items():
+    pairs = link_pairs(ranks)
+    for name, (a, b) in pairs.items():
         dist.barrier()
-        trip = _ping_pong(a, b, LINK_BYTES, repeats=3)
-        ping = _ping_pong(a, b, PING_BYTES, repeats=5)
+        trip = _ping_pong(a, b, LINK_BYTES, 3, device)
+        ping = _ping_pong(a, b, PING_BYTES, 5, device)
         measured = [None] * world
         dist.all_gather_object(measured, (trip, ping))
         links[name] = 2 * LINK_BYTES / measured[a][0]
         latency.append(measured[a][1] / 2)
+    costs, call_s = collective_costs(*next(iter(pairs.values())), device, latency[0]) if pairs else ({}, 0.0)
     dist.barrier()
-    loaded = _loaded_latency()
+    loaded = _loaded_latency(device)
     rates = [None] * world
     dist.all_gather_object(rates, (flops, stream, loaded))
     if dist.get_rank():
@@ -175,4 +227,5 @@ def probe(ranks: list[RankInfo], device: torch.device, dtype: torch.dtype, args,
             "block_overhead_s": overhead,
             "memory_bandwidth": statistics.median(r[1] for r in rates),
             "links": links, "latency_s": statistics.median(latency) if latency else 0.0,
-            "loaded_latency_s": rates[0][2]}
+            "loaded_latency_s": rates[0][2], "collective_cost": costs,
+            "collective_call_s": call_s}

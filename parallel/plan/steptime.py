@@ -4,9 +4,11 @@ A pipeline stage's forward and backward of one microbatch cost
 
     compute   its FLOPs (runtime/flops.py's counting, split as the layout splits the work, plus
               what activation checkpointing recomputes) / the device's measured FLOP/s;
-    TP        sequence parallelism's all-gather and reduce-scatter around attention and the MLP
-              (two each way per block in forward, two in backward; full checkpointing repeats the
-              forward's), not overlapped;
+    TP        sequence parallelism's all-gather into and reduce-scatter out of attention and the
+              MLP: four collectives per block in forward, their four mirrors in backward (full
+              checkpointing repeats the forward's); the embedding's reduce-scatter and the head's
+              gather on the end stages, and the vocabulary-parallel loss's two small all-reduces;
+              not overlapped;
     CP        the ring of K/V blocks (forward) and of K/V with their gradients (backward): it
               overlaps the attention of the current block (parallel/context.py), so only what
               exceeds the attention's compute shows; Ulysses' four all-to-alls do not overlap;
@@ -102,6 +104,29 @@ def _makespan(schedule: str, pp: int, vpp: int, m: int, f: float, b: float, w: f
     return max(t[-1][2] for t in timeline)
 
 
+class _Chunk:
+    """One pipeline chunk's seconds per microbatch: compute (forward, input gradient, weight
+    gradient) and communication by dimension and direction, and how many collective calls it
+    makes (each costs its process the library's fixed cost in CPU time, `LinkRates.call_s`)."""
+
+    def __init__(self, links: Links):
+        self.links = links
+        self.f = self.b = self.w = 0.0
+        self.tp_f = self.tp_b = self.cp_f = self.cp_b = self.ep_f = self.ep_b = 0.0
+        self.calls = 0
+
+    def comm(self, dim: str, pattern: str, nbytes: float, direction: str, times: int = 1) -> None:
+        t = self.links.time(dim, pattern, nbytes)
+        if t:
+            attr = f"{dim}_{direction}"
+            setattr(self, attr, getattr(self, attr) + times * t)
+            self.calls += times
+
+    @property
+    def total(self) -> float:
+        return self.f + self.b + self.w + self.tp_f + self.tp_b + self.cp_f + self.cp_b + self.ep_f + self.ep_b
+
+
 def estimate_step(args: ModelArgs, layout: Layout, links: Links, rates: DeviceRates, *, seq_len: int,
                   global_batch_size: int, dtype: str, dp_impl: str, reshard_after_forward: bool = True,
                   cp_impl: str = "ring", local_elements: int | None = None,
@@ -113,54 +138,64 @@ def estimate_step(args: ModelArgs, layout: Layout, links: Links, rates: DeviceRa
     m = global_batch_size // L.dp // L.micro_batch_size
     tokens = L.micro_batch_size * seq_len / L.cp  # per rank of a TP group, before SP splits them
     chunks = stage_layers(args.n_layers, L.pp, L.vpp)
-    # The slowest stage sets the pipeline's pace: durations are those of the heaviest chunk.
-    f = b = w = tp_f = tp_b = cp_f = cp_b = ep_f = ep_b = 0.0
+    full_ac = L.activation_checkpoint == "full"
+    activations = tokens * args.dim * act  # a TP region's gathered input (sequence parallelism)
+    h: _Chunk | None = None  # the slowest chunk: it sets the pipeline's pace
     for stage, layers in enumerate(chunks):
-        cf = cb = cw = 0.0
-        c_tp = c_cp = c_ep = 0.0
+        c = _Chunk(links)
+        if stage == 0:  # the embedding's reduce-scatter; its all-gather in backward
+            c.comm("tp", "reduce_scatter", activations, "f")
+            c.comm("tp", "all_gather", activations, "b")
         for layer in layers:
             fwd, core = block_forward_flops(args, layer, tokens, seq_len, L.tp)
             recompute = {"none": 0.0, "selective": core, "full": fwd}[L.activation_checkpoint]
             fixed = rates.block_overhead_s / 3  # forward, input gradient, weight gradient alike
-            cf += fixed + fwd / rates.flops
-            cb += fixed * (1 + (recompute > 0)) + (fwd + recompute) / rates.flops  # (and the recomputation)
-            cw += fixed + fwd / rates.flops  # the weight gradient
-            activations = tokens * args.dim * act
-            c_tp += 4 * links.time("tp", "all_gather", activations)  # two gathers + two scatters each way
+            c.f += fixed + fwd / rates.flops
+            c.b += fixed * (1 + (recompute > 0)) + (fwd + recompute) / rates.flops  # (and the recomputation)
+            c.w += fixed + fwd / rates.flops  # the weight gradient
+            # Attention and MLP: a gather in, a reduce-scatter out; their mirrors in backward
+            # (and the recomputed forward's).
+            for pattern in ("all_gather", "reduce_scatter"):
+                c.comm("tp", pattern, activations, "f", 2)
+                c.comm("tp", pattern, activations, "b", 4 if full_ac else 2)
             kv = 2 * tokens * args.n_kv_heads * args.head_dim / L.tp * act
-            if L.cp > 1:
-                if cp_impl == "ring":
-                    ring = (L.cp - 1) * links.time("cp", "ring_pass", kv)
-                    c_cp += max(0.0, ring - core / rates.flops) + max(0.0, 2 * ring - 2 * core / rates.flops)
-                else:
-                    c_cp += 3 * 4 * links.time("cp", "all_to_all", activations / L.tp)
+            if L.cp > 1 and cp_impl == "ring":  # point-to-point, overlapping the attention
+                ring = (L.cp - 1) * links.time("cp", "ring_pass", kv)
+                c.cp_f += max(0.0, ring - core / rates.flops)
+                c.cp_b += max(0.0, 2 * ring - 2 * core / rates.flops)
+            elif L.cp > 1:  # Ulysses: four all-to-alls each way, and the recomputation's
+                c.comm("cp", "all_to_all", activations / L.tp, "f", 4)
+                c.comm("cp", "all_to_all", activations / L.tp, "b", 8)
             if args.is_moe(layer) and L.ep > 1:
-                if L.moe_backend == "fssdp":
+                if L.moe_backend == "fssdp":  # the experts gathered in forward and backward, gradients back
                     weights = 3 * args.dim * args.moe.expert_ffn_dim * args.moe.num_experts / L.etp * act
-                    c_ep += 3 * links.time("ep", "all_gather", weights)  # forward, backward and gradients
-                else:
+                    c.comm("ep", "all_gather", weights, "f")
+                    c.comm("ep", "all_gather", weights, "b", 2)
+                else:  # dispatch and combine, twice in backward
                     routed = tokens / L.tp * args.moe.top_k * args.dim * act
-                    c_ep += 6 * links.time("ep", "all_to_all", routed)  # dispatch + combine, twice in backward
-        if stage == len(chunks) - 1:  # the head
-            head = 2 * tokens * args.dim * args.vocab_size / L.tp
-            cf, cb, cw = cf + head / rates.flops, cb + head / rates.flops, cw + head / rates.flops
-        full_ac = L.activation_checkpoint == "full"
-        if cf + cb + cw + c_tp + c_cp + c_ep > f + b + w + tp_f + tp_b + cp_f + cp_b + ep_f + ep_b:
-            f, b, w = cf, cb, cw
-            tp_f, tp_b = c_tp / 2, c_tp / 2 * (2 if full_ac else 1)
-            cp_f, cp_b = c_cp / 3, c_cp * 2 / 3
-            ep_f, ep_b = c_ep / 3, c_ep * 2 / 3
+                    c.comm("ep", "all_to_all", routed, "f", 2)
+                    c.comm("ep", "all_to_all", routed, "b", 4)
+        if stage == len(chunks) - 1:  # the head: its input gathered, the loss's max and sums reduced
+            head = 2 * tokens * args.dim * args.vocab_size / L.tp / rates.flops
+            c.f, c.b, c.w = c.f + head, c.b + head, c.w + head
+            c.comm("tp", "all_gather", activations, "f")
+            c.comm("tp", "all_reduce", 4 * tokens, "f")
+            c.comm("tp", "all_reduce", 8 * tokens, "f")
+            c.comm("tp", "reduce_scatter", activations, "b")
+        if h is None or c.total > h.total:
+            h = c
+    f, b, w = h.f, h.b, h.w
     sent = tokens * args.dim / L.tp * act
     p2p = links.time("pp", "p2p", sent) if L.pp > 1 else 0.0
-    fwd_total = f + tp_f + cp_f + ep_f + p2p
-    bwd_total = b + tp_b + cp_b + ep_b + p2p
+    fwd_total = f + h.tp_f + h.cp_f + h.ep_f + p2p
+    bwd_total = b + h.tp_b + h.cp_b + h.ep_b + p2p
     if L.pp > 1:
         span = _makespan(L.schedule, L.pp, L.vpp, m, round(fwd_total, 9), round(bwd_total, 9), round(w, 9))
     else:
         span = m * (fwd_total + bwd_total + w)
     per_rank = L.vpp * m  # chunk-microbatches the busiest rank runs
     compute = per_rank * (f + b + w)
-    tp, cp, ep, pp = (per_rank * (tp_f + tp_b), per_rank * (cp_f + cp_b), per_rank * (ep_f + ep_b),
+    tp, cp, ep, pp = (per_rank * (h.tp_f + h.tp_b), per_rank * (h.cp_f + h.cp_b), per_rank * (h.ep_f + h.ep_b),
                       per_rank * 2 * p2p)
     bubble = max(0.0, span - compute - tp - cp - ep - pp)
 
@@ -169,14 +204,15 @@ def estimate_step(args: ModelArgs, layout: Layout, links: Links, rates: DeviceRa
     dense, experts = elements - expert_elements, expert_elements
     fsdp = dp_impl == "fsdp" and L.dp * L.cp > 1
     shards_dense, shards_expert = (L.dp * L.cp, links.topo.edp) if fsdp else (1, 1)
-    reduce = (links.time("dp_cp", "reduce_scatter" if fsdp else "all_reduce", dense * shards_dense * grad)
-              + links.time("edp", "reduce_scatter" if fsdp else "all_reduce", experts * shards_expert * grad))
     layers = args.n_layers / L.pp
+    units = max(1, round(layers)) if fsdp else 1  # FSDP reduces and gathers block by block
+    reduce = (links.time("dp_cp", "reduce_scatter" if fsdp else "all_reduce", dense * shards_dense * grad, units)
+              + links.time("edp", "reduce_scatter" if fsdp else "all_reduce", experts * shards_expert * grad, units))
     # The reduction overlaps the rank's last backward; its last bucket (a block's) cannot.
     dp = max(reduce / layers, reduce - L.vpp * (b + w))
     if fsdp:
-        gather = (links.time("dp_cp", "all_gather", dense * shards_dense * act)
-                  + links.time("edp", "all_gather", experts * shards_expert * act))
+        gather = (links.time("dp_cp", "all_gather", dense * shards_dense * act, units)
+                  + links.time("edp", "all_gather", experts * shards_expert * act, units))
         # Prefetching hides a gather under the previous block's compute; the first block's shows.
         exposed_fwd = max(gather / layers, gather - L.vpp * f)
         exposed_bwd = max(gather / layers, gather - L.vpp * (b + w))
@@ -185,7 +221,9 @@ def estimate_step(args: ModelArgs, layout: Layout, links: Links, rates: DeviceRa
         else:  # pipelines keep the parameters gathered over the step's microbatches
             dp += exposed_fwd
     optimizer = 7 * elements * grad / rates.memory_bandwidth
-    # Ranks that share a device can together do no more than it can: their compute lasts at
-    # least their work at the shared rate (the schedule's idle time is then others' busy time).
-    shared = max(0.0, rates.sharing * compute - span)
+    # Ranks that share a device can together do no more than it can: their work — compute and
+    # the collectives' fixed CPU cost — lasts at least its time at the shared rate (the
+    # schedule's idle time is then others' busy time).
+    work = compute + per_rank * h.calls * links.rates.call_s
+    shared = max(0.0, rates.sharing * work - span)
     return StepTime(compute, tp, cp, ep, pp, bubble, dp, optimizer * rates.sharing, shared)
