@@ -14,8 +14,8 @@ next stage for pipeline sends); the edges' bytes are summed per resource:
 
 and the collective lasts as long as its busiest resource needs (ring steps pipeline, so every
 edge is busy at once), plus one latency per algorithm step, plus — for a collective, not a
-point-to-point send — the library's fixed cost of a call (`LinkRates.call_s`: gloo's is a
-millisecond on a CPU, fifteen times a message's latency, and a layout running thousands of small
+point-to-point send — the library's fixed cost of a call (`LinkRates.call_s`: gloo's is near a
+millisecond on a CPU, ten times a message's latency, and a layout running thousands of small
 collectives pays it thousands of times). Libraries do not all run the ring:
 `LinkRates.cost` scales a pattern's bytes by what the probe measured of it against an all-gather
 (gloo's reduce-scatter moves an all-reduce's bytes, twice the ring's). Members are process ranks: the

@@ -13,11 +13,11 @@ under torchrun or Slurm, on every node of the allocation):
   for each link class the cluster has: inside a node, between two nodes of each NIC class, and
   between classes; then two ranks bounce a tiny message while all others compute: the latency
   of a message while the job is busy;
-- collectives: the first link class's pair runs an all-gather, a reduce-scatter, an all-reduce
-  and an all-to-all of one buffer: how each costs against the ring model, relative to the
-  all-gather (the library's algorithm: gloo's reduce-scatter takes an all-reduce's time); and a
-  tiny all-reduce: a collective call's fixed cost beyond a message's latency (gloo's is about
-  a millisecond on a CPU, where a message takes 0.1 ms).
+- collectives: the pair on the slowest link runs an all-gather, a reduce-scatter, an all-reduce
+  and an all-to-all of one buffer: how each costs per byte against the ring model, relative to
+  the all-gather (the library's algorithm: gloo's reduce-scatter takes an all-reduce's time);
+  the first pair runs them many times on a small buffer: the fixed cost of a call beyond a
+  message's latency (gloo's is near a millisecond on a CPU, where a message takes 0.1 ms).
 
 Everything is gathered to rank 0, which writes one JSON file the planner reads (`--calibration`).
 """
@@ -68,20 +68,21 @@ def link_pairs(ranks: list[RankInfo]) -> dict[str, tuple[int, int]]:
     return pairs
 
 
-def _timed(fn, repeats: int, device: torch.device) -> float:
-    """The best of `repeats` runs of fn, after one that connects and allocates."""
+def _timed(fn, repeats: int, device: torch.device, summary=min) -> float:
+    """The best (or another `summary`) of `repeats` runs of fn, after one that connects and
+    allocates."""
     def run():
         fn()
         if device.type == "cuda":  # NCCL returns before the transfer ends
             torch.cuda.synchronize(device)
 
     run()
-    best = float("inf")
+    times = []
     for _ in range(repeats):
         start = time.perf_counter()
         run()
-        best = min(best, time.perf_counter() - start)
-    return best
+        times.append(time.perf_counter() - start)
+    return summary(times)
 
 
 def _ping_pong(a: int, b: int, nbytes: int, repeats: int, device: torch.device) -> float:
@@ -103,35 +104,56 @@ def _ping_pong(a: int, b: int, nbytes: int, repeats: int, device: torch.device) 
     return _timed(trip, repeats, device)
 
 
-def collective_costs(a: int, b: int, device: torch.device, latency_s: float, nbytes: int = LINK_BYTES,
-                     repeats: int = 3) -> tuple[dict[str, float], float]:
-    """On processes a and b: (each pattern's time over the all-gather's, divided by the same
-    ratio in the ring model of links.py — 1 where the library moves the ring's bytes; a tiny
-    all-reduce's time beyond one message's `latency_s` — the fixed cost of a collective call).
-    Every rank calls it (it creates the pair's group) and gets the pair's values."""
-    from parallel.collectives import all_gather_tensor, reduce_scatter_tensor
+# Per byte of the full buffer on a pair, the ring moves half of it; all of it for an all-reduce.
+RING_SHARE = {"all_gather": 1.0, "reduce_scatter": 1.0, "all_reduce": 2.0, "all_to_all": 1.0}
 
+
+def _on_pair(a: int, b: int, measure):
+    """measure(group) on processes a and b, in a group of their own; every rank calls this (it
+    creates the group) and gets a's result."""
     group = dist.new_group([a, b])
-    measured = None
-    if dist.get_rank() in (a, b):
-        full, out = torch.zeros(nbytes // 4, device=device), torch.zeros(nbytes // 4, device=device)
-        half = torch.zeros(nbytes // 8, device=device)
-        gather = _timed(lambda: all_gather_tensor(full, half, group=group), repeats, device)
-        # Per byte of the full buffer on a pair, the ring moves half of it for an all-gather, a
-        # reduce-scatter and an all-to-all, all of it for an all-reduce.
-        ring = {"reduce_scatter": 1.0, "all_reduce": 2.0, "all_to_all": 1.0}
-        timed = {"reduce_scatter": lambda: reduce_scatter_tensor(half, full, group=group),
-                 "all_reduce": lambda: dist.all_reduce(full, group=group),
-                 "all_to_all": lambda: dist.all_to_all_single(out, full, group=group)}
-        costs = {k: _timed(fn, repeats, device) / gather / ring[k] for k, fn in timed.items()}
-        # The typical call, not the best: training pays every one of thousands.
-        tiny = torch.zeros(1, device=device)
-        calls = [_timed(lambda: dist.all_reduce(tiny, group=group), 1, device) for _ in range(20)]
-        measured = (costs, max(0.0, statistics.median(calls) - latency_s))
+    result = measure(group) if dist.get_rank() in (a, b) else None
     shared = [None] * dist.get_world_size()
-    dist.all_gather_object(shared, measured)
+    dist.all_gather_object(shared, result)
     dist.destroy_process_group(group)
     return shared[a]
+
+
+def _collectives(nbytes: int, group, device: torch.device) -> dict:
+    """The four collectives the step-time model uses, on a full buffer of `nbytes`."""
+    from parallel.collectives import all_gather_tensor, reduce_scatter_tensor
+
+    full, out = torch.zeros(nbytes // 4, device=device), torch.zeros(nbytes // 4, device=device)
+    half = torch.zeros(nbytes // 8, device=device)
+    return {"all_gather": lambda: all_gather_tensor(full, half, group=group),
+            "reduce_scatter": lambda: reduce_scatter_tensor(half, full, group=group),
+            "all_reduce": lambda: dist.all_reduce(full, group=group),
+            "all_to_all": lambda: dist.all_to_all_single(out, full, group=group)}
+
+
+def collective_costs(a: int, b: int, device: torch.device, nbytes: int) -> dict[str, float]:
+    """Each collective's time per byte on processes a and b against the ring model of links.py,
+    relative to an all-gather's: 1 where the library moves the ring's bytes, 2 for gloo's
+    reduce-scatter, which moves an all-reduce's. Measure it on the link that will bound the
+    collectives (on a CPU's loopback, memory copies rather than bytes on the wire set the pace)."""
+    def measure(group):
+        per_byte = {k: _timed(fn, 3, device) / RING_SHARE[k] for k, fn in _collectives(nbytes, group, device).items()}
+        return {k: v / per_byte["all_gather"] for k, v in per_byte.items() if k != "all_gather"}
+
+    return _on_pair(a, b, measure)
+
+
+def collective_call(a: int, b: int, device: torch.device, latency_s: float, bandwidth: float,
+                    nbytes: int = 4 << 10, calls: int = 30) -> float:
+    """The fixed cost of a collective call beyond a message's `latency_s`, on processes a and b
+    joined by `bandwidth`: the mean over many calls of the four on a small buffer (the tail is
+    long, and training pays thousands of calls), less the buffer's bytes."""
+    def measure(group):
+        fixed = [_timed(fn, calls, device, statistics.mean) - nbytes * RING_SHARE[k] / 2 / bandwidth
+                 for k, fn in _collectives(nbytes, group, device).items()]
+        return max(0.0, statistics.mean(fixed) - latency_s)
+
+    return _on_pair(a, b, measure)
 
 
 def block_overhead(args, device: torch.device, flops_rate: float, tokens: int = 16, repeats: int = 10) -> float:
@@ -214,7 +236,14 @@ def probe(ranks: list[RankInfo], device: torch.device, dtype: torch.dtype, args,
         dist.all_gather_object(measured, (trip, ping))
         links[name] = 2 * LINK_BYTES / measured[a][0]
         latency.append(measured[a][1] / 2)
-    costs, call_s = collective_costs(*next(iter(pairs.values())), device, latency[0]) if pairs else ({}, 0.0)
+    costs, call_s = {}, 0.0
+    if pairs:
+        # The call's cost where it is cheapest to see (the first pair: inside a node); the bytes'
+        # on the slowest link, a buffer of about 50 ms there.
+        call_s = collective_call(*next(iter(pairs.values())), device, latency[0], links[next(iter(pairs))])
+        slowest = min(links, key=links.get)
+        nbytes = int(min(max(0.05 * links[slowest], 256 << 10), 64 << 20))
+        costs = collective_costs(*pairs[slowest], device, nbytes)
     dist.barrier()
     loaded = _loaded_latency(device)
     rates = [None] * world

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from parallel.pipeline.partition import stage_layers
 from parallel.pipeline.schedules import build, simulate
 from parallel.plan.layouts import Layout
-from parallel.plan.links import Links
+from parallel.plan.links import COLLECTIVES, Links
 from runtime.model import ModelArgs
 
 ACT_BYTES = {"float32": 4, "bfloat16": 2, "float64": 8}
@@ -106,21 +106,21 @@ def _makespan(schedule: str, pp: int, vpp: int, m: int, f: float, b: float, w: f
 
 class _Chunk:
     """One pipeline chunk's seconds per microbatch: compute (forward, input gradient, weight
-    gradient) and communication by dimension and direction, and how many collective calls it
-    makes (each costs its process the library's fixed cost in CPU time, `LinkRates.call_s`)."""
+    gradient) and communication by dimension and direction, and the CPU time its collective
+    calls cost its process (the library's fixed cost of each, `LinkRates.call_s`)."""
 
     def __init__(self, links: Links):
         self.links = links
         self.f = self.b = self.w = 0.0
         self.tp_f = self.tp_b = self.cp_f = self.cp_b = self.ep_f = self.ep_b = 0.0
-        self.calls = 0
+        self.call_cpu = 0.0
 
     def comm(self, dim: str, pattern: str, nbytes: float, direction: str, times: int = 1) -> None:
         t = self.links.time(dim, pattern, nbytes)
         if t:
             attr = f"{dim}_{direction}"
             setattr(self, attr, getattr(self, attr) + times * t)
-            self.calls += times
+            self.call_cpu += times * (self.links.rates.call_s if pattern in COLLECTIVES else 0.0)
 
     @property
     def total(self) -> float:
@@ -224,6 +224,6 @@ def estimate_step(args: ModelArgs, layout: Layout, links: Links, rates: DeviceRa
     # Ranks that share a device can together do no more than it can: their work — compute and
     # the collectives' fixed CPU cost — lasts at least its time at the shared rate (the
     # schedule's idle time is then others' busy time).
-    work = compute + per_rank * h.calls * links.rates.call_s
+    work = compute + per_rank * h.call_cpu
     shared = max(0.0, rates.sharing * work - span)
     return StepTime(compute, tp, cp, ep, pp, bubble, dp, optimizer * rates.sharing, shared)

@@ -48,3 +48,31 @@ def test_elements_per_rank_are_what_parallelize_gives(world):
             expected = rank_elements(args, lay.tp, lay.pp, lay.vpp, lay.cp, lay.dp, lay.ep, lay.etp,
                                      cfg.parallel.dp_impl.value == "fsdp", pp_rank)
             assert held == expected, (name, held, expected)
+
+
+def _probe(rank, world):
+    import torch
+
+    from parallel.placement import RankInfo
+    from parallel.plan.probe import probe
+    from runtime.model import ModelArgs
+
+    args = ModelArgs.from_config(compose(["model=tiny", SCRATCH_RUN_DIR]).model)
+    ranks = [RankInfo(node=0, local_rank=i, nic="ib") for i in range(world)]
+    return probe(ranks, torch.device("cpu"), torch.float32, args, seconds=0.1)
+
+
+def test_the_probe_measures_what_the_planner_reads():
+    from parallel.plan.planner import CalibrationData
+
+    first, other = run_ranks(_probe, 2)
+    assert other is None  # rank 0 writes the calibration
+    cal = CalibrationData.from_probe({**first, "floor_bytes": 1.0, "memory_bytes": 2.0}, "tiny")
+    assert cal.device_flops > 0 and cal.device_flops_shared > 0 and cal.memory_bandwidth > 0
+    assert set(cal.links) == {"intra"} and cal.links["intra"] > 0 and cal.latency_s > 0
+    # Every collective the step-time model uses has a measured cost against its ring, and a call
+    # a fixed cost.
+    assert set(cal.collective_cost) == {"reduce_scatter", "all_reduce", "all_to_all"}
+    assert all(v > 0 for v in cal.collective_cost.values()) and cal.collective_call_s >= 0
+    rates = cal.link_rates(compose(["run_dir=unused"]).cluster)
+    assert rates.cost == cal.collective_cost and rates.call_s == cal.collective_call_s

@@ -49,10 +49,10 @@ FREE = LinkRates(intra_node=float("inf"), nic={"ethernet": float("inf")})
 DEVICE = DeviceRates(flops=1e10, memory_bandwidth=1e12)
 
 
-def _step(layout: Layout, device=DEVICE, **kw):
+def _step(layout: Layout, device=DEVICE, rates=FREE, **kw):
     procs = [RankInfo(node=0, local_rank=i, nic="ethernet") for i in range(layout.tp * layout.pp * layout.cp * layout.dp)]
     topo = Topology(world_size=len(procs), tp=layout.tp, pp=layout.pp, cp=layout.cp, dp=layout.dp)
-    return estimate_step(ARGS, layout, Links(topo, procs, FREE), device, seq_len=256, global_batch_size=16,
+    return estimate_step(ARGS, layout, Links(topo, procs, rates), device, seq_len=256, global_batch_size=16,
                          dtype="float32", dp_impl="fsdp", **kw)
 
 
@@ -79,3 +79,36 @@ def test_a_shared_device_bounds_the_step_by_the_total_work():
     assert own.shared == 0 and own.bubble > 0
     # Four ranks on one device's worth of throughput: the step is their total work.
     assert shared.total == pytest.approx(4 * (own.compute + own.optimizer), rel=1e-6)
+
+
+def test_measured_collective_costs_and_call_overhead_enter_every_collective():
+    pair = [RankInfo(node=0, local_rank=i, nic="ib") for i in range(2)]
+    topo = Topology(world_size=2, tp=2)
+    ring = Links(topo, pair, LinkRates(intra_node=1e9))
+    gloo = Links(topo, pair, LinkRates(intra_node=1e9, latency_s=1e-4, cost={"reduce_scatter": 2.0}, call_s=1e-3))
+    assert ring.time("tp", "reduce_scatter", 1e8) == pytest.approx(0.5 * 1e8 / 1e9)
+    # gloo's reduce-scatter moves an all-reduce's bytes; each call pays the library's fixed cost.
+    assert gloo.time("tp", "reduce_scatter", 1e8) == pytest.approx(1e8 / 1e9 + 1e-4 + 1e-3)
+    assert gloo.time("tp", "all_gather", 1e8, calls=4) == pytest.approx(0.5 * 1e8 / 1e9 + 4 * (1e-4 + 1e-3))
+    assert gloo.time("tp", "p2p", 1e8) == pytest.approx(1e8 / 1e9 + 1e-4)  # a send is no collective call
+
+
+CALLS = dataclasses.replace(FREE, call_s=1e-3)  # links free: only the calls cost
+
+
+@pytest.mark.parametrize("ac,per_block", [("none", 8), ("full", 12)])
+def test_tensor_parallelism_pays_every_collective_sequence_parallelism_makes(ac, per_block):
+    """Per microbatch: a gather into and a reduce-scatter out of attention and the MLP, the
+    mirrors in backward (and the recomputed forward's under full checkpointing); the embedding's
+    reduce-scatter and its gather; the head's gather, the loss's two all-reduces and the
+    gather's reduce-scatter."""
+    layout = Layout(2, 1, 1, 1, 1, 1, 2, 4, ac, "1f1b", "ep")
+    m = 16 // 4
+    assert _step(layout, rates=CALLS).tp == pytest.approx(m * (per_block * ARGS.n_layers + 2 + 4) * 1e-3)
+
+
+def test_collective_calls_are_work_on_a_shared_device():
+    layout = Layout(2, 1, 1, 1, 1, 1, 2, 4, "none", "1f1b", "ep")
+    own = _step(layout, rates=CALLS)
+    shared = _step(layout, device=dataclasses.replace(DEVICE, flops_shared=DEVICE.flops / 4), rates=CALLS)
+    assert shared.total == pytest.approx(4 * (own.compute + own.tp + own.optimizer), rel=1e-6)
