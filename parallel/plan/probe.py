@@ -123,8 +123,8 @@ def _collectives(nbytes: int, group, device: torch.device) -> dict:
     """The four collectives the step-time model uses, on a full buffer of `nbytes`."""
     from parallel.collectives import all_gather_tensor, reduce_scatter_tensor
 
-    full, out = torch.zeros(nbytes // 4, device=device), torch.zeros(nbytes // 4, device=device)
-    half = torch.zeros(nbytes // 8, device=device)
+    half = torch.zeros(max(1, nbytes // 8), device=device)  # float32: a pair's halves of the buffer
+    full, out = torch.zeros(2 * half.numel(), device=device), torch.zeros(2 * half.numel(), device=device)
     return {"all_gather": lambda: all_gather_tensor(full, half, group=group),
             "reduce_scatter": lambda: reduce_scatter_tensor(half, full, group=group),
             "all_reduce": lambda: dist.all_reduce(full, group=group),
