@@ -242,7 +242,7 @@ def probe(ranks: list[RankInfo], device: torch.device, dtype: torch.dtype, args,
         # on the slowest link, a buffer of about 50 ms there.
         call_s = collective_call(*next(iter(pairs.values())), device, latency[0], links[next(iter(pairs))])
         slowest = min(links, key=links.get)
-        nbytes = int(min(max(0.05 * links[slowest], 256 << 10), 64 << 20))
+        nbytes = int(min(max(0.05 * links[slowest], 256 << 10), 16 << 20))
         costs = collective_costs(*pairs[slowest], device, nbytes)
     dist.barrier()
     loaded = _loaded_latency(device)
