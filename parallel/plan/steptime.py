@@ -163,9 +163,9 @@ def estimate_step(args: ModelArgs, layout: Layout, links: Links, rates: DeviceRa
                 ring = (L.cp - 1) * links.time("cp", "ring_pass", kv)
                 c.cp_f += max(0.0, ring - core / rates.flops)
                 c.cp_b += max(0.0, 2 * ring - 2 * core / rates.flops)
-            elif L.cp > 1:  # Ulysses: four all-to-alls each way, and the recomputation's
+            elif L.cp > 1:  # Ulysses: four all-to-alls, their mirrors (and the recomputed forward's)
                 c.comm("cp", "all_to_all", activations / L.tp, "f", 4)
-                c.comm("cp", "all_to_all", activations / L.tp, "b", 8)
+                c.comm("cp", "all_to_all", activations / L.tp, "b", 8 if full_ac else 4)
             if args.is_moe(layer) and L.ep > 1:
                 if L.moe_backend == "fssdp":  # the experts gathered in forward and backward, gradients back
                     weights = 3 * args.dim * args.moe.expert_ffn_dim * args.moe.num_experts / L.etp * act
