@@ -111,14 +111,20 @@ def local_calibration(cfg, processes: list[RankInfo]) -> CalibrationData:
 
 
 def load_calibration(path: str, processes: list[RankInfo], model: str | None = None) -> CalibrationData:
-    """A probe's file, refused when it was measured on other processes."""
-    data = json.loads(Path(path).read_text())
-    probed = [tuple(p) for p in data["processes"]]
+    """A probe's file, refused when it cannot be read or was measured on other processes."""
+    try:
+        data = json.loads(Path(path).read_text())
+        probed = [tuple(p) for p in data["processes"]]
+    except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
+        raise ConfigError([f"--calibration {path} is not a probe's file ({e!r}); write one with --probe"]) from e
     wanted = [(p.node, p.local_rank, p.nic) for p in processes]
     if probed != wanted:
         raise ConfigError([f"--calibration {path} was probed on processes (node, local rank, nic) {probed}, "
                            f"but this plan is for {wanted}: probe this cluster (--probe)"])
-    return CalibrationData.from_probe(data, model)
+    try:
+        return CalibrationData.from_probe(data, model)
+    except TypeError as e:  # a field missing or of another version
+        raise ConfigError([f"--calibration {path}: {e}; probe again with --probe"]) from e
 
 
 def run_probe(cfg, out: str) -> None:
@@ -238,15 +244,13 @@ def main(argv: list[str] | None = None) -> None:
         calibration = (load_calibration(args.calibration, processes, cfg.model.name) if args.calibration
                        else local_calibration(cfg, processes))
         if args.memory_gib is not None:
-            calibration = CalibrationData(**{**calibration.__dict__, "memory_bytes": args.memory_gib * GIB})
+            calibration = dataclasses.replace(calibration, memory_bytes=args.memory_gib * GIB)
         plan = make_plan(cfg, processes, calibration)
     except ConfigError as e:
         fail(str(e))
     except (HydraException, OmegaConfBaseException) as e:
         cause = f"\n{e.__cause__}" if e.__cause__ else ""
         fail(f"{e}{cause}")
-    except (OSError, KeyError, json.JSONDecodeError) as e:
-        fail(f"--calibration {args.calibration}: {e!r}")
     if not plan.fitting:
         fail(no_fit_message(plan, cfg, len(processes)), EXIT_NO_FIT)
     if args.json:

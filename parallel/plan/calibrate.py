@@ -54,6 +54,16 @@ def _saved_bytes(block, x, rope) -> int:
     return sum(seen.values())
 
 
+def lone_block(args: ModelArgs, layer: int, device: torch.device, dtype: torch.dtype = torch.float32):
+    """Block `layer` of the model by itself, materialised with its initial values on `device`."""
+    with torch.device("meta"):
+        model = Transformer(ModelArgs(**{**args.__dict__, "n_layers": layer + 1}))
+    model.layers = torch.nn.ModuleDict({str(layer): model.layers[str(layer)]})
+    model.tok_embeddings = model.output = None
+    materialize(model, model.init_full, device, 0)
+    return model.layers[str(layer)].to(dtype)
+
+
 def block_activations(args: ModelArgs, dtype: torch.dtype, tokens: int = 1024,
                       device: torch.device = CPU) -> tuple[float, float]:
     """(bytes saved per token by one block, the share of it in the attention core), averaged over
@@ -62,13 +72,7 @@ def block_activations(args: ModelArgs, dtype: torch.dtype, tokens: int = 1024,
     per_token, attention = [], []
     for moe in kinds:
         layer = next(i for i in range(args.n_layers) if args.is_moe(i) == moe)
-        one = ModelArgs(**{**args.__dict__, "n_layers": layer + 1})
-        with torch.device("meta"):
-            model = Transformer(one)
-        model.layers = torch.nn.ModuleDict({str(layer): model.layers[str(layer)]})
-        model.tok_embeddings = model.output = None
-        materialize(model, model.init_full, device, 0)
-        block = model.layers[str(layer)].to(dtype)
+        block = lone_block(args, layer, device, dtype)
         x = torch.randn(1, tokens, args.dim, device=device, dtype=dtype, requires_grad=True)
         rope = rotary_tables(torch.arange(tokens, device=device), args.head_dim, args.rope_theta, dtype)
         full = _saved_bytes(block, x, rope)

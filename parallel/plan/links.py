@@ -68,6 +68,11 @@ def _edges(groups: list[list[int]], pattern: str):
             raise ValueError(f"unknown collective pattern {pattern!r}")
 
 
+def pair_share(pattern: str) -> float:
+    """Bytes one process of a pair sends per byte of the collective's buffer, in the ring model."""
+    return sum(share for src, _, share in _edges([[0, 1]], pattern) if src == 0)
+
+
 def _steps(n: int, pattern: str) -> int:
     return {"all_reduce": 2 * (n - 1), "all_gather": n - 1, "reduce_scatter": n - 1, "all_to_all": n - 1,
             "ring_pass": 1, "p2p": 1}[pattern] if n > 1 else 0

@@ -38,7 +38,7 @@ class CalibrationData:
     memory_bytes: float  # what one rank may use
     links: dict[str, float] = field(default_factory=dict)  # intra, a NIC class, cross -> bytes/s
     latency_s: float = 0.0  # of a message, the job otherwise idle
-    loaded_latency_s: float = 0.0  # of a message while every rank communicates
+    loaded_latency_s: float = 0.0  # of a message while the other ranks compute
     device_flops_shared: float | None = None  # per rank, every rank computing
     block_overhead_s: float = 0.0
     memory: dict | None = None  # plan/estimate.py's Calibration for the model, less the floor

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from parallel.placement import RankInfo
+from parallel.plan.links import pair_share
 from runtime.accounting import cpu_name, probe_peak_flops
 
 LINK_BYTES = 8 << 20
@@ -104,10 +105,6 @@ def _ping_pong(a: int, b: int, nbytes: int, repeats: int, device: torch.device) 
     return _timed(trip, repeats, device)
 
 
-# Per byte of the full buffer on a pair, the ring moves half of it; all of it for an all-reduce.
-RING_SHARE = {"all_gather": 1.0, "reduce_scatter": 1.0, "all_reduce": 2.0, "all_to_all": 1.0}
-
-
 def _on_pair(a: int, b: int, measure):
     """measure(group) on processes a and b, in a group of their own; every rank calls this (it
     creates the group) and gets a's result."""
@@ -137,7 +134,7 @@ def collective_costs(a: int, b: int, device: torch.device, nbytes: int) -> dict[
     reduce-scatter, which moves an all-reduce's. Measure it on the link that will bound the
     collectives (on a CPU's loopback, memory copies rather than bytes on the wire set the pace)."""
     def measure(group):
-        per_byte = {k: _timed(fn, 3, device) / RING_SHARE[k] for k, fn in _collectives(nbytes, group, device).items()}
+        per_byte = {k: _timed(fn, 3, device) / pair_share(k) for k, fn in _collectives(nbytes, group, device).items()}
         return {k: v / per_byte["all_gather"] for k, v in per_byte.items() if k != "all_gather"}
 
     return _on_pair(a, b, measure)
@@ -149,7 +146,7 @@ def collective_call(a: int, b: int, device: torch.device, latency_s: float, band
     joined by `bandwidth`: the mean over many calls of the four on a small buffer (the tail is
     long, and training pays thousands of calls), less the buffer's bytes."""
     def measure(group):
-        fixed = [_timed(fn, calls, device, statistics.mean) - nbytes * RING_SHARE[k] / 2 / bandwidth
+        fixed = [_timed(fn, calls, device, statistics.mean) - nbytes * pair_share(k) / bandwidth
                  for k, fn in _collectives(nbytes, group, device).items()]
         return max(0.0, statistics.mean(fixed) - latency_s)
 
@@ -159,16 +156,11 @@ def collective_call(a: int, b: int, device: torch.device, latency_s: float, band
 def block_overhead(args, device: torch.device, flops_rate: float, tokens: int = 16, repeats: int = 10) -> float:
     """Seconds one block's forward and backward take beyond its FLOPs at `flops_rate`, on a
     handful of tokens: the per-block, per-microbatch fixed cost."""
-    from parallel.materialize import materialize
+    from parallel.plan.calibrate import lone_block
     from parallel.plan.steptime import block_forward_flops
-    from runtime.model import ModelArgs, Transformer, rotary_tables
+    from runtime.model import rotary_tables
 
-    one = ModelArgs(**{**args.__dict__, "n_layers": 1})
-    with torch.device("meta"):
-        model = Transformer(one)
-    model.tok_embeddings = model.output = None
-    materialize(model, model.init_full, device, 0)
-    block = model.layers["0"]
+    block = lone_block(args, 0, device)
     x = torch.randn(1, tokens, args.dim, device=device, requires_grad=True)
     rope = rotary_tables(torch.arange(tokens, device=device), args.head_dim, args.rope_theta, torch.float32)
     times = []
@@ -178,7 +170,7 @@ def block_overhead(args, device: torch.device, flops_rate: float, tokens: int = 
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
-    flops = 3 * block_forward_flops(one, 0, tokens, tokens, 1)[0]
+    flops = 3 * block_forward_flops(args, 0, tokens, tokens, 1)[0]
     return max(0.0, statistics.median(times[2:]) - flops / flops_rate)
 
 

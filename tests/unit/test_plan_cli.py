@@ -83,3 +83,8 @@ def test_a_calibration_of_another_cluster_is_refused(tmp_path, capsys):
         main(["world_size=4", "--calibration", _calibration(tmp_path, ONE_NODE)])
     assert exit_info.value.code == 2
     assert "probe this cluster" in capsys.readouterr().err
+    for name, text in [("garbage.json", "not json"), ("old.json", '{"world_size": 2}')]:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(SystemExit) as exit_info:
+            main(["world_size=2", "--calibration", str(tmp_path / name)])
+        assert exit_info.value.code == 2 and "is not a probe's file" in capsys.readouterr().err
