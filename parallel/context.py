@@ -57,7 +57,7 @@ def _flash_backward(grad_out, q, k, v, out, lse, causal: bool):
         grad_out, q, k, v, out, lse, 0.0, causal)
 
 
-def _ring_exchange(t: torch.Tensor, group, ranks: list[int], rank: int):
+def ring_exchange(t: torch.Tensor, group, ranks: list[int], rank: int):
     """Post a send of `t` to the next rank of the ring and a receive from the previous one."""
     cp = len(ranks)
     buf = torch.empty_like(t)
@@ -96,7 +96,7 @@ class RingAttention(torch.autograd.Function):
         out = torch.zeros(q.shape, dtype=acc, device=q.device)
         lse = torch.full(qt.shape[:3], float("-inf"), dtype=acc, device=q.device)  # [b, hq, s]
         for t in range(cp):
-            pending = _ring_exchange(kv, group, ranks, rank) if t < cp - 1 else None
+            pending = ring_exchange(kv, group, ranks, rank) if t < cp - 1 else None
             for qs, ks, causal in _blocks(rank, (rank - t) % cp, cp, c):
                 blk_out, blk_lse = _flash(qt[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], causal)
                 new = torch.logaddexp(lse[..., qs], blk_lse)
@@ -124,7 +124,7 @@ class RingAttention(torch.autograd.Function):
         kv = torch.stack([k.transpose(1, 2), v.transpose(1, 2)]).contiguous()
         dkv = torch.zeros(kv.shape, dtype=acc, device=q.device)  # travels with its KV block
         for t in range(cp):
-            pending = _ring_exchange(kv, group, ranks, rank) if t < cp - 1 else None
+            pending = ring_exchange(kv, group, ranks, rank) if t < cp - 1 else None
             for qs, ks, causal in _blocks(rank, (rank - t) % cp, cp, c):
                 bq, bk, bv = _flash_backward(dot[:, :, qs], qt[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks],
                                              ot[:, :, qs], lse[..., qs], causal)
@@ -132,7 +132,7 @@ class RingAttention(torch.autograd.Function):
                 dkv[0][:, :, ks] += bk
                 dkv[1][:, :, ks] += bv
             # The gradient moves on with its block; after the last step it goes home (one more hop).
-            dkv, works = _ring_exchange(dkv, group, ranks, rank)
+            dkv, works = ring_exchange(dkv, group, ranks, rank)
             for w in works:
                 w.wait()
             if pending is not None:

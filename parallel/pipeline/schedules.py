@@ -121,10 +121,13 @@ class ScheduleError(RuntimeError):
     pass
 
 
-def simulate(schedules: list[list[Action]], p: int, v: int, durations=None) -> list[list[tuple[Action, float, float]]]:
+def simulate(schedules: list[list[Action]], p: int, v: int, durations=None,
+             transfer=None) -> list[list[tuple[Action, float, float]]]:
     """Execute every rank's actions in order under the communication model; returns, per rank,
     (action, start, end). `durations(action) -> seconds` (default: F=1, B=2, W=1 when a schedule
-    has W actions, else F=1, B=2). Raises ScheduleError on a dependency, ordering or deadlock fault.
+    has W actions, else F=1, B=2). `transfer(src, dst) -> seconds` a message takes from rank src
+    to rank dst (default: none); sends do not block the sender, and one link carries its
+    messages one after another. Raises ScheduleError on a dependency, ordering or deadlock fault.
     """
     n_stages = p * v
     split = any(a.kind == "W" for s in schedules for a in s)
@@ -144,6 +147,14 @@ def simulate(schedules: list[list[Action]], p: int, v: int, durations=None) -> l
 
     # Messages in flight per directed link and communicator: (src, dst, "act"|"grad") -> [(tag, arrival)].
     links: dict[tuple[int, int], list[tuple[tuple, float]]] = {}
+    link_free: dict[tuple[int, int], float] = {}  # when a directed link has sent what it was given
+
+    def send(src: int, dst: int, kind: str, tag: tuple, at: float) -> None:
+        arrival = at
+        if transfer is not None:
+            arrival = link_free[(src, dst)] = max(at, link_free.get((src, dst), 0.0)) + transfer(src, dst)
+        links.setdefault((src, dst, kind), []).append((tag, arrival))
+
     pos = [0] * p
     clock = [0.0] * p
     done: dict[tuple, float] = {}
@@ -185,11 +196,9 @@ def simulate(schedules: list[list[Action]], p: int, v: int, durations=None) -> l
             clock[r], done[(a.kind, s, a.mb)] = end, end
             timeline[r].append((a, start, end))
             if a.kind == "F" and s < n_stages - 1:
-                dst, _ = neighbour(r, a.chunk, +1)
-                links.setdefault((r, dst, "act"), []).append((("act", s, a.mb), end))
+                send(r, neighbour(r, a.chunk, +1)[0], "act", ("act", s, a.mb), end)
             if a.kind == "B" and s > 0:
-                dst, _ = neighbour(r, a.chunk, -1)
-                links.setdefault((r, dst, "grad"), []).append((("grad", s, a.mb), end))
+                send(r, neighbour(r, a.chunk, -1)[0], "grad", ("grad", s, a.mb), end)
             pos[r] += 1
             remaining -= 1
             progressed = True

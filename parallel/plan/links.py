@@ -13,8 +13,8 @@ next stage for pipeline sends); the edges' bytes are summed per resource:
               it falls back to sockets, `cluster.cross_gbps`)
 
 and the collective lasts as long as its busiest resource needs (ring steps pipeline, so every
-edge is busy at once), plus one latency per algorithm step, plus — for a collective, not a
-point-to-point send — the library's fixed cost of a call (`LinkRates.call_s`: gloo's is near a
+edge is busy at once), plus one latency per algorithm step, plus — for a collective or a ring exchange, not a
+pipeline's send — the library's fixed cost of a call (`LinkRates.call_s`: gloo's is near a
 millisecond on a CPU, ten times a message's latency, and a layout running thousands of small
 collectives pays it thousands of times). Libraries do not all run the ring:
 `LinkRates.cost` scales a pattern's bytes by what the probe measured of it against an all-gather
@@ -45,7 +45,9 @@ class LinkRates:
     call_s: float = 0.0  # a collective call's fixed cost beyond its messages' latency
 
 
-COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")  # the rest are sends
+# Patterns whose every call waits for the group: the collectives and context parallelism's ring
+# exchange (a send and a receive posted together and waited on); a pipeline's sends do not wait.
+CALLS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "ring_pass")
 
 
 def _edges(groups: list[list[int]], pattern: str):
@@ -88,24 +90,37 @@ class Links:
     def _nic(self, node_class: str) -> float:
         return self.rates.nic.get(node_class, min(self.rates.nic.values()))
 
+    def _busiest(self, edges) -> float:
+        """Seconds per byte of buffer on the busiest resource the (src, dst, share) edges load."""
+        load: dict[tuple, float] = defaultdict(float)
+        for src, dst, share in edges:
+            a, b = self.ranks[src], self.ranks[dst]
+            if a.node == b.node:  # each process's own port (NVLink/NVSwitch), each direction
+                load[("intra-out", src)] += share / self.rates.intra_node
+                load[("intra-in", dst)] += share / self.rates.intra_node
+                continue
+            load[("out", a.node)] += share / self._nic(a.nic)
+            load[("in", b.node)] += share / self._nic(b.nic)
+            if a.nic != b.nic:
+                cross = self.rates.cross_class or min(self._nic(a.nic), self._nic(b.nic))
+                load[("cross", a.node)] += share / cross
+        return max(load.values(), default=0.0)
+
     def _resource_time(self, kind: str, pattern: str) -> float:
         """Seconds one byte of buffer costs on the busiest resource (cached per kind, pattern)."""
         key = (kind, pattern)
         if key not in self._load:
-            load: dict[tuple, float] = defaultdict(float)
-            for src, dst, share in _edges(self.topo.groups(kind), pattern):
-                a, b = self.ranks[src], self.ranks[dst]
-                if a.node == b.node:  # each process's own port (NVLink/NVSwitch), each direction
-                    load[("intra-out", src)] += share / self.rates.intra_node
-                    load[("intra-in", dst)] += share / self.rates.intra_node
-                    continue
-                load[("out", a.node)] += share / self._nic(a.nic)
-                load[("in", b.node)] += share / self._nic(b.nic)
-                if a.nic != b.nic:
-                    cross = self.rates.cross_class or min(self._nic(a.nic), self._nic(b.nic))
-                    load[("cross", a.node)] += share / cross
-            self._load[key] = max(load.values(), default=0.0)
+            self._load[key] = self._busiest(_edges(self.topo.groups(kind), pattern))
         return self._load[key]
+
+    def hop(self, kind: str, src: int, dst: int, nbytes: float) -> float:
+        """Seconds for member `src` of every group of `kind` to send `nbytes` to member `dst`, all
+        groups at once: one hop of a pipeline (every data-parallel replica's pipeline crosses the
+        same boundary in step), priced by the links that boundary uses — not the slowest hop's."""
+        key = (kind, "hop", src, dst)
+        if key not in self._load:
+            self._load[key] = self._busiest((g[src], g[dst], 1.0) for g in self.topo.groups(kind))
+        return nbytes * self._load[key] + self.rates.latency_s if nbytes else 0.0
 
     def time(self, kind: str, pattern: str, nbytes: float, calls: int = 1) -> float:
         """Seconds for every group of `kind` to run `pattern` on a buffer of `nbytes` per rank
@@ -114,5 +129,5 @@ class Links:
         n = len(self.topo.groups(kind)[0])
         if n == 1 or nbytes == 0:
             return 0.0
-        fixed = _steps(n, pattern) * self.rates.latency_s + (self.rates.call_s if pattern in COLLECTIVES else 0.0)
+        fixed = _steps(n, pattern) * self.rates.latency_s + (self.rates.call_s if pattern in CALLS else 0.0)
         return nbytes * self._resource_time(kind, pattern) * self.rates.cost.get(pattern, 1.0) + calls * fixed

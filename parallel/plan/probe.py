@@ -13,8 +13,8 @@ under torchrun or Slurm, on every node of the allocation):
   for each link class the cluster has: inside a node, between two nodes of each NIC class, and
   between classes; then two ranks bounce a tiny message while all others compute: the latency
   of a message while the job is busy;
-- collectives: the pair on the slowest link runs an all-gather, a reduce-scatter, an all-reduce
-  and an all-to-all of one buffer: how each costs per byte against the ring model, relative to
+- collectives: the pair on the slowest link runs an all-gather, a reduce-scatter, an all-reduce,
+  an all-to-all and ring attention's exchange of one buffer: how each costs per byte against the ring model, relative to
   the all-gather (the library's algorithm: gloo's reduce-scatter takes an all-reduce's time);
   the first pair runs them many times on a small buffer: the fixed cost of a call beyond a
   message's latency (gloo's is near a millisecond on a CPU, where a message takes 0.1 ms).
@@ -117,15 +117,25 @@ def _on_pair(a: int, b: int, measure):
 
 
 def _collectives(nbytes: int, group, device: torch.device) -> dict:
-    """The four collectives the step-time model uses, on a full buffer of `nbytes`."""
+    """The calls the step-time model prices (links.CALLS) on a full buffer of `nbytes`: the four
+    collectives, and ring attention's exchange (parallel/context.py's: a send to the next rank and
+    a receive from the previous one, posted together, then waited on)."""
     from parallel.collectives import all_gather_tensor, reduce_scatter_tensor
+    from parallel.context import ring_exchange
 
     half = torch.zeros(max(1, nbytes // 8), device=device)  # float32: a pair's halves of the buffer
     full, out = torch.zeros(2 * half.numel(), device=device), torch.zeros(2 * half.numel(), device=device)
+    members = dist.get_process_group_ranks(group)
+
+    def ring_pass():
+        for work in ring_exchange(full, group, members, members.index(dist.get_rank()))[1]:
+            work.wait()
+
     return {"all_gather": lambda: all_gather_tensor(full, half, group=group),
             "reduce_scatter": lambda: reduce_scatter_tensor(half, full, group=group),
             "all_reduce": lambda: dist.all_reduce(full, group=group),
-            "all_to_all": lambda: dist.all_to_all_single(out, full, group=group)}
+            "all_to_all": lambda: dist.all_to_all_single(out, full, group=group),
+            "ring_pass": ring_pass}
 
 
 def collective_costs(a: int, b: int, device: torch.device, nbytes: int) -> dict[str, float]:
@@ -143,7 +153,7 @@ def collective_costs(a: int, b: int, device: torch.device, nbytes: int) -> dict[
 def collective_call(a: int, b: int, device: torch.device, latency_s: float, bandwidth: float,
                     nbytes: int = 4 << 10, calls: int = 30) -> float:
     """The fixed cost of a collective call beyond a message's `latency_s`, on processes a and b
-    joined by `bandwidth`: the mean over many calls of the four on a small buffer (the tail is
+    joined by `bandwidth`: the mean over many calls of each on a small buffer (the tail is
     long, and training pays thousands of calls), less the buffer's bytes."""
     def measure(group):
         fixed = [_timed(fn, calls, device, statistics.mean) - nbytes * pair_share(k) / bandwidth

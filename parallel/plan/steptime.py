@@ -9,24 +9,29 @@ A pipeline stage's forward and backward of one microbatch cost
               checkpointing repeats the forward's); the embedding's reduce-scatter and the head's
               gather on the end stages, and the vocabulary-parallel loss's two small all-reduces;
               not overlapped;
-    CP        the ring of K/V blocks (forward) and of K/V with their gradients (backward): it
-              overlaps the attention of the current block (parallel/context.py), so only what
-              exceeds the attention's compute shows; Ulysses' four all-to-alls do not overlap;
+    CP        ring attention's K/V blocks, cp − 1 hops in forward and again in backward, under
+              the attention of the block in hand (parallel/context.py), so only what exceeds the
+              attention's compute shows; the K/V gradients' cp hops in backward, exposed; every
+              hop a call that waits for the neighbour; Ulysses' four all-to-alls (and their
+              mirrors) do not overlap;
     EP        the token dispatch and combine all-to-alls of every MoE block, each way
               (MoE backend fssdp: the layer's experts gathered instead, in forward and backward);
-    PP        the stage's output (forward) or its input's gradient (backward) sent to the
-              neighbouring stage;
 
 and the pipeline's schedule (1F1B, interleaved, ZB-H1) is executed with those durations by the
-schedule simulator — the exact bubble of that schedule, not a formula. Compute is FLOPs at the
-device's measured rate plus a measured fixed cost per block and microbatch (dispatch and kernel
-launches: what makes many small microbatches slower than their FLOPs say). Where ranks share a
-device (an emulated cluster's ranks share the host's cores), a step lasts at least the ranks'
-total work at the shared rate: `shared` is the time beyond the critical path that costs. Once per step come
-the data-parallel gradient reduction (DDP: an all-reduce overlapping the last backward; FSDP: the
-reduce-scatter likewise, and the parameter all-gathers of every microbatch's forward — and
-backward, when resharded — prefetched under compute: what exceeds the compute shows) and the
-optimizer (AdamW reads and writes 7 words per parameter at the measured memory bandwidth).
+schedule simulator — the exact bubble of that schedule, not a formula — with each stage's output
+(forward) and its input's gradient (backward) sent to the neighbouring stage over the links that
+hop crosses (`Links.hop`: a pipeline over two node classes pays the slow link on the hops that
+cross it, not on every hop); sends do not block, so PP's share is what they delay the schedule.
+
+Compute is FLOPs at the device's measured rate plus a measured fixed cost per block and
+microbatch (dispatch and kernel launches: what makes many small microbatches slower than their
+FLOPs say). Where ranks share a device (an emulated cluster's ranks share the host's cores), a
+step lasts at least the ranks' total work at the shared rate: `shared` is the time beyond the
+critical path that costs. Once per step come the data-parallel gradient reduction (DDP: an
+all-reduce overlapping the last backward; FSDP: the reduce-scatter likewise, and the parameter
+all-gathers of every microbatch's forward — and backward, when resharded — prefetched under
+compute: what exceeds the compute shows) and the optimizer (AdamW reads and writes 7 words per
+parameter at the measured memory bandwidth).
 
 Every communication term is `Links.time` of the group kind the runtime uses (parallel/plan/
 links.py), so a group that the placement puts across a slow or mixed link pays for it.
@@ -39,7 +44,7 @@ from dataclasses import dataclass
 from parallel.pipeline.partition import stage_layers
 from parallel.pipeline.schedules import build, simulate
 from parallel.plan.layouts import Layout
-from parallel.plan.links import COLLECTIVES, Links
+from parallel.plan.links import CALLS, Links
 from runtime.model import ModelArgs
 
 ACT_BYTES = {"float32": 4, "bfloat16": 2, "float64": 8}
@@ -96,11 +101,15 @@ def block_forward_flops(args: ModelArgs, layer: int, tokens: float, seq_len: int
 
 
 @functools.lru_cache(maxsize=4096)
-def _makespan(schedule: str, pp: int, vpp: int, m: int, f: float, b: float, w: float) -> float:
+def _makespan(schedule: str, pp: int, vpp: int, m: int, f: float, b: float, w: float,
+              hops: tuple = ()) -> float:
+    """The schedule's simulated duration; `hops`: ((src, dst), seconds a message takes) for the
+    pipeline ranks' links (none: messages arrive as they are sent)."""
     schedules = [build(schedule, pp, vpp, m, r) for r in range(pp)]
     split = schedule == "zero_bubble"
     times = {"F": f, "B": b if split else b + w, "W": w}
-    timeline = simulate(schedules, pp, vpp, lambda a: times[a.kind])
+    seconds = dict(hops)
+    timeline = simulate(schedules, pp, vpp, lambda a: times[a.kind], (lambda *link: seconds[link]) if hops else None)
     return max(t[-1][2] for t in timeline)
 
 
@@ -120,7 +129,10 @@ class _Chunk:
         if t:
             attr = f"{dim}_{direction}"
             setattr(self, attr, getattr(self, attr) + times * t)
-            self.call_cpu += times * (self.links.rates.call_s if pattern in COLLECTIVES else 0.0)
+            self.calls(pattern, times)
+
+    def calls(self, pattern: str, times: int) -> None:
+        self.call_cpu += times * (self.links.rates.call_s if pattern in CALLS else 0.0)
 
     @property
     def total(self) -> float:
@@ -158,11 +170,15 @@ def estimate_step(args: ModelArgs, layout: Layout, links: Links, rates: DeviceRa
             for pattern in ("all_gather", "reduce_scatter"):
                 c.comm("tp", pattern, activations, "f", 2)
                 c.comm("tp", pattern, activations, "b", 4 if full_ac else 2)
-            kv = 2 * tokens * args.n_kv_heads * args.head_dim / L.tp * act
-            if L.cp > 1 and cp_impl == "ring":  # point-to-point, overlapping the attention
-                ring = (L.cp - 1) * links.time("cp", "ring_pass", kv)
+            kv = 2 * tokens * args.n_kv_heads * args.head_dim / L.tp
+            if L.cp > 1 and cp_impl == "ring":
+                # Forward: the K/V block moves cp − 1 times, each under the attention of the block
+                # in hand. Backward: the K/V again, under the attention's gradient, and the K/V
+                # gradients (accumulated in float32), which move on once computed: cp exposed hops.
+                ring = (L.cp - 1) * links.time("cp", "ring_pass", kv * act)
                 c.cp_f += max(0.0, ring - core / rates.flops)
-                c.cp_b += max(0.0, 2 * ring - 2 * core / rates.flops)
+                c.cp_b += max(0.0, ring - 2 * core / rates.flops) + L.cp * links.time("cp", "ring_pass", kv * grad)
+                c.calls("ring_pass", 3 * L.cp - 2)
             elif L.cp > 1:  # Ulysses: four all-to-alls, their mirrors (and the recomputed forward's)
                 c.comm("cp", "all_to_all", activations / L.tp, "f", 4)
                 c.comm("cp", "all_to_all", activations / L.tp, "b", 8 if full_ac else 4)
@@ -185,19 +201,24 @@ def estimate_step(args: ModelArgs, layout: Layout, links: Links, rates: DeviceRa
         if h is None or c.total > h.total:
             h = c
     f, b, w = h.f, h.b, h.w
-    sent = tokens * args.dim / L.tp * act
-    p2p = links.time("pp", "p2p", sent) if L.pp > 1 else 0.0
-    fwd_total = f + h.tp_f + h.cp_f + h.ep_f + p2p
-    bwd_total = b + h.tp_b + h.cp_b + h.ep_b + p2p
-    if L.pp > 1:
-        span = _makespan(L.schedule, L.pp, L.vpp, m, round(fwd_total, 9), round(bwd_total, 9), round(w, 9))
-    else:
-        span = m * (fwd_total + bwd_total + w)
+    fwd_total = f + h.tp_f + h.cp_f + h.ep_f
+    bwd_total = b + h.tp_b + h.cp_b + h.ep_b
     per_rank = L.vpp * m  # chunk-microbatches the busiest rank runs
     compute = per_rank * (f + b + w)
-    tp, cp, ep, pp = (per_rank * (h.tp_f + h.tp_b), per_rank * (h.cp_f + h.cp_b), per_rank * (h.ep_f + h.ep_b),
-                      per_rank * 2 * p2p)
-    bubble = max(0.0, span - compute - tp - cp - ep - pp)
+    tp, cp, ep = per_rank * (h.tp_f + h.tp_b), per_rank * (h.cp_f + h.cp_b), per_rank * (h.ep_f + h.ep_b)
+    if L.pp > 1:
+        # Each hop of the pipeline priced by the links it crosses (a stage's output forward, its
+        # input's gradient back; interleaving wraps from the last rank to the first): the sends do
+        # not block, so what they cost is what they delay the schedule by.
+        sent = tokens * args.dim / L.tp * act
+        pairs = {(r, (r + 1) % L.pp) for r in range(L.pp)} | {((r + 1) % L.pp, r) for r in range(L.pp)}
+        hops = tuple(sorted((pair, round(links.hop("pp", *pair, sent), 9)) for pair in pairs))
+        durations = (L.schedule, L.pp, L.vpp, m, round(fwd_total, 9), round(bwd_total, 9), round(w, 9))
+        span, unsent = _makespan(*durations, hops), _makespan(*durations)
+    else:
+        span = unsent = m * (fwd_total + bwd_total + w)
+    pp = max(0.0, span - unsent)
+    bubble = max(0.0, unsent - compute - tp - cp - ep)
 
     # Data parallelism: the gradients once per step, the FSDP gathers every microbatch.
     elements = local_elements or 0
