@@ -44,6 +44,7 @@ class CalibrationData:
     memory: dict | None = None  # plan/estimate.py's Calibration for the model, less the floor
     collective_cost: dict[str, float] = field(default_factory=dict)  # LinkRates.cost
     collective_call_s: float = 0.0  # LinkRates.call_s
+    fsdp_cost: dict[str, float] = field(default_factory=dict)  # probe.fsdp_costs: hook_s, gather_s, reduce_s
 
     @classmethod
     def from_probe(cls, data: dict, model: str | None) -> "CalibrationData":
@@ -99,8 +100,10 @@ def make_plan(cfg: DictConfig, processes: list[RankInfo], calibration: Calibrati
         memory_cal = Calibration(floor_bytes=calibration.floor_bytes, **calibration.memory)
     else:
         memory_cal = memory_calibration(args, calibration_dtype(dtype), calibration.floor_bytes)
+    fsdp = calibration.fsdp_cost
     device = DeviceRates(calibration.device_flops, calibration.memory_bandwidth, calibration.block_overhead_s,
-                         calibration.device_flops_shared)
+                         calibration.device_flops_shared, fsdp_hook_s=fsdp.get("hook_s", 0.0),
+                         fsdp_gather_s=fsdp.get("gather_s", 0.0), fsdp_reduce_s=fsdp.get("reduce_s", 0.0))
     link_rates = calibration.link_rates(cfg.cluster)
     links_of: dict[tuple, Links] = {}
     fitting, too_big = [], []

@@ -17,7 +17,10 @@ under torchrun or Slurm, on every node of the allocation):
   an all-to-all and ring attention's exchange of one buffer: how each costs per byte against the ring model, relative to
   the all-gather (the library's algorithm: gloo's reduce-scatter takes an all-reduce's time);
   the first pair runs them many times on a small buffer: the fixed cost of a call beyond a
-  message's latency (gloo's is near a millisecond on a CPU, where a message takes 0.1 ms).
+  message's latency (gloo's is near a millisecond on a CPU, where a message takes 0.1 ms);
+- FSDP: the first pair shards one of the model's blocks with FSDP2 and times what its hooks add
+  to every microbatch, and what its gathers and reductions cost per parameter element beyond
+  their bytes on the link (the copies into and out of its flat buffers).
 
 Everything is gathered to rank 0, which writes one JSON file the planner reads (`--calibration`).
 """
@@ -184,6 +187,47 @@ def block_overhead(args, device: torch.device, flops_rate: float, tokens: int = 
     return max(0.0, statistics.median(times[2:]) - flops / flops_rate)
 
 
+def fsdp_costs(a: int, b: int, args, device: torch.device, bandwidth: float, costs: dict[str, float],
+               tokens: int = 16, repeats: int = 30) -> dict[str, float]:
+    """What FSDP2 adds to a block beyond its collectives' bytes, on processes a and b joined by
+    `bandwidth`: one of the model's blocks sharded over the pair, its forward and backward timed
+    with the parameters kept gathered and the gradients unreduced (the hooks, paid by every
+    microbatch: `hook_s`), then gathered again every forward (`gather_s`), then reduced every
+    backward (`reduce_s`), each against the one before; the gather and the reduction per
+    parameter element, less their bytes on the link (links.py prices those; what remains is
+    FSDP's copies into and out of its flat buffers, and its bookkeeping)."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    from parallel.plan.calibrate import lone_block
+    from runtime.model import rotary_tables
+
+    def measure(group):
+        bare, block = lone_block(args, 0, device), lone_block(args, 0, device)
+        elements = sum(p.numel() for p in block.parameters())
+        fully_shard(block, mesh=DeviceMesh.from_group(group, device.type), reshard_after_forward=False)
+        x = torch.randn(1, tokens, args.dim, device=device, requires_grad=True)
+        rope = rotary_tables(torch.arange(tokens, device=device), args.head_dim, args.rope_theta, torch.float32)
+
+        def step(module, sync=False, reshard=False):
+            if module is block:
+                block.set_requires_gradient_sync(sync)
+                block.set_reshard_after_backward(reshard)
+            module(x, rope).sum().backward()
+
+        # The modes in turn, round after round, so that drift in the machine's speed hits all
+        # (each timed after one step in its mode: the state the previous mode left is gone).
+        modes = [(bare,), (block, False, False), (block, False, True), (block, True, True)]
+        times = [[_timed(lambda: step(*mode), 1, device) for mode in modes] for _ in range(repeats)]
+        bare_s, hooks, gathered, reduced = (statistics.median(t) for t in zip(*times))
+        wire = {k: 4 * pair_share(k) * costs.get(k, 1.0) / bandwidth for k in ("all_gather", "reduce_scatter")}
+        return {"hook_s": max(0.0, hooks - bare_s),
+                "gather_s": max(0.0, (gathered - hooks) / elements - wire["all_gather"]),
+                "reduce_s": max(0.0, (reduced - gathered) / elements - wire["reduce_scatter"])}
+
+    return _on_pair(a, b, measure)
+
+
 def _loaded_latency(device: torch.device, seconds: float = 1.0) -> float:
     """Seconds a message takes while the job computes: ranks 0 and 1 bounce a tiny message for
     `seconds` while every other rank multiplies matrices, as in training some ranks wait on a
@@ -238,7 +282,7 @@ def probe(ranks: list[RankInfo], device: torch.device, dtype: torch.dtype, args,
         dist.all_gather_object(measured, (trip, ping))
         links[name] = 2 * LINK_BYTES / measured[a][0]
         latency.append(measured[a][1] / 2)
-    costs, call_s = {}, 0.0
+    costs, call_s, fsdp = {}, 0.0, {}
     if pairs:
         # The call's cost where it is cheapest to see (the first pair: inside a node); the bytes'
         # on the slowest link, a buffer of about 50 ms there.
@@ -246,6 +290,8 @@ def probe(ranks: list[RankInfo], device: torch.device, dtype: torch.dtype, args,
         slowest = min(links, key=links.get)
         nbytes = int(min(max(0.05 * links[slowest], 256 << 10), 16 << 20))
         costs = collective_costs(*pairs[slowest], device, nbytes)
+        first = next(iter(pairs))
+        fsdp = fsdp_costs(*pairs[first], args, device, links[first], costs)
     dist.barrier()
     loaded = _loaded_latency(device)
     rates = [None] * world
@@ -259,4 +305,4 @@ def probe(ranks: list[RankInfo], device: torch.device, dtype: torch.dtype, args,
             "memory_bandwidth": statistics.median(r[1] for r in rates),
             "links": links, "latency_s": statistics.median(latency) if latency else 0.0,
             "loaded_latency_s": rates[0][2], "collective_cost": costs,
-            "collective_call_s": call_s}
+            "collective_call_s": call_s, "fsdp_cost": fsdp}

@@ -30,7 +30,8 @@ step lasts at least the ranks' total work at the shared rate: `shared` is the ti
 critical path that costs. Once per step come the data-parallel gradient reduction (DDP: an
 all-reduce overlapping the last backward; FSDP: the reduce-scatter likewise, and the parameter
 all-gathers of every microbatch's forward — and backward, when resharded — prefetched under
-compute: what exceeds the compute shows) and the optimizer (AdamW reads and writes 7 words per
+compute: what exceeds the compute shows; and FSDP's own copies into and out of its buffers,
+as measured per parameter element, with its hooks' cost per block and microbatch) and the optimizer (AdamW reads and writes 7 words per
 parameter at the measured memory bandwidth).
 
 Every communication term is `Links.time` of the group kind the runtime uses (parallel/plan/
@@ -76,6 +77,11 @@ class DeviceRates:
     memory_bandwidth: float  # bytes/s of an element-wise kernel (the optimizer's bound)
     block_overhead_s: float = 0.0  # one block's forward and backward beyond its FLOPs
     flops_shared: float | None = None  # per rank while every rank computes; None = flops
+    # FSDP2 beyond its collectives' bytes (probe.fsdp_costs): its hooks per block and microbatch,
+    # its copies per parameter element gathered and per element reduced.
+    fsdp_hook_s: float = 0.0
+    fsdp_gather_s: float = 0.0
+    fsdp_reduce_s: float = 0.0
 
     @property
     def sharing(self) -> float:
@@ -151,6 +157,9 @@ def estimate_step(args: ModelArgs, layout: Layout, links: Links, rates: DeviceRa
     tokens = L.micro_batch_size * seq_len / L.cp  # per rank of a TP group, before SP splits them
     chunks = stage_layers(args.n_layers, L.pp, L.vpp)
     full_ac = L.activation_checkpoint == "full"
+    fsdp = dp_impl == "fsdp" and L.dp * L.cp > 1
+    # Fixed costs of a block and microbatch: forward, input gradient and weight gradient alike.
+    fixed = (rates.block_overhead_s + (rates.fsdp_hook_s if fsdp else 0.0)) / 3
     activations = tokens * args.dim * act  # a TP region's gathered input (sequence parallelism)
     h: _Chunk | None = None  # the slowest chunk: it sets the pipeline's pace
     for stage, layers in enumerate(chunks):
@@ -161,7 +170,6 @@ def estimate_step(args: ModelArgs, layout: Layout, links: Links, rates: DeviceRa
         for layer in layers:
             fwd, core = block_forward_flops(args, layer, tokens, seq_len, L.tp)
             recompute = {"none": 0.0, "selective": core, "full": fwd}[L.activation_checkpoint]
-            fixed = rates.block_overhead_s / 3  # forward, input gradient, weight gradient alike
             c.f += fixed + fwd / rates.flops
             c.b += fixed * (1 + (recompute > 0)) + (fwd + recompute) / rates.flops  # (and the recomputation)
             c.w += fixed + fwd / rates.flops  # the weight gradient
@@ -223,7 +231,6 @@ def estimate_step(args: ModelArgs, layout: Layout, links: Links, rates: DeviceRa
     # Data parallelism: the gradients once per step, the FSDP gathers every microbatch.
     elements = local_elements or 0
     dense, experts = elements - expert_elements, expert_elements
-    fsdp = dp_impl == "fsdp" and L.dp * L.cp > 1
     shards_dense, shards_expert = (L.dp * L.cp, links.topo.edp) if fsdp else (1, 1)
     layers = args.n_layers / L.pp
     units = max(1, round(layers)) if fsdp else 1  # FSDP reduces and gathers block by block
@@ -241,6 +248,10 @@ def estimate_step(args: ModelArgs, layout: Layout, links: Links, rates: DeviceRa
             dp += m * (exposed_fwd + (exposed_bwd if reshard_after_forward else 0.0))
         else:  # pipelines keep the parameters gathered over the step's microbatches
             dp += exposed_fwd
+        # FSDP's copies into and out of its buffers, every rank at once (so at the shared rate).
+        gathers = 1 if L.pp > 1 else m * (2 if reshard_after_forward else 1)
+        unsharded = dense * shards_dense + (experts * shards_expert if shards_expert > 1 else 0)
+        dp += unsharded * (gathers * rates.fsdp_gather_s + rates.fsdp_reduce_s) * rates.sharing
     optimizer = 7 * elements * grad / rates.memory_bandwidth
     # Ranks that share a device can together do no more than it can: their work — compute and
     # the collectives' fixed CPU cost — lasts at least its time at the shared rate (the

@@ -72,7 +72,10 @@ def test_the_probe_measures_what_the_planner_reads():
     assert set(cal.links) == {"intra"} and cal.links["intra"] > 0 and cal.latency_s > 0
     # Every collective the step-time model uses has a measured cost against its ring, and a call
     # a fixed cost.
-    assert set(cal.collective_cost) == {"reduce_scatter", "all_reduce", "all_to_all"}
+    assert set(cal.collective_cost) == {"reduce_scatter", "all_reduce", "all_to_all", "ring_pass"}
     assert all(v > 0 for v in cal.collective_cost.values()) and cal.collective_call_s >= 0
     rates = cal.link_rates(compose(["run_dir=unused"]).cluster)
     assert rates.cost == cal.collective_cost and rates.call_s == cal.collective_call_s
+    # FSDP2's hooks and copies, measured on a block sharded over the pair.
+    assert set(cal.fsdp_cost) == {"hook_s", "gather_s", "reduce_s"}
+    assert all(v >= 0 for v in cal.fsdp_cost.values()) and cal.fsdp_cost["hook_s"] > 0

@@ -130,3 +130,14 @@ def test_partition_even_uneven_and_counting_embedding_and_head():
 def test_partition_errors_name_the_values(args, fragment):
     with pytest.raises(PartitionError, match=".*".join(map(__import__("re").escape, fragment.split("…")))):
         stage_layers(*args)
+
+
+def test_messages_take_their_link_s_time_without_blocking_the_sender():
+    """1F1B on two ranks (F=1, B=2) with rank 0 → 1 taking 5: rank 0's forwards run back to back;
+    rank 1's first forward waits for the first activation (1 + 5); the link carries one message
+    after another, so the second, sent at 2, arrives when the first has gone through and 5 more."""
+    schedules = [build("1f1b", 2, 1, 3, r) for r in range(2)]
+    slow = simulate(schedules, 2, 1, transfer=lambda src, dst: 5.0 if (src, dst) == (0, 1) else 0.0)
+    forwards = {r: [start for a, start, _ in slow[r] if a.kind == "F"] for r in range(2)}
+    assert forwards[0][:2] == [0.0, 1.0]
+    assert forwards[1][:2] == [6.0, 11.0]

@@ -112,3 +112,59 @@ def test_collective_calls_are_work_on_a_shared_device():
     own = _step(layout, rates=CALLS)
     shared = _step(layout, device=dataclasses.replace(DEVICE, flops_shared=DEVICE.flops / 4), rates=CALLS)
     assert shared.total == pytest.approx(4 * (own.compute + own.tp + own.optimizer), rel=1e-6)
+
+
+def test_ring_attention_exposes_the_kv_gradients_hops_and_each_exchange_is_a_call():
+    """With free links and a 1 ms call, the K/V hops hide under the attention (forward: cp − 1,
+    backward: cp − 1 again); the K/V gradients' cp hops in backward show. Every exchange is work
+    on a shared device."""
+    layout = Layout(1, 1, 1, 2, 1, 1, 1, 4, "none", "1f1b", "ep")
+    m, cp = 16 // 4, 2
+    own = _step(layout, rates=CALLS)
+    assert own.cp == pytest.approx(m * ARGS.n_layers * cp * 1e-3)
+    shared = _step(layout, device=dataclasses.replace(DEVICE, flops_shared=DEVICE.flops / 4), rates=CALLS)
+    calls = m * ARGS.n_layers * (3 * cp - 2) * 1e-3
+    assert shared.total == pytest.approx(4 * (own.compute + calls + own.optimizer), rel=1e-6)
+
+
+def test_a_pipeline_pays_each_hop_s_own_link():
+    """Four stages on two nodes: the middle hop crosses the NIC, the others stay inside a node;
+    on four nodes every hop crosses one. The sends delay the schedule by what their links take."""
+    rates = LinkRates(intra_node=float("inf"), nic={"ib": 1e7})
+    layout = Layout(1, 4, 1, 1, 1, 1, 1, 4, "none", "1f1b", "ep")
+    topo = Topology(world_size=4, pp=4)
+    two = Links(topo, [RankInfo(node=r // 2, local_rank=r % 2, nic="ib") for r in range(4)], rates)
+    four = Links(topo, [RankInfo(node=r, local_rank=0, nic="ib") for r in range(4)], rates)
+    assert two.hop("pp", 0, 1, 1e6) == 0 and two.hop("pp", 2, 1, 1e6) == pytest.approx(0.1)
+    assert [four.hop("pp", r, r + 1, 1e6) for r in range(3)] == pytest.approx([0.1] * 3)
+
+    def step(links):
+        return estimate_step(ARGS, layout, links, DEVICE, seq_len=256, global_batch_size=16, dtype="float32",
+                             dp_impl="fsdp")
+
+    sent = 4 * 256 * ARGS.dim * 4  # a microbatch's activations, float32
+    hop = sent / 1e7
+    on_two, on_four = step(two), step(four)
+    # The fill and drain cross the one slow hop once each way; on four nodes three times.
+    assert on_two.pp >= 2 * hop and on_four.pp >= 6 * hop
+    assert on_two.pp < on_four.pp
+    assert on_two.bubble == on_four.bubble == step(Links(topo, four.ranks, FREE)).bubble
+
+
+def test_fsdp_pays_its_measured_hooks_every_microbatch_and_its_copies_per_gather_and_reduction():
+    layout = Layout(1, 1, 1, 1, 2, 1, 1, 4, "none", "1f1b", "ep")
+    m, elements = 16 // 2 // 4, 1_000_000
+    costs = dataclasses.replace(DEVICE, fsdp_hook_s=3e-3, fsdp_gather_s=1e-9, fsdp_reduce_s=2e-9)
+
+    def step(device, reshard=True, **kw):
+        return _step(dataclasses.replace(layout, **kw), device=device, reshard_after_forward=reshard,
+                     local_elements=elements // 2)
+
+    bare, fsdp = step(DEVICE), step(costs)
+    assert fsdp.compute - bare.compute == pytest.approx(m * ARGS.n_layers * 3e-3)
+    # Resharding after forward gathers twice a microbatch; the reduction happens once a step.
+    assert fsdp.dp - bare.dp == pytest.approx(elements * (2 * m * 1e-9 + 2e-9))
+    assert step(costs, reshard=False).dp - step(DEVICE, reshard=False).dp == pytest.approx(elements * (m * 1e-9 + 2e-9))
+    # A pipeline keeps the parameters gathered over the step's microbatches.
+    deep = dict(pp=2, micro_batch_size=2)
+    assert step(costs, **deep).dp - step(DEVICE, **deep).dp == pytest.approx(elements * (1e-9 + 2e-9))
