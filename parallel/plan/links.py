@@ -3,8 +3,9 @@
 Every group of one kind (all TP groups, all DP groups, ...) runs its collective at the same time,
 so the groups share the nodes' links. A collective is turned into the bytes it puts on each
 directed edge between two processes (ring algorithms for all-reduce, all-gather and
-reduce-scatter over the group's members in order; one share per pair for all-to-all; stage to
-next stage for pipeline sends); the edges' bytes are summed per resource:
+reduce-scatter over the group's members in order; one share per pair for all-to-all; each member
+to the next for ring attention's exchange; one member to another, in every group at once, for a
+pipeline's hop, `Links.hop`); the edges' bytes are summed per resource:
 
     intra     a process's port to the node's internal links (NVLink, shared memory), each
               direction, for edges inside the node
@@ -13,8 +14,8 @@ next stage for pipeline sends); the edges' bytes are summed per resource:
               it falls back to sockets, `cluster.cross_gbps`)
 
 and the collective lasts as long as its busiest resource needs (ring steps pipeline, so every
-edge is busy at once), plus one latency per algorithm step, plus — for a collective or a ring exchange, not a
-pipeline's send — the library's fixed cost of a call (`LinkRates.call_s`: gloo's is near a
+edge is busy at once), plus one latency per algorithm step, plus — for a collective or a ring
+exchange, not a pipeline's send — the library's fixed cost of a call (`LinkRates.call_s`: gloo's is near a
 millisecond on a CPU, ten times a message's latency, and a layout running thousands of small
 collectives pays it thousands of times). Libraries do not all run the ring:
 `LinkRates.cost` scales a pattern's bytes by what the probe measured of it against an all-gather
@@ -64,8 +65,6 @@ def _edges(groups: list[list[int]], pattern: str):
             yield from ((a, b, 1 / n) for a in g for b in g if a != b)
         elif pattern == "ring_pass":  # every member sends its buffer to the next, once
             yield from ((g[i], g[(i + 1) % n], 1.0) for i in range(n))
-        elif pattern == "p2p":  # stage i to stage i + 1
-            yield from ((g[i], g[i + 1], 1.0) for i in range(n - 1))
         else:
             raise ValueError(f"unknown collective pattern {pattern!r}")
 
@@ -77,7 +76,7 @@ def pair_share(pattern: str) -> float:
 
 def _steps(n: int, pattern: str) -> int:
     return {"all_reduce": 2 * (n - 1), "all_gather": n - 1, "reduce_scatter": n - 1, "all_to_all": n - 1,
-            "ring_pass": 1, "p2p": 1}[pattern] if n > 1 else 0
+            "ring_pass": 1}[pattern] if n > 1 else 0
 
 
 class Links:

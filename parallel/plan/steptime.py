@@ -31,8 +31,8 @@ critical path that costs. Once per step come the data-parallel gradient reductio
 all-reduce overlapping the last backward; FSDP: the reduce-scatter likewise, and the parameter
 all-gathers of every microbatch's forward — and backward, when resharded — prefetched under
 compute: what exceeds the compute shows; and FSDP's own copies into and out of its buffers,
-as measured per parameter element, with its hooks' cost per block and microbatch) and the optimizer (AdamW reads and writes 7 words per
-parameter at the measured memory bandwidth).
+as measured per parameter element, with its hooks' cost per block and microbatch) and the
+optimizer (AdamW reads and writes 7 words per parameter at the measured memory bandwidth).
 
 Every communication term is `Links.time` of the group kind the runtime uses (parallel/plan/
 links.py), so a group that the placement puts across a slow or mixed link pays for it.
@@ -115,7 +115,8 @@ def _makespan(schedule: str, pp: int, vpp: int, m: int, f: float, b: float, w: f
     split = schedule == "zero_bubble"
     times = {"F": f, "B": b if split else b + w, "W": w}
     seconds = dict(hops)
-    timeline = simulate(schedules, pp, vpp, lambda a: times[a.kind], (lambda *link: seconds[link]) if hops else None)
+    transfer = (lambda src, dst: seconds[(src, dst)]) if hops else None
+    timeline = simulate(schedules, pp, vpp, lambda a: times[a.kind], transfer)
     return max(t[-1][2] for t in timeline)
 
 

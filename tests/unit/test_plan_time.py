@@ -90,7 +90,7 @@ def test_measured_collective_costs_and_call_overhead_enter_every_collective():
     # gloo's reduce-scatter moves an all-reduce's bytes; each call pays the library's fixed cost.
     assert gloo.time("tp", "reduce_scatter", 1e8) == pytest.approx(1e8 / 1e9 + 1e-4 + 1e-3)
     assert gloo.time("tp", "all_gather", 1e8, calls=4) == pytest.approx(0.5 * 1e8 / 1e9 + 4 * (1e-4 + 1e-3))
-    assert gloo.time("tp", "p2p", 1e8) == pytest.approx(1e8 / 1e9 + 1e-4)  # a send is no collective call
+    assert gloo.hop("tp", 0, 1, 1e8) == pytest.approx(1e8 / 1e9 + 1e-4)  # a pipeline's send is no call
 
 
 CALLS = dataclasses.replace(FREE, call_s=1e-3)  # links free: only the calls cost
