@@ -9,10 +9,12 @@ time among those whose estimated peak memory fits a rank.
     python -m launch.plan cluster=mixed_4x2 --calibration calibration.json
 
 The world is the described cluster's processes (`cluster=<name>`), or `world_size=N` ranks on
-one node. Rates come from a probe file (`--probe`, run on the cluster itself: device FLOP/s with
-every rank busy, memory bandwidth, each link class's bandwidth and latency, the runtime's memory
-floor); without one, this machine is measured in one process (the floor, FLOP/s shared among a
-node's ranks, memory bandwidth) and links are the cluster description's `gbps`.
+one node. Rates come from a probe file (`--probe`, run on the cluster itself; parallel/plan/
+probe.py lists what it measures: FLOP/s alone and with every rank busy, a block's fixed cost,
+memory bandwidth, each link class, each collective's cost and a call's, FSDP2's own costs, the
+runtime's memory floor); without one, this machine is measured in one process (the floor, FLOP/s
+shared among a node's ranks, memory bandwidth, a block's fixed cost) and links are the cluster
+description's `gbps`, collectives cost what the ring says and FSDP's copies nothing.
 `--memory-gib` overrides the memory a rank may use (default: the probe's, else this machine's
 GPU memory or its host memory shared by a node's ranks).
 
@@ -121,6 +123,12 @@ def load_calibration(path: str, processes: list[RankInfo], model: str | None = N
     if probed != wanted:
         raise ConfigError([f"--calibration {path} was probed on processes (node, local rank, nic) {probed}, "
                            f"but this plan is for {wanted}: probe this cluster (--probe)"])
+    # What the probe measures on two or more processes; a file without it is an older probe's,
+    # and planning with it would price collectives by the ring alone and FSDP's copies at nothing.
+    missing = [k for k in ("collective_cost", "collective_call_s", "fsdp_cost") if k not in data]
+    if len(probed) > 1 and missing:
+        raise ConfigError([f"--calibration {path} was written by an older probe: it lacks {', '.join(missing)}; "
+                           "probe this cluster again (--probe)"])
     try:
         return CalibrationData.from_probe(data, model)
     except TypeError as e:  # a field missing or of another version

@@ -1,6 +1,7 @@
 """`python -m launch.plan`: the ranked table, the written layout launch.train accepts, memory as
 a hard limit, and the messages for bad input and for a model that fits nowhere."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +19,8 @@ def _calibration(tmp_path, processes, memory_gib=8.0):
         "processes": processes, "device_flops": 5e10, "device_flops_shared": 2.5e10, "memory_bandwidth": 1e10,
         "block_overhead_s": 1e-3, "floor_bytes": 0.5 * GIB, "memory_bytes": memory_gib * GIB,
         "links": {"intra": 4e9}, "latency_s": 1e-4, "loaded_latency_s": 1e-3, "model": "tiny",
+        "collective_cost": {"reduce_scatter": 2.0}, "collective_call_s": 1e-3,
+        "fsdp_cost": {"hook_s": 1e-3, "gather_s": 5e-9, "reduce_s": 5e-9},
         "memory": {"block_bytes_per_token": 20e3, "attention_share": 0.3, "layer_heap_bytes_per_token": 8e3,
                    "ends_heap_bytes_per_token": 10e3}}))
     return str(path)
@@ -88,3 +91,9 @@ def test_a_calibration_of_another_cluster_is_refused(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_info:
             main(["world_size=2", "--calibration", str(tmp_path / name)])
         assert exit_info.value.code == 2 and "is not a probe's file" in capsys.readouterr().err
+    older = json.loads(Path(_calibration(tmp_path, ONE_NODE)).read_text())
+    del older["fsdp_cost"]
+    (tmp_path / "older.json").write_text(json.dumps(older))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["world_size=2", "--calibration", str(tmp_path / "older.json")])
+    assert exit_info.value.code == 2 and "older probe: it lacks fsdp_cost" in capsys.readouterr().err
