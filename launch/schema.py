@@ -199,7 +199,7 @@ class MonitorConfig:
 
     enabled: bool = True
     hang_timeout_s: float = 300.0  # a collective unfinished this long is a hang: report, exit 3
-    window: int = 10  # steps per slow-rank verdict (0 = no slow-rank detection)
+    window: int = 10  # steps per slow-rank verdict, counted after the launch's first step (0 = none)
     slow_fraction: float = 0.2  # slow: the others wait for a rank > this fraction of the window
 
 

@@ -21,7 +21,9 @@ Slow rank: C4's signature of a straggler is that everyone waits for it and it wa
 Each rank sums the time its blocking collectives spent waiting; every `window` steps the ranks
 exchange these sums (one all-gather), and a rank whose wait is below the median of the others'
 by more than `slow_fraction` of the window's wall time is named in every rank's step metrics
-(`slow_ranks`, hence metrics.jsonl and wandb) and in the log.
+(`slow_ranks`, hence metrics.jsonl and wandb) and in the log. Windows start after each launch's
+first step: that step pays one-off costs (gloo connects a group at its first collective, caches
+warm up) unevenly across ranks, and judging it named healthy ranks slow.
 """
 from __future__ import annotations
 
@@ -76,6 +78,7 @@ class CollectiveMonitor:
         self.poll_s = min(poll_s, hang_timeout_s / 4)
         self.arrivals: dict[str, int] = {}
         self.waited = 0.0  # seconds blocking collectives waited, this window
+        self.window_end: int | None = None  # the step of the next verdict; None before the first step
         self.blocked = 0.0  # seconds in blocking calls (collectives and point-to-point), since take_blocked_s
         self.window_start = time.perf_counter()
         self._active: _Call | None = None  # the blocking call in progress
@@ -98,7 +101,7 @@ class CollectiveMonitor:
     def install(self) -> "CollectiveMonitor":
         if self._originals:
             return self  # installed already
-        self._stop, self.waited, self.window_start = threading.Event(), 0.0, time.perf_counter()
+        self._stop, self.waited, self.window_start, self.window_end = threading.Event(), 0.0, time.perf_counter(), None
         for name in COLLECTIVES + POINT_TO_POINT:
             fn = getattr(dist, name)
             params = list(inspect.signature(fn).parameters)
@@ -180,19 +183,25 @@ class CollectiveMonitor:
         return blocked
 
     def end_step(self, step: int) -> list[int]:
-        """Every `window` steps (a collective): the ranks the others keep waiting for."""
-        if self.window <= 0 or step % self.window:
+        """Every `window` steps after the launch's first (a collective): the ranks the others keep
+        waiting for."""
+        if self.window <= 0:
             return []
-        elapsed = time.perf_counter() - self.window_start
-        waits = torch.zeros(self.world_size, dtype=torch.float64)
-        mine = torch.tensor([self.waited], dtype=torch.float64)
+        if self.window_end is None:  # the warm-up step: not judged
+            self.waited, self.window_start, self.window_end = 0.0, time.perf_counter(), step + self.window
+            return []
+        if step < self.window_end:
+            return []
+        gathered = torch.zeros(2 * self.world_size, dtype=torch.float64)
+        mine = torch.tensor([self.waited, time.perf_counter() - self.window_start], dtype=torch.float64)
         self._quiet = True
         try:
-            all_gather_tensor(waits, mine)
+            all_gather_tensor(gathered, mine)
         finally:
             self._quiet = False
-        self.waited, self.window_start = 0.0, time.perf_counter()
-        w = waits.tolist()
+        self.waited, self.window_start, self.window_end = 0.0, time.perf_counter(), step + self.window
+        w = gathered[0::2].tolist()
+        elapsed = gathered[1::2].max().item()  # one window length for all: every rank reaches one verdict
         # Slow: the other ranks' typical wait exceeds this rank's by a fraction of the window.
         slow = [r for r in range(self.world_size)
                 if statistics.median(w[:r] + w[r + 1:]) - w[r] > self.slow_fraction * elapsed]

@@ -11,21 +11,28 @@ DS_ENV = {"DS_ACCELERATOR": "cpu"}
 
 
 def _ds_rank(rank, world, stage, save_dir):
+    import importlib
+
     import torch
 
     from runtime.checkpoint.deepspeed_engine import QuintetCheckpointEngine, initialize
     from runtime.checkpoint.tree import MAGIC, flatten
+
+    # DeepSpeed's CPU accelerator JIT-compiles two C++ ops on first use: a shared-memory all-reduce
+    # (gloo does that job here) and its fused Adam (torch's AdamW, given below, does that one).
+    # Together they cost ~55 s of a fresh machine's 2 cores and have nothing to do with checkpoints.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # (deepspeed.comm.torch is torch)
 
     def engine(seed):
         torch.manual_seed(seed)
         # ~1M parameters: 4 MB per state through a 1 MB pool, written slowly (below), so the copy
         # is still running when the next optimizer step comes and commit() must wait for it.
         model = torch.nn.Sequential(torch.nn.Linear(16, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 1024))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
         config = {"train_micro_batch_size_per_gpu": 4, "steps_per_print": 10 ** 9,
-                  "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.1}},
                   "zero_optimization": {"stage": stage},
                   "quintet_checkpoint": {"enabled": True, "pool_mb": 1, "chunk_mb": 1}}
-        eng, *_ = initialize(model=model, model_parameters=model.parameters(), config=config)
+        eng, *_ = initialize(model=model, optimizer=optimizer, config=config)
         assert isinstance(eng.checkpoint_engine, QuintetCheckpointEngine)
         writer = eng.checkpoint_engine.writer
         write = writer._write_region

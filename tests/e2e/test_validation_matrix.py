@@ -63,13 +63,14 @@ if not torch.cuda.is_available():
                    "train.compile_mode=reduce-overhead captures CUDA graphs, which need a CUDA device"))
 
 # Runs each configuration as `python -m launch.train` would, in a child forked from one process
-# that imported launch.train once (a fresh interpreter per case would cost ~3 s each).
+# that imported launch.train once (a fresh interpreter per case would cost ~3 s each); two
+# children at a time, one per core.
 DRIVER = r"""
 import json, os, runpy, sys, warnings
 warnings.filterwarnings("ignore", message=".*found in sys.modules after import of package")
 import launch.train  # imports torch, Hydra and the rest once, before the forks
-results = []
-for overrides in json.loads(sys.argv[1]):
+
+def start(overrides):
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -83,10 +84,18 @@ for overrides in json.loads(sys.argv[1]):
             os._exit(e.code if isinstance(e.code, int) else 1)
         os._exit(0)
     os.close(w)
-    with os.fdopen(r) as f:
+    return pid, r
+
+def finish(pid, r):
+    with os.fdopen(r) as f:  # a message is far below a pipe's buffer: the other child never blocks
         out = f.read()
     _, status = os.waitpid(pid, 0)
-    results.append([os.waitstatus_to_exitcode(status), out])
+    return [os.waitstatus_to_exitcode(status), out]
+
+cases, results = json.loads(sys.argv[1]), []
+for i in range(0, len(cases), 2):
+    running = [start(overrides) for overrides in cases[i:i + 2]]
+    results += [finish(*child) for child in running]
 print(json.dumps(results))
 """
 
