@@ -11,7 +11,8 @@ from tests.training import SMALL, assert_same_losses, train
 
 REASON = available()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
-LAYOUT = [*SMALL, "parallel.tp=2", "train.micro_batch_size=2"]  # tp=2 inside a node, dp=2 across
+MICRO = ["train.micro_batch_size=2"]
+LAYOUT = [*SMALL, "parallel.tp=2", *MICRO]  # tp=2 inside a node, dp=2 across
 
 
 def median_step_time(run_dir) -> float:
@@ -23,7 +24,7 @@ def test_two_nodes_match_one_process_talk_over_the_namespaces_and_feel_a_rate_li
     """tp=2 inside a node, dp=2 across: one process's losses, traffic over the namespaces'
     addresses; then one node's link at 20 Mbit/s, which the data-parallel reductions cross every
     step, makes the same run measurably slower."""
-    reference = train(tmp_path / "one", LAYOUT[len(SMALL) + 1:])
+    reference = train(tmp_path / "one", MICRO)
     with EmulatedCluster(2) as cluster:
         results = cluster.torchrun(2, LAYOUT, str(tmp_path / "two"), deadline_s=240)
         address0 = cluster.address(0)
