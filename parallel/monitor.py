@@ -77,10 +77,11 @@ class CollectiveMonitor:
         self.run_dir, self.group_names, self.on_hang = run_dir, group_names or {}, on_hang
         self.poll_s = min(poll_s, hang_timeout_s / 4)
         self.arrivals: dict[str, int] = {}
+        # The slow-rank window: set by end_step after each launch's first step (None until then).
         self.waited = 0.0  # seconds blocking collectives waited, this window
-        self.window_end: int | None = None  # the step of the next verdict; None before the first step
+        self.window_start = 0.0
+        self.window_end: int | None = None  # the step of the next verdict
         self.blocked = 0.0  # seconds in blocking calls (collectives and point-to-point), since take_blocked_s
-        self.window_start = time.perf_counter()
         self._active: _Call | None = None  # the blocking call in progress
         self._inside = False  # in a monitored call: a call it makes is part of it
         self._async: list[_Call] = []
@@ -101,7 +102,7 @@ class CollectiveMonitor:
     def install(self) -> "CollectiveMonitor":
         if self._originals:
             return self  # installed already
-        self._stop, self.waited, self.window_start, self.window_end = threading.Event(), 0.0, time.perf_counter(), None
+        self._stop, self.window_end = threading.Event(), None  # a new launch: its first step is the warm-up
         for name in COLLECTIVES + POINT_TO_POINT:
             fn = getattr(dist, name)
             params = list(inspect.signature(fn).parameters)
@@ -187,7 +188,7 @@ class CollectiveMonitor:
         waiting for."""
         if self.window <= 0:
             return []
-        if self.window_end is None:  # the warm-up step: not judged
+        if self.window_end is None:  # the warm-up step, not judged: the first window starts after it
             self.waited, self.window_start, self.window_end = 0.0, time.perf_counter(), step + self.window
             return []
         if step < self.window_end:
