@@ -9,6 +9,9 @@ transfer's bytes start when the previous one's end), their latencies overlap. As
 progress in the background: only `wait()` sleeps for what remains. Inside a rank it is
 installed with `with SlowLink(...):`. This is the byte-proportional comm wrapper of DESIGN.md
 §6; network namespaces with rate-limited links (launch/cluster.py) are the other option.
+
+`events` records, in order, each collective's posting and the end of its wait, so tests can
+judge overlap by order rather than by the clock (`max_in_flight`).
 """
 from __future__ import annotations
 
@@ -21,12 +24,13 @@ _WRAPPED = ("all_reduce", "all_gather_single", "all_gather_into_tensor", "reduce
 
 
 class _DelayedWork:
-    def __init__(self, work, ready_at: float):
-        self.work, self.ready_at = work, ready_at
+    def __init__(self, work, ready_at: float, on_wait):
+        self.work, self.ready_at, self.on_wait = work, ready_at, on_wait
 
     def wait(self, *args, **kwargs):
         result = self.work.wait(*args, **kwargs)
         time.sleep(max(0.0, self.ready_at - time.perf_counter()))
+        self.on_wait()
         return result
 
     def is_completed(self):
@@ -45,6 +49,7 @@ class SlowLink:
         self.latency, self.bandwidth = latency, bandwidth
         self.busy_until = 0.0
         self.collectives = 0
+        self.events: list[tuple[str, int]] = []  # ("post" | "done", collective number), in order
         self._saved = {}
 
     def _transfer(self, nbytes: int, group) -> float:
@@ -61,13 +66,27 @@ class SlowLink:
             self.busy_until = max(now, self.busy_until) + self._transfer(nbytes, group)
             ready = self.busy_until + self.latency
             self.collectives += 1
+            number = self.collectives
+            self.events.append(("post", number))
             work = fn(*args, **kwargs)
             if kwargs.get("async_op"):
-                return _DelayedWork(work, ready)
+                return _DelayedWork(work, ready, lambda: self.events.append(("done", number)))
             time.sleep(max(0.0, ready - time.perf_counter()))
+            self.events.append(("done", number))
             return work
 
         return wrapped
+
+    def max_in_flight(self) -> int:
+        """The most collectives posted and not yet waited for at any point (1: none overlapped)."""
+        pending, most = set(), 0
+        for kind, number in self.events:
+            if kind == "post":
+                pending.add(number)
+                most = max(most, len(pending))
+            else:
+                pending.discard(number)
+        return most
 
     def __enter__(self):
         for name in _WRAPPED:

@@ -4,8 +4,12 @@ in the caller. Used by the multi-process tests and the benchmarks.
 
     results = run_ranks(check_something, world_size=4, args=(3,))
 
-`fn(rank, world_size, *args)` must be importable by name (a module-level function). Each rank sees RANK/WORLD_SIZE/LOCAL_RANK in its environment, as under torchrun, and
-runs with one intra-op thread so ranks do not fight over the cores.
+`fn(rank, world_size, *args)` must be importable by name (a module-level function). Each rank
+sees RANK/WORLD_SIZE/LOCAL_RANK in its environment, as under torchrun, and runs with one
+intra-op thread so ranks do not fight over the cores.
+
+Deadlines (the launch's and the process group's) are multiplied by `QUINTET_DEADLINE_FACTOR`
+(default 1), so that a busy or slow machine only makes a deadline later, never a test fail.
 """
 from __future__ import annotations
 
@@ -39,6 +43,17 @@ def _context():
     return _ctx
 
 
+def scaled(seconds: float) -> float:
+    """`seconds` times QUINTET_DEADLINE_FACTOR (default 1): how long to wait for something that
+    should take far less, on a machine that may be busy."""
+    raw = os.environ.get("QUINTET_DEADLINE_FACTOR", "1")
+    try:
+        factor = float(raw)
+    except ValueError:
+        raise ValueError(f"QUINTET_DEADLINE_FACTOR={raw!r} must be a number ≥ 1") from None
+    return seconds * max(factor, 1.0)
+
+
 class RankFailure(AssertionError):
     pass
 
@@ -69,8 +84,10 @@ def run_ranks(fn, world_size: int, args: tuple = (), timeout_s: float = 120.0,
     """Run `fn` on `world_size` ranks; returns the per-rank return values (picklable).
 
     Raises RankFailure with the traceback of the rank that failed first, or TimeoutError naming the
-    ranks that did not finish by the deadline; every child is dead when this returns.
+    ranks that did not finish by the deadline; every child is dead when this returns. Both
+    timeouts are `scaled`.
     """
+    timeout_s, pg_timeout_s = scaled(timeout_s), scaled(pg_timeout_s)
     ctx = _context()
     results = ctx.Queue()
     with tempfile.TemporaryDirectory(prefix="quintet-store-") as tmp:

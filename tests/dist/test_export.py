@@ -16,6 +16,7 @@ from launch.export import FullBlock, stored_tensors
 from runtime.checkpoint.format import load_blocks
 from runtime.model import ModelArgs, Transformer
 from tests.training import SMALL, train
+from launch.spawn import scaled
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -59,7 +60,7 @@ def test_export_matches_hugging_face_llama_semantics(tmp_path):
     train(run, ["parallel.tp=2", "train.steps=3", "checkpoint.every=3"], world_size=2)
     out = tmp_path / "hf"
     proc = subprocess.run([sys.executable, "-m", "launch.export", str(run), str(out)], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=scaled(120))
     assert proc.returncode == 0, proc.stderr
     weights, config = load_file(out / "model.safetensors"), json.loads((out / "config.json").read_text())
     assert config["model_type"] == "llama" and config["num_key_value_heads"] == 2
@@ -83,8 +84,8 @@ def test_export_refuses_what_has_no_llama_equivalent(tmp_path):
     train(run, ["model=tiny_moe", "model.n_layers=2", "model.dim=64", "train.steps=1", "checkpoint.every=1"],
           small=False)
     proc = subprocess.run([sys.executable, "-m", "launch.export", str(run), str(tmp_path / "x")], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=scaled(120))
     assert proc.returncode == 2 and "not a dense Llama" in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "launch.export", str(tmp_path / "nothing"), str(tmp_path / "y")],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+                          cwd=REPO, capture_output=True, text=True, timeout=scaled(120))
     assert proc.returncode == 2 and "neither a checkpoint" in proc.stderr

@@ -1,6 +1,5 @@
 """Ladder residual: the same numbers in every layout, the same generated tokens, and the overlap
 of tensor-parallel reductions with compute, proven by delaying each reduction."""
-import time
 
 import pytest
 import torch
@@ -75,45 +74,39 @@ def test_generated_tokens_are_identical_under_tensor_parallelism(residual):
     assert len(one[0]) == 17
 
 
-DELAY, L = 0.03, 4
+L = 4
 
 
-def _timed(rank, world, residual, train_step):
+def _overlap(rank, world, residual, train_step):
+    """(collectives, the most in flight at once) of one forward (and backward) over L layers."""
     from launch.slowlink import SlowLink
 
     par = _build(world, residual, n_layers=L, dim=32)
     model = par.model
     tokens = torch.randint(0, 256, (1, 8))
-    model(tokens)  # warm up
-
-    def run():
+    with SlowLink() as link:  # records when each all-reduce is posted and waited for
         if train_step:
-            out = model(tokens)
-            par.loss_fn(out, tokens).backward()
+            par.loss_fn(model(tokens), tokens).backward()
         else:
             with torch.no_grad():
                 model(tokens)
-
-    with SlowLink(latency=DELAY) as link:  # every all-reduce takes DELAY, concurrently if posted together
-        start = time.perf_counter()
-        run()
-        elapsed = time.perf_counter() - start
-    return elapsed, link.collectives
+    return link.collectives, link.max_in_flight()
 
 
 def test_ladder_overlaps_each_reduction_with_compute():
-    """Forward over L layers: the standard residual waits for each of its 2·L all-reduces; the
-    ladder keeps the next branch running while one is in flight."""
-    standard, n_std = run_ranks(_timed, 2, args=("standard", False))[0]
-    ladder, n_lad = run_ranks(_timed, 2, args=("ladder", False))[0]
+    """Forward over L layers: the standard residual waits for each of its 2·L all-reduces before
+    the next branch starts; the ladder posts the next branch's reduction while one is in flight,
+    so each reduction spans the next branch's compute (the time it saves: benchmarks/ladder.py)."""
+    n_std, std_in_flight = run_ranks(_overlap, 2, args=("standard", False))[0]
+    n_lad, lad_in_flight = run_ranks(_overlap, 2, args=("ladder", False))[0]
     assert n_std == n_lad == 2 * L + 1  # two per block, and the vocabulary-parallel embedding's
-    assert standard >= 2 * L * DELAY
-    assert ladder < 0.7 * 2 * L * DELAY, (ladder, standard)
+    assert std_in_flight == 1
+    assert lad_in_flight >= 2
 
 
 def test_ladder_overlaps_the_backward_reductions_too():
-    standard, n_std = run_ranks(_timed, 2, args=("standard", True))[0]
-    ladder, n_lad = run_ranks(_timed, 2, args=("ladder", True))[0]
+    n_std, std_in_flight = run_ranks(_overlap, 2, args=("standard", True))[0]
+    n_lad, lad_in_flight = run_ranks(_overlap, 2, args=("ladder", True))[0]
     assert n_std >= 4 * L and n_lad >= 4 * L  # forward and backward reductions
-    assert standard >= 4 * L * DELAY
-    assert ladder < 0.7 * standard, (ladder, standard)
+    assert std_in_flight == 1
+    assert lad_in_flight >= 2

@@ -28,15 +28,15 @@ def test_results_come_back_in_rank_order():
     assert run_ranks(_sum_ranks, 4) == [6.0] * 4
 
 
+@pytest.mark.timeout(120)
 def test_a_failing_rank_is_reraised_and_the_others_are_stopped():
-    start = time.monotonic()
+    # Rank 0 would wait in its barrier for the hour-long group timeout: only the helper's
+    # fail-fast ends this test before pytest's own deadline.
     with pytest.raises(RankFailure, match="rank 1 of 2 failed.*:\nValueError: rank one is broken"):
-        run_ranks(_fail_on_rank_1, 2, pg_timeout_s=30)
-    assert time.monotonic() - start < 15
+        run_ranks(_fail_on_rank_1, 2, pg_timeout_s=3600, timeout_s=3600)
 
 
-def test_a_hang_ends_at_the_deadline():
-    start = time.monotonic()
+def test_a_hang_ends_at_the_deadline(monkeypatch):
+    monkeypatch.setenv("QUINTET_DEADLINE_FACTOR", "1")
     with pytest.raises(TimeoutError, match=r"ranks \[0, 1\] of 2 did not finish within 3s"):
         run_ranks(_hang, 2, timeout_s=3)
-    assert time.monotonic() - start < 10

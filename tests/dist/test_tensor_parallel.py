@@ -6,7 +6,6 @@ summation order). End-to-end tests: 20 training steps of each layout equal one p
 """
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from launch.spawn import run_ranks

@@ -10,12 +10,13 @@ import time
 from runtime.metrics import read_metrics
 from tests.e2e.test_cli import REPO, TORCHRUN, launch
 from tests.training import SMALL
+from launch.spawn import scaled
 
 STEPS = [o for o in SMALL if not o.startswith("train.steps")]
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
+    end = time.monotonic() + scaled(timeout)
     while not predicate():
         if time.monotonic() > end:
             raise TimeoutError(what)
@@ -31,7 +32,7 @@ def test_sigterm_saves_a_final_checkpoint_and_the_job_resumes_from_it(tmp_path):
         metrics = run / "metrics.jsonl"
         wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 10, 120, "no training")
         proc.send_signal(signal.SIGTERM)  # torchrun passes it to its workers, as Slurm's srun does
-        out, _ = proc.communicate(timeout=60)
+        out, _ = proc.communicate(timeout=scaled(60))
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)

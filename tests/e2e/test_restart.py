@@ -11,6 +11,7 @@ import time
 from runtime.metrics import read_metrics
 from tests.e2e.test_cli import REPO, TORCHRUN
 from tests.training import SMALL, assert_same_losses, train
+from launch.spawn import scaled
 
 STEPS = 40
 RUN = ["train.steps=40", "checkpoint.every=4", "train.micro_batch_size=2"]
@@ -32,7 +33,7 @@ def test_a_killed_rank_restarts_the_job_which_resumes_exactly(tmp_path):
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + scaled(120)
         while _steps_logged(run_dir) < kill_at:
             assert proc.poll() is None and time.monotonic() < deadline, "the run ended before the kill"
             time.sleep(0.02)
@@ -40,7 +41,7 @@ def test_a_killed_rank_restarts_the_job_which_resumes_exactly(tmp_path):
         assert len(workers) == 4, workers
         victim = random.choice(workers)
         os.kill(int(victim), signal.SIGKILL)
-        out, _ = proc.communicate(timeout=240)
+        out, _ = proc.communicate(timeout=scaled(240))
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)

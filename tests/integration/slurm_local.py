@@ -17,6 +17,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from launch.spawn import scaled
+
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "sinfo", "scontrol")
 
 
@@ -29,7 +31,7 @@ def ensure_installed() -> str | None:
     if not shutil.which("apt-get"):
         return "Slurm is not installed and apt-get is not available to install it"
     def apt(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["apt-get", *args], capture_output=True, text=True, timeout=600,
+        return subprocess.run(["apt-get", *args], capture_output=True, text=True, timeout=scaled(600),
                               env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
 
     proc = apt("install", "-y", "-q", "slurm-wlm", "munge")
@@ -74,7 +76,7 @@ class LocalSlurm:
         munge_socket = d / "munge.sock"
         key = Path("/etc/munge/munge.key")
         if not key.exists():
-            subprocess.run(["mungekey", "--create", f"--keyfile={key}"], check=True, timeout=30)
+            subprocess.run(["mungekey", "--create", f"--keyfile={key}"], check=True, timeout=scaled(30))
         self._run(["munged", "--force", f"--socket={munge_socket}", f"--key-file={key}", f"--log-file={d / 'munged.log'}",
                    f"--pid-file={d / 'munged.pid'}", f"--seed-file={d / 'munged.seed'}"])
         self._pids.append(d / "munged.pid")
@@ -97,7 +99,7 @@ class LocalSlurm:
         self._pids.append(d / "slurmctld.pid")
         self._run(["slurmd", "-f", str(self.conf)])
         self._pids.append(d / "slurmd.pid")
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + scaled(60)
         while time.monotonic() < deadline:
             state = self._out(["sinfo", "-h", "-o", "%t"]).strip()
             if state in ("idle", "mix", "alloc"):
@@ -106,17 +108,17 @@ class LocalSlurm:
         raise RuntimeError(f"the local Slurm node did not come up (state {state!r}); see {d}/slurm*.log")
 
     def _run(self, cmd: list[str]) -> None:
-        proc = subprocess.run(cmd, timeout=60, env=self.env, capture_output=True, text=True)
+        proc = subprocess.run(cmd, timeout=scaled(60), env=self.env, capture_output=True, text=True)
         if proc.returncode:
             raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}: {(proc.stdout + proc.stderr).strip()[-500:]}"
                                f" (logs in {self.dir})")
 
     def _out(self, cmd: list[str]) -> str:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=self.env).stdout
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=scaled(60), env=self.env).stdout
 
     def sbatch(self, args: list[str], env: dict | None = None, cwd: str | None = None) -> int:
         out = subprocess.run(["sbatch", "--parsable", "-o", str(self.dir / "job-%j.out"), *args], capture_output=True,
-                             text=True, timeout=60, env={**self.env, **(env or {})}, cwd=cwd, check=True).stdout
+                             text=True, timeout=scaled(60), env={**self.env, **(env or {})}, cwd=cwd, check=True).stdout
         return int(out.strip().split(";")[0])
 
     def requeue(self, job: int, timeout: float = 60) -> None:
@@ -137,7 +139,7 @@ class LocalSlurm:
         deadline = time.monotonic() + timeout
         while self.running(job):
             if time.monotonic() > deadline:
-                subprocess.run(["scancel", str(job)], env=self.env, timeout=30)
+                subprocess.run(["scancel", str(job)], env=self.env, timeout=scaled(30))
                 raise TimeoutError(f"Slurm job {job} did not finish in {timeout:.0f}s")
             time.sleep(1)
 
@@ -146,7 +148,7 @@ class LocalSlurm:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def stop(self) -> None:
-        subprocess.run(["scancel", "--full", "-u", "root"], env=self.env, capture_output=True, timeout=30)
+        subprocess.run(["scancel", "--full", "-u", "root"], env=self.env, capture_output=True, timeout=scaled(30))
         for pid_file in reversed(self._pids):
             try:
                 os.kill(int(pid_file.read_text()), signal.SIGTERM)

@@ -10,6 +10,7 @@ import pytest
 from runtime.metrics import read_metrics
 from tests.integration.slurm_local import LocalSlurm, ensure_installed
 from tests.training import SMALL
+from launch.spawn import scaled
 
 REPO = Path(__file__).resolve().parents[2]
 REASON = ensure_installed()
@@ -40,7 +41,7 @@ def test_sbatch_trains_and_a_requeued_job_resumes(slurm):
             time.sleep(0.5)
         assert done >= 15, slurm.output(job)[-3000:]
         slurm.requeue(job)
-        slurm.wait(job, timeout=180)
+        slurm.wait(job, timeout=scaled(180))
         out = slurm.output(job)
         assert "(torchrun), 2 ranks" in out and f"run_dir runs/slurm-{job}" in out, out[-3000:]
         assert out.count("resumed from") == 1, out[-3000:]
@@ -54,7 +55,7 @@ def test_srun_tasks_rendezvous_from_slurm_variables(slurm):
     job = slurm.sbatch(["--ntasks=2", "--cpus-per-task=1", "--wrap",
                         f"srun {REPO}/.venv/bin/python -m launch.train {' '.join(SMALL)} train.steps=5"], cwd=str(REPO))
     try:
-        slurm.wait(job, timeout=120)
+        slurm.wait(job, timeout=scaled(120))
         out = slurm.output(job)
         assert "(slurm), 2 ranks" in out, out[-3000:]
         assert steps(job) == [1, 2, 3, 4, 5]

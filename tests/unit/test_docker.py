@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from launch.spawn import scaled
+
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "docker/Dockerfile"
 
@@ -43,9 +45,9 @@ def test_entrypoint_is_the_script_and_runs_the_documented_command(tmp_path):
     fake.chmod(0o755)
     env = {**os.environ, "PATH": f"{tmp_path}:{Path(sys.executable).parent}:{os.environ['PATH']}"}
     one = subprocess.run([str(script), "parallel.tp=2", "train.steps=5"], env={**env, "NPROC_PER_NODE": "2"},
-                         capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+                         capture_output=True, text=True, timeout=scaled(60), check=True).stdout.strip()
     assert one == "--standalone --nproc-per-node=2 -m launch.train parallel.tp=2 train.steps=5"
-    many = subprocess.run([str(script), "parallel.dp=4"], capture_output=True, text=True, timeout=60, check=True,
+    many = subprocess.run([str(script), "parallel.dp=4"], capture_output=True, text=True, timeout=scaled(60), check=True,
                           env={**env, "NPROC_PER_NODE": "2", "NNODES": "2", "RDZV_ENDPOINT": "node0:29500"}).stdout
     assert many.split() == ["--nnodes=2", "--nproc-per-node=2", "--rdzv-backend=c10d", "--rdzv-endpoint=node0:29500",
                             "--rdzv-id=quintet", "-m", "launch.train", "parallel.dp=4"]
@@ -56,7 +58,7 @@ def test_entrypoint_is_the_script_and_runs_the_documented_command(tmp_path):
 def _docker_engine() -> str | None:
     if not shutil.which("docker"):
         return "no docker command on this machine"
-    if subprocess.run(["docker", "info"], capture_output=True, timeout=30).returncode:
+    if subprocess.run(["docker", "info"], capture_output=True, timeout=scaled(30)).returncode:
         return "docker is installed but no Docker engine answers"
     return None
 
@@ -68,4 +70,4 @@ NO_ENGINE = _docker_engine()
 @pytest.mark.timeout(1800)
 def test_image_builds():
     subprocess.run(["docker", "build", "-f", str(DOCKERFILE), "-t", "quintet:test", str(REPO)], check=True,
-                   timeout=1800)
+                   timeout=scaled(1800))

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+from launch.spawn import scaled
 
 PROBE = """
 import resource, sys, torch
@@ -22,7 +23,7 @@ print(rss_mb() - before)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_freed_memory_stays_resident_only_when_asked():
     def kept(mode):
-        out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, timeout=60)
+        out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, timeout=scaled(60))
         assert out.returncode == 0, out.stderr
         return int(out.stdout.strip().splitlines()[-1])
 

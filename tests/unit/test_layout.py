@@ -3,7 +3,6 @@ import itertools
 import json
 import subprocess
 import sys
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -11,6 +10,7 @@ from megatron.core.parallel_state import RankGenerator
 
 from launch.layout import layout_json, main as layout_main
 from parallel.mesh import GROUP_SPECS, Topology, TopologyError
+from launch.spawn import scaled
 
 # quintet group name -> (megatron generator, megatron token)
 MEGATRON_TOKENS = {
@@ -94,12 +94,10 @@ def test_coordinates_are_positions_within_each_group():
     assert [coords[r]["tp"] for r in range(4)] == [0, 1, 0, 1] and coords[8]["pp"] == 1
 
 
-def test_a_1024_rank_layout_takes_under_a_second():
-    start = time.perf_counter()
+def test_a_1024_rank_layout_covers_every_rank_once():
     topo = topology(1024, tp=8, cp=2, pp=4, ep=8, etp=1)
     layout_json(topo)
-    assert time.perf_counter() - start < 1.0
-    assert sum(len(g) for g in topo.groups("edp")) == 1024
+    assert sorted(r for g in topo.groups("edp") for r in g) == list(range(1024))
 
 
 def test_layout_prints_one_json_object(capsys):
@@ -143,9 +141,9 @@ def test_layout_rejects_bad_input_with_exit_code_2(argv, fragment, capsys):
 
 def test_layout_command_line():
     proc = subprocess.run([sys.executable, "-m", "launch.layout", "world_size=4", "parallel.pp=2"],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=scaled(60))
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["pp"] == [[0, 2], [1, 3]]
     proc = subprocess.run([sys.executable, "-m", "launch.layout", "world_size=4", "parallel.pp=3"],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=scaled(60))
     assert proc.returncode == 2 and "quintet: invalid configuration" in proc.stderr
