@@ -1,21 +1,58 @@
 """Typed configuration of a quintet run.
 
-Every key a user can override is a field here, with a one-line description. Hydra merges
-`configs/train.yaml` and its groups onto these dataclasses, so a wrong type
-(`parallel.tp=two`), an unknown key or an unknown enum value fails at composition with a
-message naming the key. Cross-field rules (sizes that must divide) live in
-`launch/validate.py`.
+Every key a user can override is a field here, with a one-line description; every numeric
+key carries its valid range (`num(default, ge=..., ...)`). Hydra merges `configs/train.yaml` and
+its groups onto these dataclasses, so a wrong type (`parallel.tp=two`), an unknown key or an
+unknown enum value fails at composition with a message naming the key. `launch/validate.py`
+checks the ranges, the keys Hydra lets in with `+key=value`, and the cross-field rules (sizes
+that must divide).
 
     python -m launch.train --cfg job        # prints the composed config
 """
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric key accepts: a finite number within the bounds (ge/le inclusive,
+    gt/lt exclusive), or one of the sentinels in `also` (e.g. -1 = "the rest")."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    also: tuple = ()
+    note: str = ""  # what the sentinels mean, said in the message
+
+    def accepts(self, value) -> bool:
+        if value is None or value in self.also:
+            return True
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+
+    def describe(self) -> str:
+        pairs = (("≥", self.ge), (">", self.gt), ("≤", self.le), ("<", self.lt))
+        bounds = [f"{sign} {bound:g}" if isinstance(bound, float) else f"{sign} {bound}"
+                  for sign, bound in pairs if bound is not None]
+        text = " and ".join(bounds) or "a finite number"
+        if self.also:
+            text += " or " + " or ".join(map(str, self.also))
+        return text + (f" ({self.note})" if self.note else "")
+
+
+def num(default, **bounds):
+    """A numeric field: its default and its Range (`launch.validate` refuses values outside it)."""
+    return field(default=default, metadata={"range": Range(**bounds)})
 
 
 class DType(enum.Enum):
@@ -61,16 +98,16 @@ class WandbMode(enum.Enum):
 class MoEConfig:
     """Mixture-of-Experts feed-forward blocks (num_experts = 0: a dense model)."""
 
-    num_experts: int = 0  # experts per MoE layer; 0 = no MoE
-    top_k: int = 2  # experts per token
-    expert_ffn_dim: int = 0  # SwiGLU hidden size of each expert; 0 = model.ffn_dim
-    every: int = 1  # layer i is MoE when i % every == 0 (the others are dense)
+    num_experts: int = num(0, ge=0)  # experts per MoE layer; 0 = no MoE
+    top_k: int = num(2, ge=1)  # experts per token
+    expert_ffn_dim: int = num(0, ge=0)  # SwiGLU hidden size of each expert; 0 = model.ffn_dim
+    every: int = num(1, ge=1)  # layer i is MoE when i % every == 0 (the others are dense)
     shared_expert: bool = False  # one more expert, of expert_ffn_dim, that every token goes through
     renormalize: bool = True  # rescale the top-k routing probabilities to sum to 1
-    aux_loss_coef: float = 0.01  # Switch load-balancing loss
-    z_loss_coef: float = 0.001  # router z-loss
-    bias_update_rate: float = 0.0  # aux-loss-free balancing: per-expert bias step per update; 0 = off
-    capacity_factor: float = 0.0  # 0 = dropless; else each expert keeps factor·tokens·top_k/experts of the local tokens
+    aux_loss_coef: float = num(0.01, ge=0)  # Switch load-balancing loss
+    z_loss_coef: float = num(0.001, ge=0)  # router z-loss
+    bias_update_rate: float = num(0.0, ge=0)  # aux-loss-free balancing: per-expert bias step per update; 0 = off
+    capacity_factor: float = num(0.0, ge=0, note="0 = dropless")  # 0 = dropless; else each expert keeps factor·tokens·top_k/experts of the local tokens
 
 
 @dataclass
@@ -78,16 +115,16 @@ class ModelConfig:
     """A Llama-style decoder: RMSNorm, rotary embeddings, SwiGLU, grouped-query attention."""
 
     name: str = MISSING  # the config's name (model=<name>), recorded for reports
-    n_layers: int = MISSING  # Transformer blocks
-    dim: int = MISSING  # hidden size
-    n_heads: int = MISSING  # query heads
-    n_kv_heads: int = MISSING  # key/value heads (grouped-query attention); divides n_heads
-    ffn_dim: int = MISSING  # SwiGLU inner size
-    vocab_size: int = MISSING  # embedding and output rows
-    norm_eps: float = 1e-5  # RMSNorm epsilon
-    rope_theta: float = 10000.0  # rotary embedding base
+    n_layers: int = num(MISSING, ge=1)  # Transformer blocks
+    dim: int = num(MISSING, ge=1)  # hidden size
+    n_heads: int = num(MISSING, ge=1)  # query heads
+    n_kv_heads: int = num(MISSING, ge=1)  # key/value heads (grouped-query attention); divides n_heads
+    ffn_dim: int = num(MISSING, ge=1)  # SwiGLU inner size
+    vocab_size: int = num(MISSING, ge=1)  # embedding and output rows
+    norm_eps: float = num(1e-5, gt=0)  # RMSNorm epsilon
+    rope_theta: float = num(10000.0, gt=0)  # rotary embedding base
     residual: str = "standard"  # standard | ladder (ladder residual: branches overlap TP all-reduces)
-    ladder_layers: int = 0  # with residual=ladder: how many of the last layers are ladder; 0 = all
+    ladder_layers: int = num(0, ge=0, note="0 = all")  # with residual=ladder: how many of the last layers are ladder; 0 = all
     moe: MoEConfig = field(default_factory=MoEConfig)
 
 
@@ -95,11 +132,11 @@ class ModelConfig:
 class FSSDPConfig:
     """Fully sharded sparse data parallelism for MoE layers (parallel.moe_backend=fssdp)."""
 
-    window: int = 5  # steps in the sliding average of expert loads
-    hot: int = 2  # experts to replicate per layer (the top by load)
-    hot_min_ratio: float = 1.25  # ... and only those with load above this × the mean expert load
-    budget: int = 2  # materialised experts per device beyond those it owns
-    reshard_every: int = 100  # re-plan expert ownership every N steps; 0 = never
+    window: int = num(5, ge=1)  # steps in the sliding average of expert loads
+    hot: int = num(2, ge=0)  # experts to replicate per layer (the top by load)
+    hot_min_ratio: float = num(1.25, ge=0)  # ... and only those with load above this × the mean expert load
+    budget: int = num(2, ge=0)  # materialised experts per device beyond those it owns
+    reshard_every: int = num(100, ge=0, note="0 = never")  # re-plan expert ownership every N steps; 0 = never
     rematerialize: bool = False  # free gathered experts after forward, gather again for backward
     calibrate: bool = False  # plan replicas from each microbatch's actual routing (no gather overlap)
 
@@ -108,44 +145,44 @@ class FSSDPConfig:
 class ParallelConfig:
     """Sizes of the parallel dimensions; their product is the world size."""
 
-    tp: int = 1  # tensor-parallel size
-    pp: int = 1  # pipeline-parallel size
-    cp: int = 1  # context-parallel size
-    dp: int = -1  # data-parallel size; -1 = world size / (tp·pp·cp)
-    ep: int = 1  # expert-parallel size (MoE layers)
-    etp: int = -1  # expert tensor-parallel size; -1 = tp (Megatron-Core's default)
+    tp: int = num(1, ge=1)  # tensor-parallel size
+    pp: int = num(1, ge=1)  # pipeline-parallel size
+    cp: int = num(1, ge=1)  # context-parallel size
+    dp: int = num(-1, ge=1, also=(-1,), note="-1 = world size / (tp·pp·cp)")  # data-parallel size; -1 = world size / (tp·pp·cp)
+    ep: int = num(1, ge=1)  # expert-parallel size (MoE layers)
+    etp: int = num(-1, ge=1, also=(-1,), note="-1 = tp")  # expert tensor-parallel size; -1 = tp (Megatron-Core's default)
     order: str = "tp-cp-ep-dp-pp"  # rank layout, fastest-varying dimension first
     sp: bool = False  # sequence parallelism: norms and residual stream on sequence shards (needs tp > 1)
     cp_impl: str = "ring"  # context-parallel attention: ring | ulysses
-    vpp: int = 1  # model chunks per pipeline rank (1 = no interleaving)
+    vpp: int = num(1, ge=1)  # model chunks per pipeline rank (1 = no interleaving)
     schedule: str = "1f1b"  # pipeline schedule: 1f1b | interleaved_1f1b | zero_bubble
-    pp_group_size: int = 0  # interleaved schedule: microbatches per group; 0 = pp
+    pp_group_size: int = num(0, ge=0, note="0 = pp")  # interleaved schedule: microbatches per group; 0 = pp
     pp_layers: Any = None  # layers per stage: a list of pp·vpp counts; null = even; auto = by stage speed
     placement: str = "holmes"  # logical ranks -> processes: holmes (by NIC class, node) | megatron (identity)
     pp_count_embedding_head: bool = False  # balance stages counting the embedding and head as a layer each
     dp_impl: DataParallel = DataParallel.fsdp  # how data parallelism shards and reduces
-    dp_replicate: int = 1  # HSDP: replicas of an FSDP group sharded over dp·cp/dp_replicate ranks
+    dp_replicate: int = num(1, ge=1)  # HSDP: replicas of an FSDP group sharded over dp·cp/dp_replicate ranks
     reshard_after_forward: bool = True  # false = ZeRO-2-like: keep gathered parameters until backward
     reduce_dtype: str = "float32"  # FSDP2 gradient reduction precision under train.dtype=bfloat16: float32 | bfloat16
     activation_checkpoint: ActivationCheckpoint = ActivationCheckpoint.none  # none | full | selective
     moe_backend: str = "ep"  # MoE layers: ep (expert parallelism) | fssdp (Hecate's sparse data parallelism)
     fssdp: FSSDPConfig = field(default_factory=FSSDPConfig)
-    timeout_s: float = 600.0  # timeout of every process group (a hang fails, never waits forever)
+    timeout_s: float = num(600.0, gt=0)  # timeout of every process group (a hang fails, never waits forever)
 
 
 @dataclass
 class TrainConfig:
     """The training loop."""
 
-    steps: int = 200  # optimizer steps of the whole run (the schedule's length)
-    stop_at_step: int = 0  # end this launch after this step, with a checkpoint; 0 = run to `steps`
-    global_batch_size: int = 16  # sequences per optimizer step, over all data-parallel ranks
-    micro_batch_size: int = 4  # sequences per microbatch per data-parallel rank
-    seq_len: int = 256  # tokens per sequence
-    lr: float = 3e-3  # peak learning rate
+    steps: int = num(200, ge=1)  # optimizer steps of the whole run (the schedule's length)
+    stop_at_step: int = num(0, ge=0, note="0 = off")  # end this launch after this step, with a checkpoint; 0 = run to `steps`
+    global_batch_size: int = num(16, ge=1)  # sequences per optimizer step, over all data-parallel ranks
+    micro_batch_size: int = num(4, ge=1)  # sequences per microbatch per data-parallel rank
+    seq_len: int = num(256, ge=1)  # tokens per sequence
+    lr: float = num(3e-3, gt=0)  # peak learning rate
     dtype: DType = DType.float32  # precision of the step
     device: Device = Device.auto  # where the model runs
-    skip_nonfinite: int = 3  # skip up to K steps in a row whose loss or grad norm is NaN/Inf; stop at K+1
+    skip_nonfinite: int = num(3, ge=0, note="0 = stop at the first non-finite step")  # skip up to K steps in a row whose loss or grad norm is NaN/Inf; stop at K+1
     compile: bool = False  # torch.compile each Transformer block (after activation checkpointing, before FSDP)
     compile_mode: str = "default"  # default | max-autotune-no-cudagraphs; reduce-overhead | max-autotune use CUDA graphs
 
@@ -155,13 +192,13 @@ class OptimConfig:
     """AdamW with linear warm-up and cosine decay, and global-norm gradient clipping."""
 
     name: str = "adamw"
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1  # applied to matrices and embeddings, not to norm weights
-    warmup_steps: int = 20  # linear warm-up from lr/warmup_steps to lr
-    min_lr_ratio: float = 0.1  # cosine decays to lr·min_lr_ratio at train.steps
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    beta1: float = num(0.9, ge=0, lt=1)  # AdamW's first-moment decay
+    beta2: float = num(0.95, ge=0, lt=1)  # AdamW's second-moment decay
+    eps: float = num(1e-8, gt=0)  # AdamW's denominator term
+    weight_decay: float = num(0.1, ge=0)  # applied to matrices and embeddings, not to norm weights
+    warmup_steps: int = num(20, ge=0)  # linear warm-up from lr/warmup_steps to lr
+    min_lr_ratio: float = num(0.1, ge=0, le=1)  # cosine decays to lr·min_lr_ratio at train.steps
+    grad_clip: float = num(1.0, ge=0, note="0 = no clipping")  # max global gradient norm; 0 disables clipping
     fused: Optional[bool] = None  # fused AdamW kernel; null = on CUDA, the foreach kernel on CPU
 
 
@@ -176,12 +213,12 @@ class DataConfig:
 @dataclass
 class CheckpointConfig:
     dir: str = "${run_dir}/checkpoints"  # where checkpoints and the `latest` marker live
-    every: int = 0  # save every N optimizer steps and after the last one; 0 = never
-    every_s: float = 0.0  # also save when this many seconds passed since the last save; 0 = off
-    keep_last: int = 0  # keep only the newest N committed checkpoints; 0 = keep all
+    every: int = num(0, ge=0, note="0 = no periodic checkpoints")  # save every N optimizer steps and after the last one; 0 = never
+    every_s: float = num(0.0, ge=0, note="0 = no time-based checkpoints")  # also save when this many seconds passed since the last save; 0 = off
+    keep_last: int = num(0, ge=0, note="0 = keep every checkpoint")  # keep only the newest N committed checkpoints; 0 = keep all
     engine: CheckpointEngine = CheckpointEngine.lazy  # how state is written
-    pool_mb: int = 256  # lazy: host buffer pool per rank, resident from the start (back-pressure when full)
-    chunk_mb: int = 64  # lazy: bytes per coalesced copy/write region
+    pool_mb: int = num(256, ge=1, note="MiB")  # lazy: host buffer pool per rank, resident from the start (back-pressure when full)
+    chunk_mb: int = num(64, ge=1, note="MiB")  # lazy: bytes per coalesced copy/write region
     resume: bool = True  # resume from `<dir>/latest` when it exists
 
 
@@ -198,15 +235,15 @@ class MonitorConfig:
     """Collective timing and diagnosis (after C4): hangs and slow ranks (parallel/monitor.py)."""
 
     enabled: bool = True
-    hang_timeout_s: float = 300.0  # a collective unfinished this long is a hang: report, exit 3
-    window: int = 10  # steps per slow-rank verdict, counted after the launch's first step (0 = none)
-    slow_fraction: float = 0.2  # slow: the others wait for a rank > this fraction of the window
+    hang_timeout_s: float = num(300.0, gt=0)  # a collective unfinished this long is a hang: report, exit 3
+    window: int = num(10, ge=0, note="0 = no verdicts")  # steps per slow-rank verdict, counted after the launch's first step (0 = none)
+    slow_fraction: float = num(0.2, gt=0, lt=1)  # slow: the others wait for a rank > this fraction of the window
 
 
 @dataclass
 class LoggingConfig:
-    every: int = 10  # progress line every N steps when stdout is not a terminal
-    peak_tflops: Optional[float] = None  # per-device peak behind MFU; null = H100/H200 datasheet or a matmul probe
+    every: int = num(10, ge=1)  # progress line every N steps when stdout is not a terminal
+    peak_tflops: Optional[float] = num(None, gt=0, note="TFLOP/s per device; null = datasheet or measured")  # per-device peak behind MFU; null = H100/H200 datasheet or a matmul probe
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -214,8 +251,8 @@ class LoggingConfig:
 class NicClassConfig:
     """One kind of network interface card: what groups inside the class use, and how fast it is."""
 
-    gbps: float = 10.0  # bandwidth of one node's link in this class, Gbit/s (partition and planner)
-    speed_rank: int = 0  # placement order: lower = faster class, placed on earlier pipeline stages
+    gbps: float = num(10.0, gt=0)  # bandwidth of one node's link in this class, Gbit/s (partition and planner)
+    speed_rank: int = num(0, ge=0)  # placement order: lower = faster class, placed on earlier pipeline stages
     nccl_net: str = "Socket"  # NCCL network module for groups inside the class: IB | Socket
     nccl_env: dict[str, str] = field(default_factory=dict)  # e.g. NCCL_IB_HCA, NCCL_IB_GID_INDEX
     gloo_ifname: Optional[str] = None  # interface for gloo groups inside the class; null = the default
@@ -224,8 +261,8 @@ class NicClassConfig:
 @dataclass
 class NodeConfig:
     nic: str = "ethernet"  # NIC class (a key of cluster.classes)
-    ranks: int = 1  # processes (GPUs) on the node
-    tflops: Optional[float] = None  # device throughput per rank; null = measured when needed
+    ranks: int = num(1, ge=1)  # processes (GPUs) on the node
+    tflops: Optional[float] = num(None, gt=0)  # device throughput per rank; null = measured when needed
 
 
 def _default_classes() -> dict[str, NicClassConfig]:
@@ -244,7 +281,7 @@ class ClusterConfig:
     name: str = "detect"
     nodes: list[NodeConfig] = field(default_factory=list)
     classes: dict[str, NicClassConfig] = field(default_factory=_default_classes)
-    cross_gbps: Optional[float] = None  # between classes (sockets); null = the slower class's gbps
+    cross_gbps: Optional[float] = num(None, gt=0)  # between classes (sockets); null = the slower class's gbps
 
 
 @dataclass
@@ -258,7 +295,7 @@ class QuintetConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    seed: int = 0  # initialisation and data order
+    seed: int = num(0, ge=0, lt=2**63)  # initialisation and data order
     trace: bool = False  # per-rank timeline of forward/backward/communication in <run_dir>/trace/
     run_dir: str = MISSING  # one directory shared by all ranks of a job
 

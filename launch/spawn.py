@@ -19,6 +19,7 @@ import queue
 import tempfile
 import time
 import traceback
+import uuid
 from datetime import timedelta
 from pathlib import Path
 
@@ -58,13 +59,13 @@ class RankFailure(AssertionError):
     pass
 
 
-def _rank_main(fn, rank, world_size, store_path, pg_timeout_s, args, results, env):
+def _rank_main(fn, rank, world_size, store_path, pg_timeout_s, args, results, env, run_id):
     import torch
     import torch.distributed as dist
 
     os.environ.update(env)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world_size))
+                      LOCAL_WORLD_SIZE=str(world_size), TORCHELASTIC_RUN_ID=run_id)
     torch.set_num_threads(1)
     try:
         store = dist.FileStore(store_path, world_size)
@@ -92,8 +93,9 @@ def run_ranks(fn, world_size: int, args: tuple = (), timeout_s: float = 120.0,
     results = ctx.Queue()
     with tempfile.TemporaryDirectory(prefix="quintet-store-") as tmp:
         store_path = os.path.join(tmp, "store")
+        run_id = f"spawn-{uuid.uuid4().hex[:12]}"  # the job's identity, as torchrun's run id (launch/run_lock.py)
         procs = [ctx.Process(target=_rank_main, daemon=True,
-                             args=(fn, r, world_size, store_path, pg_timeout_s, args, results, env or {}))
+                             args=(fn, r, world_size, store_path, pg_timeout_s, args, results, env or {}, run_id))
                  for r in range(world_size)]
         for p in procs:
             p.start()

@@ -6,10 +6,8 @@
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -23,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from launch import config as launch_config
 from launch import env as launch_env
-from launch.validate import ConfigError, validate
+from launch.preflight import exit_bad_input, preflight, stop_on_bad_input
+from launch.validate import ConfigError
 from parallel import network
 from parallel.groups import build_groups
 from parallel.monitor import CollectiveMonitor
@@ -41,7 +40,6 @@ from runtime.trace import Tracer
 from runtime.trainer import Schedule, Trainer, cross_entropy_sum
 
 log = logging.getLogger("quintet")
-EXIT_BAD_CONFIG = 2
 
 
 def select_device(cfg, local_rank: int) -> torch.device:
@@ -117,9 +115,10 @@ class TrainingRun:
 
 def setup(cfg: DictConfig) -> TrainingRun:
     """Steps 1-6 of a run on this rank; the caller has validated nothing yet."""
-    # 1. Validate on every rank before any process group exists.
+    # 1. Validate on every rank before any process group exists: the config, the files it
+    # names, and that no other job uses its directories.
     launch = launch_env.detect()
-    topo = validate(cfg, launch.world_size)
+    topo = preflight(cfg, launch)
 
     # 2-3. Join the job and build the rank groups.
     device = select_device(cfg, launch.local_rank)
@@ -242,54 +241,12 @@ def run(cfg: DictConfig) -> None:
         r.metrics.close()
 
 
-def report_config_error(error: ConfigError) -> None:
-    """One message per node on stderr, and the same text in torchrun's failure summary.
-
-    Every rank exits, so torchrun may SIGTERM a rank before it prints; the error file it reads
-    (TORCHELASTIC_ERROR_FILE) puts the message under "Root Cause" whichever rank exits first.
-    """
-    message = f"quintet: {error}"
-    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if error_file:
-        payload = {"message": {"message": message, "extraInfo": {"py_callstack": message,
-                                                                 "timestamp": str(int(time.time()))}}}
-        with open(error_file, "w") as f:
-            json.dump(payload, f)
-    if launch_env.detect().local_rank == 0:
-        print(message, file=sys.stderr, flush=True)
-
-
-PEER_GRACE_S = 1.0
-
-
-def exit_bad_config() -> None:
-    """Exit 2 on every worker of a bad launch, not only on the first to notice.
-
-    torchrun SIGTERMs the other workers as soon as one exits; one still validating would die
-    by that signal instead of reporting the bad input. Its peers share this config and reach
-    the same verdict within a fraction of a second, so each waits a moment before exiting and
-    turns a SIGTERM in that moment into exit code 2. Nothing needs cleaning up: no process
-    group exists yet.
-    """
-    if launch_env.detect().world_size > 1:
-        def _exit_now(*_):
-            sys.stderr.flush()
-            os._exit(EXIT_BAD_CONFIG)
-
-        signal.signal(signal.SIGTERM, _exit_now)
-        time.sleep(PEER_GRACE_S)
-        # Not sys.exit: a SIGTERM during the interpreter's slow shutdown would bypass the handler.
-        _exit_now()
-    sys.exit(EXIT_BAD_CONFIG)
-
-
 def train(cfg: DictConfig) -> None:
     """`run` with the user-facing failure contract: a bad config exits 2 with one message."""
     try:
         run(cfg)
     except ConfigError as e:
-        report_config_error(e)
-        exit_bad_config()
+        stop_on_bad_input(e)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -316,7 +273,7 @@ def main() -> None:
         # Hydra exits 1 when composition fails (a wrong type, an unknown key or group option):
         # that is bad input too, and bad input exits 2.
         if not _task_started and e.code not in (0, None):
-            exit_bad_config()
+            exit_bad_input()
         raise
 
 

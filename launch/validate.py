@@ -1,20 +1,26 @@
-"""Every cross-field rule of the config, checked on every rank before any process group exists.
+"""Every rule of the config, checked on every rank before any process group exists.
 
-All problems are collected and reported together, each naming the offending values and what
-would be valid; `launch.train` prints them and exits with code 2.
+Two phases: first the schema's own rules — no key Hydra let in with `+key=value` that the
+schema lacks, every number within its range (launch/schema.py), no options that mean nothing
+for this model — then, once every value is in range, the cross-field rules (sizes that must
+divide). The problems of a phase are collected and reported together, each naming the offending
+values and what would be valid; `launch.train` prints them and exits with code 2.
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import os
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from launch import schema
 from parallel.compile import CUDA_GRAPH_MODES, MODES as COMPILE_MODES
 from parallel.mesh import Topology, TopologyError
 from parallel.pipeline.partition import PartitionError, stage_layers
 from parallel.pipeline.schedules import SCHEDULES
-from runtime.data.sources import check_source
+from runtime.data.sources import source_config_problems
 
 PLACEMENTS = ("holmes", "megatron")
 
@@ -28,12 +34,95 @@ class ConfigError(ValueError):
         return "invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems)
 
 
+def _schema_nodes(node, cls, prefix: str = ""):
+    """(key path, schema class, config node) of `node` and every structured node below it."""
+    yield prefix, cls, node
+    for f in dataclasses.fields(cls):
+        child = node.get(f.name) if not OmegaConf.is_missing(node, f.name) else None
+        if isinstance(child, DictConfig):
+            kind = OmegaConf.get_type(child)
+            if dataclasses.is_dataclass(kind):
+                yield from _schema_nodes(child, kind, f"{prefix}{f.name}.")
+            else:  # a dict of structured values (cluster.classes)
+                for key, value in child.items():
+                    if isinstance(value, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(value)):
+                        yield from _schema_nodes(value, OmegaConf.get_type(value), f"{prefix}{f.name}.{key}.")
+        elif isinstance(child, ListConfig):  # a list of structured values (cluster.nodes)
+            for i, value in enumerate(child):
+                if isinstance(value, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(value)):
+                    yield from _schema_nodes(value, OmegaConf.get_type(value), f"{prefix}{f.name}[{i}].")
+
+
+def _unknown_key_problems(cfg) -> list[str]:
+    """Keys the schema does not have. Hydra refuses `parallel.tpp=2`, but `+parallel.tpp=2` (what
+    its own error message suggests) adds the key, and nothing would read it."""
+    out = []
+    for prefix, cls, node in _schema_nodes(cfg, schema.QuintetConfig):
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in node.keys():
+            if key in known or (not prefix and key == "hydra"):
+                continue
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean {prefix}{close[0]}? " if close else ""
+            out.append(f"{prefix}{key} is not a configuration key (added with +{prefix}{key}=...?); {hint}"
+                       f"the keys of {prefix.rstrip('.') or 'the config'} are: {', '.join(known)}")
+    return out
+
+
+def _range_problems(cfg) -> list[str]:
+    """Every numeric key against its Range in the schema: NaN, infinities and out-of-range values
+    stop here, before any rule divides by them."""
+    out = []
+    for prefix, cls, node in _schema_nodes(cfg, schema.QuintetConfig):
+        for f in dataclasses.fields(cls):
+            allowed = f.metadata.get("range")
+            if allowed is None or OmegaConf.is_missing(node, f.name):
+                continue
+            value = node.get(f.name)
+            if not allowed.accepts(value):
+                out.append(f"{prefix}{f.name}={value} must be {allowed.describe()}")
+    return out
+
+
+def _unused_option_problems(cfg) -> list[str]:
+    """Options set away from their defaults where nothing reads them: MoE keys on a dense model,
+    FSSDP's on the EP backend, ladder_layers with the standard residual. Silently ignoring them
+    would train something other than what the user asked for."""
+    out = []
+
+    def changed(node, cls, prefix):
+        return [f"{prefix}{f.name}={node.get(f.name)}" for f in dataclasses.fields(cls)
+                if node.get(f.name) != f.default]
+
+    if cfg.model.moe.num_experts == 0:
+        moe = changed(cfg.model.moe, schema.MoEConfig, "model.moe.")
+        if moe:
+            out.append(f"{', '.join(moe)} set on a dense model (model.moe.num_experts=0): give the model experts "
+                       "(model.moe.num_experts=N, or model=tiny_moe) or drop these overrides")
+    if cfg.parallel.moe_backend != "fssdp":
+        fssdp = changed(cfg.parallel.fssdp, schema.FSSDPConfig, "parallel.fssdp.")
+        if fssdp:
+            out.append(f"{', '.join(fssdp)} only apply with parallel.moe_backend=fssdp (now "
+                       f"{cfg.parallel.moe_backend!r})")
+    if cfg.model.residual == "standard" and cfg.model.ladder_layers:
+        out.append(f"model.ladder_layers={cfg.model.ladder_layers} only applies with model.residual=ladder")
+    return out
+
+
+def schema_problems(cfg) -> list[str]:
+    """The schema's own rules (first phase): unknown keys, required keys, ranges, unused options."""
+    out = _unknown_key_problems(cfg)
+    out += [f"{k} is required" for k in ("run_dir",) if OmegaConf.is_missing(cfg, k)]
+    out += _range_problems(cfg)
+    return out or _unused_option_problems(cfg)
+
+
 def _moe_problems(cfg, topo: Topology | None) -> list[str]:
     m, p = cfg.model.moe, cfg.parallel
     if m.num_experts == 0:
         return []
     out = []
-    if m.num_experts < 1 or m.top_k < 1 or m.top_k > m.num_experts:
+    if m.top_k > m.num_experts:
         out.append(f"model.moe.top_k={m.top_k} must be between 1 and model.moe.num_experts={m.num_experts}")
     if m.num_experts % p.ep:
         out.append(f"model.moe.num_experts={m.num_experts} is not divisible by parallel.ep={p.ep}: each EP rank "
@@ -46,20 +135,12 @@ def _moe_problems(cfg, topo: Topology | None) -> list[str]:
     if p.tp > 1 and not p.sp:
         out.append(f"MoE with parallel.tp={p.tp} needs parallel.sp=true: the experts see each TP rank's "
                    f"sequence shard of the tokens (as in Megatron-Core)")
-    if m.every < 1:
-        out.append(f"model.moe.every={m.every} must be ≥ 1")
-    if m.capacity_factor < 0:
-        out.append(f"model.moe.capacity_factor={m.capacity_factor} must be ≥ 0 (0 = dropless)")
     if p.moe_backend not in ("ep", "fssdp"):
         out.append(f"parallel.moe_backend={p.moe_backend!r} is unknown; valid: ep, fssdp")
     elif p.moe_backend == "fssdp" and topo is not None and (topo.etp != 1 or topo.edp != 1):
         stage = topo.tp * topo.cp * topo.dp
         out.append(f"parallel.moe_backend=fssdp shards whole experts over all {stage} ranks of a pipeline stage: "
                    f"set parallel.ep={stage} and parallel.etp=1 (now ep={topo.ep}, etp={topo.etp}, edp={topo.edp})")
-    f = p.fssdp
-    if p.moe_backend == "fssdp" and (f.window < 1 or f.hot < 0 or f.budget < 0 or f.reshard_every < 0):
-        out.append(f"parallel.fssdp: window={f.window} must be ≥ 1, and hot={f.hot}, budget={f.budget}, "
-                   f"reshard_every={f.reshard_every} ≥ 0")
     return out
 
 
@@ -87,7 +168,7 @@ def _ladder_problems(cfg) -> list[str]:
     out = []
     if m.residual not in ("standard", "ladder"):
         return [f"model.residual={m.residual!r} is unknown; valid: standard, ladder"]
-    if not 0 <= m.ladder_layers <= m.n_layers:
+    if m.ladder_layers > m.n_layers:
         out.append(f"model.ladder_layers={m.ladder_layers} must be between 0 (all layers) and model.n_layers={m.n_layers}")
     if m.residual == "ladder" and m.moe.num_experts and p.tp > 1:
         out.append("model.residual=ladder with MoE blocks and parallel.tp > 1 is not supported: an MoE branch's "
@@ -99,11 +180,6 @@ def _ladder_problems(cfg) -> list[str]:
 
 def _model_problems(m) -> list[str]:
     out = []
-    for key in ("n_layers", "dim", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
-        if getattr(m, key) < 1:
-            out.append(f"model.{key}={getattr(m, key)} must be ≥ 1")
-    if out:
-        return out
     if m.dim % m.n_heads:
         out.append(f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}")
     elif (m.dim // m.n_heads) % 2:
@@ -117,10 +193,7 @@ def _model_problems(m) -> list[str]:
 
 def _train_problems(cfg, topo: Topology | None) -> list[str]:
     t, out = cfg.train, []
-    for key in ("steps", "global_batch_size", "micro_batch_size", "seq_len"):
-        if getattr(t, key) < 1:
-            out.append(f"train.{key}={getattr(t, key)} must be ≥ 1")
-    if out or topo is None:
+    if topo is None:
         return out
     per_step = t.micro_batch_size * topo.dp
     if t.global_batch_size % per_step:
@@ -128,12 +201,8 @@ def _train_problems(cfg, topo: Topology | None) -> list[str]:
             f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size × "
             f"data-parallel size = {t.micro_batch_size} × {topo.dp} = {per_step}; use a multiple of "
             f"{per_step}, e.g. {per_step * max(1, round(t.global_batch_size / per_step))}")
-    if not 0 <= t.stop_at_step <= t.steps:
+    if t.stop_at_step > t.steps:
         out.append(f"train.stop_at_step={t.stop_at_step} must be between 0 (off) and train.steps={t.steps}")
-    if t.lr <= 0:
-        out.append(f"train.lr={t.lr} must be > 0")
-    if t.skip_nonfinite < 0:
-        out.append(f"train.skip_nonfinite={t.skip_nonfinite} must be ≥ 0 (0 = stop at the first non-finite step)")
     p = cfg.parallel
     if p.sp and p.tp == 1:
         out.append("parallel.sp=true needs parallel.tp > 1: sequence parallelism splits the sequence "
@@ -145,28 +214,13 @@ def _train_problems(cfg, topo: Topology | None) -> list[str]:
         out.append(f"parallel.dp_replicate={p.dp_replicate} (HSDP) needs parallel.dp_impl=fsdp, "
                    f"not {p.dp_impl.value}")
     m = cfg.monitor
-    if m.enabled and not 0 < m.hang_timeout_s < cfg.parallel.timeout_s:
-        out.append(f"monitor.hang_timeout_s={m.hang_timeout_s} must be > 0 and below parallel.timeout_s="
+    if m.enabled and m.hang_timeout_s >= cfg.parallel.timeout_s:
+        out.append(f"monitor.hang_timeout_s={m.hang_timeout_s} must be below parallel.timeout_s="
                    f"{cfg.parallel.timeout_s}, or the backend's own timeout fires first")
-    if m.window < 0 or not 0 < m.slow_fraction < 1:
-        out.append(f"monitor.window={m.window} must be ≥ 0 and monitor.slow_fraction={m.slow_fraction} "
-                   "between 0 and 1 (exclusive)")
     if t.compile_mode not in COMPILE_MODES:
         out.append(f"train.compile_mode={t.compile_mode!r} is unknown; valid: {', '.join(COMPILE_MODES)}")
     if cfg.parallel.reduce_dtype not in ("float32", "bfloat16"):
         out.append(f"parallel.reduce_dtype={cfg.parallel.reduce_dtype!r} is unknown; valid: float32, bfloat16")
-    if cfg.logging.peak_tflops is not None and not cfg.logging.peak_tflops > 0:
-        out.append(f"logging.peak_tflops={cfg.logging.peak_tflops} must be > 0 (TFLOP/s per device), or null for "
-                   "the datasheet figure (H100/H200) or a measured matmul peak")
-    c = cfg.checkpoint
-    if c.every < 0:
-        out.append(f"checkpoint.every={c.every} must be ≥ 0 (0 = no checkpoints)")
-    if c.every_s < 0:
-        out.append(f"checkpoint.every_s={c.every_s} must be ≥ 0 (0 = no time-based checkpoints)")
-    if c.keep_last < 0:
-        out.append(f"checkpoint.keep_last={c.keep_last} must be ≥ 0 (0 = keep every checkpoint)")
-    if c.pool_mb < 1 or c.chunk_mb < 1:
-        out.append(f"checkpoint.pool_mb={c.pool_mb} and checkpoint.chunk_mb={c.chunk_mb} must be ≥ 1 (MiB)")
     return out
 
 
@@ -191,8 +245,6 @@ def _pipeline_problems(cfg, topo: Topology | None) -> list[str]:
     p, out = cfg.parallel, []
     if p.schedule not in SCHEDULES:
         return [f"parallel.schedule={p.schedule!r} is unknown; valid: {', '.join(SCHEDULES)}"]
-    if p.vpp < 1:
-        return [f"parallel.vpp={p.vpp} must be ≥ 1"]
     if p.pp == 1:
         if p.vpp > 1:
             out.append(f"parallel.vpp={p.vpp} needs pipeline parallelism (parallel.pp > 1): virtual stages "
@@ -271,10 +323,7 @@ def _cluster_problems(cfg, world_size: int) -> list[str]:
     if unknown:
         out.append(f"cluster={c.name} names NIC class(es) {unknown} that cluster.classes does not describe "
                    f"(known: {', '.join(known)})")
-    bad = [i for i, n in enumerate(c.nodes) if n.ranks < 1]
-    if bad:
-        out.append(f"cluster={c.name}: node(s) {bad} have ranks < 1")
-    elif c.nodes and sum(n.ranks for n in c.nodes) != world_size:
+    if c.nodes and sum(n.ranks for n in c.nodes) != world_size:
         counts = "+".join(str(n.ranks) for n in c.nodes)
         out.append(f"cluster={c.name} describes {counts} = {sum(n.ranks for n in c.nodes)} processes but the world "
                    f"size is {world_size}; launch that many or use cluster=detect")
@@ -302,6 +351,9 @@ def _layout_problems(cfg, world_size: int) -> tuple[Topology | None, list[str]]:
 
 def validate_layout(cfg, world_size: int) -> Topology:
     """The rank layout and the model's fit to it (what `launch.layout` checks)."""
+    problems = [p for p in schema_problems(cfg) if not p.startswith("run_dir ")]
+    if problems:
+        raise ConfigError(problems)
     topo, problems = _layout_problems(cfg, world_size)
     if problems:
         raise ConfigError(problems)
@@ -309,12 +361,12 @@ def validate_layout(cfg, world_size: int) -> Topology:
 
 
 def validate(cfg, world_size: int) -> Topology:
-    """The topology of this run, or ConfigError listing every problem found."""
-    problems: list[str] = []
-    missing = [k for k in ("run_dir",) if OmegaConf.is_missing(cfg, k)]
-    problems += [f"{k} is required" for k in missing]
-    topo, layout = _layout_problems(cfg, world_size)
-    problems += layout
+    """The topology of this run, or ConfigError listing every problem of the first phase that
+    finds any. Pure: reads no file (launch/preflight.py checks the files and directories)."""
+    problems = schema_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
+    topo, problems = _layout_problems(cfg, world_size)
     problems += _train_problems(cfg, topo)
     if cfg.parallel.moe_backend == "fssdp" and cfg.model.moe.num_experts == 0:
         problems.append("parallel.moe_backend=fssdp needs a model with experts (model=tiny_moe)")
@@ -325,11 +377,7 @@ def validate(cfg, world_size: int) -> Topology:
     problems += _context_problems(cfg)
     problems += _ladder_problems(cfg)
     problems += _device_problems(cfg)
-    if cfg.data.name == "tokens" and OmegaConf.is_missing(cfg.data, "path"):
-        problems.append("data=tokens needs data.path=<file.npy> "
-                        "(write one with `python -m launch.tokenize OUT.npy FILES...`)")
-    else:
-        problems += check_source(cfg.data.name, cfg.data.path, cfg.model.vocab_size, cfg.train.seq_len)
+    problems += source_config_problems(cfg.data.name, cfg.data.path, cfg.model.vocab_size)
     if problems:
         raise ConfigError(problems)
     return topo

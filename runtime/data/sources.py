@@ -7,6 +7,7 @@ loader only slices it, so a corpus of any size costs no memory up front.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -46,24 +47,48 @@ def _meta_path(path: str | os.PathLike) -> Path:
     return Path(str(path) + ".json")
 
 
+SCAN_CHUNK = 1 << 26  # ids per slice of a scan: memory stays bounded whatever the corpus size
+
+
+def _fingerprint(path: str | os.PathLike) -> dict:
+    """What changes when the token file does: its size and modification time."""
+    st = os.stat(path)
+    return {"file_bytes": st.st_size, "file_mtime_ns": st.st_mtime_ns}
+
+
 def write_tokens(out: str | os.PathLike, texts: list[bytes]) -> np.ndarray:
     """Byte-level tokenisation: each byte is one id (vocab 256); documents joined by newlines.
 
-    Beside `out` goes `out.json` with the largest id, so validation need not scan the file."""
+    Beside `out` goes `out.json` with the id range and the file's size and mtime, so validation
+    need not scan a file that has not changed since."""
     ids = np.frombuffer(b"\n".join(texts), dtype=np.uint8)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     np.save(out, ids)
-    meta = {"tokens": int(ids.size), "max_id": int(ids.max()) if ids.size else -1, "tokenizer": "bytes"}
+    meta = {"tokens": int(ids.size), "min_id": int(ids.min()) if ids.size else 0,
+            "max_id": int(ids.max()) if ids.size else -1, "tokenizer": "bytes", **_fingerprint(out)}
     _meta_path(out).write_text(json.dumps(meta) + "\n")
     return ids
 
 
-def max_token_id(tokens, path: str | os.PathLike) -> int:
-    """The largest id in a token file: from its `.json` sidecar, else by one scan."""
+def token_id_range(tokens, path: str | os.PathLike) -> tuple[int, int]:
+    """(smallest, largest) id of a token file: from its `.json` sidecar when the sidecar
+    describes this very file (same size and mtime, as launch.tokenize writes it), else by a
+    scan in slices."""
     meta = _meta_path(path)
-    if meta.is_file():
-        return int(json.loads(meta.read_text())["max_id"])
-    return int(tokens.max()) if len(tokens) else -1
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        recorded = json.loads(meta.read_text())
+        if {k: recorded[k] for k in ("file_bytes", "file_mtime_ns")} == _fingerprint(path):
+            return int(recorded["min_id"]), int(recorded["max_id"])
+    return _scan(tokens)
+
+
+def _scan(tokens) -> tuple[int, int]:
+    low, high = 0, -1
+    for start in range(0, len(tokens), SCAN_CHUNK):
+        part = np.asarray(tokens[start:start + SCAN_CHUNK])
+        low = int(part.min()) if start == 0 else min(low, int(part.min()))
+        high = max(high, int(part.max()))
+    return low, high
 
 
 def load_tokens(name: str, path: str | None, vocab_size: int, seed: int):
@@ -81,30 +106,45 @@ def load_tokens(name: str, path: str | None, vocab_size: int, seed: int):
     raise DataError(f"data.name={name!r} is unknown; valid: sample, tokens, synthetic")
 
 
-def check_source(name: str, path: str | None, vocab_size: int, seq_len: int) -> list[str]:
-    """Problems with the data config, as messages (empty when fine). Cheap: reads headers only."""
-    if name == "tokens":
-        if path is None:
-            return ["data=tokens needs data.path=<file.npy> (write one with `python -m launch.tokenize`)"]
-        if not os.path.isfile(path):
-            return [f"data.path={path} does not exist (cwd {os.getcwd()}); "
-                    "write one with `python -m launch.tokenize OUT.npy FILES...`"]
+TOKENIZE_HINT = "write one with `python -m launch.tokenize OUT.npy FILES...`"
+
+
+def source_config_problems(name: str, path: str | None, vocab_size: int) -> list[str]:
+    """What is wrong with the data config itself, without reading any file."""
     if name not in ("sample", "tokens", "synthetic"):
         return [f"data.name={name!r} is unknown; valid: sample, tokens, synthetic"]
-    if name == "synthetic":
-        return []
+    if name == "tokens" and not path:
+        return [f"data=tokens needs data.path=<file.npy> ({TOKENIZE_HINT})"]
+    if name == "sample" and vocab_size < 256:
+        return [f"data=sample is byte-level (ids 0..255) but model.vocab_size={vocab_size}; use ≥ 256"]
+    return []
+
+
+def check_source(name: str, path: str | None, vocab_size: int, seq_len: int) -> list[str]:
+    """Problems with the data the run will read, as messages (empty when fine): the file is a
+    readable 1-D integer .npy, long enough, with every id in [0, vocab_size) — from a sidecar
+    that matches the file, else by a scan, so that no step fails at the first bad id."""
+    problems = source_config_problems(name, path, vocab_size)
+    if problems or name == "synthetic":
+        return problems
+    if name == "tokens":
+        if os.path.isdir(path):
+            return [f"data.path={path} is a directory; expected a .npy file of token ids ({TOKENIZE_HINT})"]
+        if not os.path.exists(path):
+            return [f"data.path={path} does not exist (cwd {os.getcwd()}); {TOKENIZE_HINT}"]
     try:
         tokens = load_tokens(name, path, vocab_size, 0)
-    except (DataError, ValueError, OSError) as e:
-        return [str(e) if isinstance(e, DataError) else f"data.path={path} is not a readable .npy file: {e}"]
-    problems = []
-    if len(tokens) < seq_len + 1:
-        problems.append(f"the corpus has {len(tokens)} tokens, fewer than train.seq_len+1={seq_len + 1}")
-    if name == "tokens" and len(tokens):
-        top = max_token_id(tokens, path)
-        if top >= vocab_size:
-            problems.append(f"data.path={path} holds token id {top} but model.vocab_size={vocab_size}; "
-                            f"ids must be below the vocabulary size")
-    elif name == "sample" and vocab_size < 256:
-        problems.append(f"data=sample is byte-level (ids 0..255) but model.vocab_size={vocab_size}; use ≥ 256")
-    return problems
+        if len(tokens) < seq_len + 1:
+            return [f"the corpus has {len(tokens)} tokens, fewer than train.seq_len+1={seq_len + 1}"]
+        if name != "tokens":
+            return []
+        low, high = token_id_range(tokens, path)
+    except DataError as e:
+        return [str(e)]
+    except (ValueError, OSError) as e:
+        return [f"data.path={path} is not a readable .npy file of token ids: {e}"]
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        return [f"data.path={path} holds token id {bad} but ids must be in [0, model.vocab_size={vocab_size}); "
+                "retokenize the corpus or set model.vocab_size to the tokenizer's vocabulary"]
+    return []

@@ -72,7 +72,7 @@ def test_tokenize_tool_writes_a_file_the_tokens_source_reads(tmp_path, capsys):
     tokens = load_tokens("tokens", str(out), 256, 0)
     assert bytes(np.asarray(tokens)) == b"hello\nworld"
     assert check_source("tokens", str(out), 256, 8) == []
-    assert "holds token id 119 but model.vocab_size=100" in check_source("tokens", str(out), 100, 8)[0]
+    assert "holds token id 119 but ids must be in [0, model.vocab_size=100)" in check_source("tokens", str(out), 100, 8)[0]
     assert "the corpus has 11 tokens, fewer than train.seq_len+1=17" in check_source("tokens", str(out), 256, 16)[0]
 
 

@@ -1,0 +1,173 @@
+"""Everything checked on every rank before any process group exists, and how a bad launch stops.
+
+`preflight(cfg, launch)` runs, in order: the config's rules (launch/validate.py); what the run
+will do outside its config — the directories it writes (run_dir, checkpoint.dir), the token
+file it reads (every id in range, by a scan unless a sidecar vouches for the file as it is
+now), the credentials it needs (wandb online); and the run directory's lock (one job per
+directory, launch/run_lock.py). Each problem names the key, the path or value, and what would
+be valid; a run that passes does not fail later on any of these.
+
+`launch.train` calls it from a Hydra callback (`Preflight`, configs/train.yaml), before Hydra
+creates the run directory and writes `.hydra/` into it, so a bad launch writes nothing; a bad
+launch prints one message and exits with code 2 on every rank (`stop_on_bad_input`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import netrc
+import os
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
+
+from launch import env as launch_env
+from launch import run_lock
+from launch.validate import ConfigError, validate
+from runtime.data.sources import check_source
+
+log = logging.getLogger("quintet")
+EXIT_BAD_INPUT = 2
+PEER_GRACE_S = 1.0
+
+
+def writable_dir_problem(key: str, path: str) -> str | None:
+    """None when `path` is a directory this process can create files in, or can be created as
+    one; else what stands in the way. Tried for real (a file created and removed): permission
+    bits say nothing about read-only mounts, immutable directories or root."""
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        return f"{key}={path} is a file, not a directory; choose a directory (or a path that does not exist yet)"
+    existing = target
+    while not existing.exists():  # the deepest part that exists is where creation starts
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{key}={path} cannot be created: {existing} is a file, not a directory"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".quintet-write-check-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        where = "" if existing == target else f" (its existing parent {existing})"
+        return f"{key}={path} is not writable{where}: {e.strerror}; choose a directory this user can write to"
+    return None
+
+
+def wandb_key_problem(mode: str, env=None) -> str | None:
+    """An online wandb run needs an API key: WANDB_API_KEY, or a netrc entry for the W&B host
+    (what `wandb login` writes). Checked on every rank, so the key must reach every node."""
+    if mode != "online":
+        return None
+    env = os.environ if env is None else env
+    if env.get("WANDB_API_KEY"):
+        return None
+    host = urlparse(env.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    path = env.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
+    try:
+        if netrc.netrc(path).authenticators(host):
+            return None
+    except (OSError, netrc.NetrcParseError):
+        pass
+    return (f"logging.wandb.mode=online needs a W&B API key, and none was found (WANDB_API_KEY is unset and {path} "
+            f"has no entry for {host}): export WANDB_API_KEY or run `wandb login` on every node, or use "
+            "logging.wandb.mode=offline (and `wandb sync` later)")
+
+
+def io_problems(cfg) -> list[str]:
+    """Every problem with the run's files and credentials, together."""
+    problems = [writable_dir_problem("run_dir", cfg.run_dir), writable_dir_problem("checkpoint.dir", cfg.checkpoint.dir),
+                wandb_key_problem(cfg.logging.wandb.mode.value)]
+    problems += check_source(cfg.data.name, cfg.data.path, cfg.model.vocab_size, cfg.train.seq_len)
+    return [p for p in problems if p]
+
+
+def _locked_dirs(cfg) -> list[tuple[str, str]]:
+    """(key, directory) this job must own: run_dir, and checkpoint.dir when it lies elsewhere."""
+    run_dir = Path(cfg.run_dir).resolve()
+    ckpt = Path(cfg.checkpoint.dir).resolve()
+    return [("run_dir", cfg.run_dir)] + ([] if ckpt.is_relative_to(run_dir) else [("checkpoint.dir", cfg.checkpoint.dir)])
+
+
+_passed: dict[str, object] = {}  # config (as YAML) -> its topology, for a second call in one process
+
+
+def preflight(cfg, launch: launch_env.LaunchEnv):
+    """The run's Topology once every check passed and its directories are this job's; else
+    ConfigError naming every problem of the first stage that found any."""
+    key = OmegaConf.to_yaml(cfg, resolve=True)
+    if key in _passed:
+        return _passed[key]
+    topo = validate(cfg, launch.world_size)
+    problems = io_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
+    job = run_lock.job_id()
+    for name, directory in _locked_dirs(cfg):
+        try:
+            note = run_lock.acquire(directory, job, owner=launch.rank == 0, key=name)
+        except run_lock.RunDirBusy as e:
+            raise ConfigError([str(e)]) from None
+        if note:
+            log.warning(note)
+    _passed[key] = topo
+    return topo
+
+
+def report_bad_input(error: ConfigError) -> None:
+    """One message per node on stderr, and the same text in torchrun's failure summary.
+
+    Every rank exits, so torchrun may SIGTERM a rank before it prints; the error file it reads
+    (TORCHELASTIC_ERROR_FILE) puts the message under "Root Cause" whichever rank exits first.
+    """
+    message = f"quintet: {error}"
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        payload = {"message": {"message": message, "extraInfo": {"py_callstack": message,
+                                                                 "timestamp": str(int(time.time()))}}}
+        with open(error_file, "w") as f:
+            json.dump(payload, f)
+    if launch_env.detect().local_rank == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
+def exit_bad_input() -> None:
+    """Exit 2 on every worker of a bad launch, not only on the first to notice.
+
+    torchrun SIGTERMs the other workers as soon as one exits; one still checking would die by
+    that signal instead of reporting the bad input. Its peers share this config and reach the
+    same verdict within a fraction of a second, so each waits a moment before exiting and turns
+    a SIGTERM in that moment into exit code 2. Nothing needs cleaning up: no process group
+    exists yet.
+    """
+    if launch_env.detect().world_size > 1:
+        def _exit_now(*_):
+            sys.stderr.flush()
+            os._exit(EXIT_BAD_INPUT)
+
+        signal.signal(signal.SIGTERM, _exit_now)
+        time.sleep(PEER_GRACE_S)
+        # Not sys.exit: a SIGTERM during the interpreter's slow shutdown would bypass the handler.
+        _exit_now()
+    sys.exit(EXIT_BAD_INPUT)
+
+
+def stop_on_bad_input(error: ConfigError) -> None:
+    report_bad_input(error)
+    exit_bad_input()
+
+
+class Preflight(Callback):
+    """Hydra callback: `preflight` on the composed config before Hydra creates the run directory."""
+
+    def on_run_start(self, config, **kwargs) -> None:
+        task = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+        try:
+            preflight(task, launch_env.detect())
+        except ConfigError as e:
+            stop_on_bad_input(e)
