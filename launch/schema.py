@@ -212,6 +212,7 @@ class DataConfig:
 
 @dataclass
 class CheckpointConfig:
+    enabled: bool = True  # false: this run writes no checkpoint, not even on SIGTERM/SIGINT (it still resumes)
     dir: str = "${run_dir}/checkpoints"  # where checkpoints and the `latest` marker live
     every: int = num(0, ge=0, note="0 = no periodic checkpoints")  # save every N optimizer steps and after the last one; 0 = never
     every_s: float = num(0.0, ge=0, note="0 = no time-based checkpoints")  # also save when this many seconds passed since the last save; 0 = off

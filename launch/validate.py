@@ -210,6 +210,12 @@ def _train_problems(cfg, topo: Topology | None) -> list[str]:
     elif p.sp and t.seq_len % p.tp:
         out.append(f"train.seq_len={t.seq_len} is not divisible by parallel.tp={p.tp}, which "
                    f"sequence parallelism (parallel.sp=true) splits it over")
+    c = cfg.checkpoint
+    if not c.enabled:
+        saving = [f"{k}={v}" for k, v in (("checkpoint.every", c.every), ("checkpoint.every_s", c.every_s),
+                                          ("train.stop_at_step", t.stop_at_step)) if v]
+        if saving:
+            out.append(f"checkpoint.enabled=false writes no checkpoint, but {', '.join(saving)} asks for one")
     if p.dp_replicate > 1 and p.dp_impl.value != "fsdp":
         out.append(f"parallel.dp_replicate={p.dp_replicate} (HSDP) needs parallel.dp_impl=fsdp, "
                    f"not {p.dp_impl.value}")

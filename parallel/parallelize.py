@@ -138,6 +138,8 @@ class Parallelized:
 
     def any_rank(self, flags: list[bool], device: torch.device) -> list[bool]:
         """Each flag OR-ed over every rank (one small all-reduce on the default group)."""
+        if dist.get_world_size() == 1:
+            return list(flags)
         t = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return [bool(v) for v in t.tolist()]

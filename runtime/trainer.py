@@ -119,7 +119,8 @@ class Trainer:
 
     def fit(self, start_step: int, stop_at_step: int = 0) -> None:
         """Train from `start_step` to the end of the schedule, or to `stop_at_step` (>0), or until
-        SIGTERM; every requested checkpoint is committed when this returns."""
+        SIGTERM or SIGINT (then with a final checkpoint); every requested checkpoint is
+        committed when this returns."""
         stop = StopRequest().install()
         self.checkpointer.on_publish = self._committed
         if self.monitor is not None:
@@ -146,7 +147,6 @@ class Trainer:
         timer = StepTimer()
         end = stop_at_step or self.steps
         ckpt = self.checkpointer
-        saving = ckpt.every > 0 or ckpt.every_s > 0
         last_save = time.monotonic()
         for step in range(start_step, end):
             metrics = self.train_step(step)
@@ -159,11 +159,10 @@ class Trainer:
             self.metrics.log(metrics)
             self.tracer.flush()
             done = step + 1
-            preempted = timed = False
-            if saving:  # ranks agree: a signal or a clock may be seen a step apart
-                timed = ckpt.every_s > 0 and time.monotonic() - last_save >= ckpt.every_s
-                preempted, timed = self.parallel.any_rank([stop.requested, timed], self.device)
-            if timed or preempted or ckpt.due(done, self.steps, stopping=done == end < self.steps):
+            # Every rank takes the same decision: a signal, or a clock, may be seen a step apart.
+            timed = ckpt.saves and ckpt.every_s > 0 and time.monotonic() - last_save >= ckpt.every_s
+            preempted, timed = self.parallel.any_rank([stop.requested, timed], self.device)
+            if ckpt.saves and (timed or preempted or ckpt.due(done, self.steps, stopping=done == end < self.steps)):
                 requested = time.time()
                 ckpt.request(done, self.parallel, self.optimizer, {"tokens": done * self.tokens_per_step})
                 self.metrics.event({"event": "checkpoint", "phase": "requested", "step": done, "time": requested,
@@ -171,6 +170,7 @@ class Trainer:
                 last_save = time.monotonic()
                 timer.lap()  # a blocking save is not training time; logging above is
             if preempted:
-                self.metrics.note(f"stopping after step {done} on signal {stop.signum or 'from a peer'}; "
-                                  "the final checkpoint is being committed")
+                final = ("the final checkpoint is being committed" if ckpt.saves else
+                         "no checkpoint (checkpoint.enabled=false)")
+                self.metrics.note(f"stopping after step {done} on {stop.name}; {final}")
                 return

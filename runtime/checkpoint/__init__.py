@@ -10,8 +10,11 @@ __all__ = ["BaseCheckpointer", "CheckpointError", "DcpAsyncCheckpointer", "LazyC
 
 
 def build_checkpointer(cfg, rank: int, timeout_s: float, on_gpu: bool = False) -> BaseCheckpointer:
-    """The engine `checkpoint.engine` names (a collective: lazy makes a process group)."""
+    """The engine `checkpoint.engine` names (a collective: lazy makes a process group); with
+    checkpoint.enabled=false one that only loads."""
     common = dict(keep_last=cfg.keep_last, every_s=cfg.every_s)
+    if not cfg.enabled:
+        return BaseCheckpointer(cfg.dir, 0, rank, **common)
     if cfg.engine.value == "lazy":
         return LazyCheckpointer(cfg.dir, cfg.every, rank, pool_bytes=cfg.pool_mb * MB, chunk_bytes=cfg.chunk_mb * MB,
                                 timeout_s=timeout_s, pin=on_gpu, **common)

@@ -20,6 +20,8 @@ from runtime.checkpoint.sync import BaseCheckpointer, owned_blocks
 
 
 class DcpAsyncCheckpointer(BaseCheckpointer):
+    saves = True
+
     def __init__(self, directory: str, every: int, rank: int, *, timeout_s: float = 600.0, **common):
         super().__init__(directory, every, rank, **common)
         # DCP's asynchronous save runs collectives from a background thread: a gloo group of its

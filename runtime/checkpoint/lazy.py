@@ -25,6 +25,8 @@ def _write_index(path, rank: int, data_file, entries: list[dict]) -> None:
 
 
 class LazyCheckpointer(LazyWriter, BaseCheckpointer):
+    saves = True
+
     def __init__(self, directory: str, every: int, rank: int, *, keep_last: int = 0, every_s: float = 0.0,
                  **writer):
         """`writer`: LazyWriter's pool_bytes, chunk_bytes, timeout_s, pin."""

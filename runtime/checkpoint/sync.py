@@ -54,7 +54,10 @@ def owned_blocks(blocks, rank: int) -> list:
 
 class BaseCheckpointer:
     """What every engine shares: when to save, the directory layout, publishing a committed
-    checkpoint (trainer.json, then `latest`, then retention), finding and loading the latest."""
+    checkpoint (trainer.json, then `latest`, then retention), finding and loading the latest.
+    On its own (`saves` False) it only loads: the engine of a run with checkpoint.enabled=false."""
+
+    saves = False  # whether `request` exists; engines that write set it
 
     def __init__(self, directory: str, every: int, rank: int, keep_last: int = 0, every_s: float = 0.0):
         self.dir, self.every, self.rank = Path(directory), every, rank
@@ -112,6 +115,8 @@ class BaseCheckpointer:
 
 class SyncCheckpointer(BaseCheckpointer):
     """Blocking: `request` returns when the checkpoint is committed."""
+
+    saves = True
 
     def request(self, step: int, parallel, optimizer, trainer_state: dict) -> None:
         path = self.step_path(step)

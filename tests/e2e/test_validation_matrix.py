@@ -70,6 +70,8 @@ MATRIX = [
     (["parallel.fssdp.hot=3"], "parallel.fssdp.hot=3 only apply with parallel.moe_backend=fssdp"),
     (["data=tokens", "data.path=/"], "data.path=/ is a directory; expected a .npy file of token ids"),
     (["run_dir=/proc/quintet-run"], "run_dir=/proc/quintet-run is not writable"),
+    (["checkpoint.enabled=false", "checkpoint.every=5"],
+     "checkpoint.enabled=false writes no checkpoint, but checkpoint.every=5 asks for one"),
 ]
 if not torch.cuda.is_available():
     MATRIX.append((["train.device=cuda"], "train.device=cuda but no CUDA device is available"))
