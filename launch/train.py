@@ -28,7 +28,7 @@ from parallel.groups import build_groups
 from parallel.monitor import CollectiveMonitor
 from parallel.placement import placement_warnings
 from parallel.parallelize import parallelize
-from runtime.accounting import MemoryMeter, StepAccounting, peak_flops
+from runtime.accounting import MemoryMeter, StepAccounting, format_flops, peak_flops
 from runtime.checkpoint import build_checkpointer
 from runtime.host_memory import keep_freed_memory
 from runtime.data import BatchLoader, load_tokens
@@ -222,13 +222,24 @@ def build_accounting(cfg, args: ModelArgs, par, device: torch.device, local_worl
                    "flops_per_token": flops, "peak_tflops_per_device": peak / 1e12,
                    "peak_tflops_total": peak_total / 1e12, "peak_source": source})
     if dist.get_rank() == 0:
-        log.info("model FLOPs %.3g per token; MFU against %.1f TFLOP/s per device (%s)", flops, peak / 1e12, source)
+        log.info("model FLOPs %.3g per token; MFU against %s per device (%s)", flops, format_flops(peak), source)
+
+    def raise_peak(achieved: float) -> float:
+        return peak_flops(device, dtype, local_world_size, cfg.logging.peak_tflops, refresh=True, at_least=achieved)[0]
+
+    def on_new_peak(record: dict) -> None:
+        metrics.event(record)
+        metrics.note(f"MFU {record['mfu_against_old_peak']:.1%} > 100%: the peak of "
+                     f"{format_flops(record['old_peak_tflops_total'] * 1e12 / world)} per device ({source}) is below "
+                     f"what a step achieved; measured again: {format_flops(record['peak_tflops_per_device'] * 1e12)}")
+
     # Where calls block until the transfer is done (gloo), the monitor's timing of them is the
     # step's communication time.
     comm = monitor.take_blocked_s if monitor is not None and device.type == "cpu" else None
     return StepAccounting(flops_per_token=flops, tokens_per_step=tokens_per_step, world_size=world,
                           peak_flops_total=peak_total, memory=MemoryMeter(device),
-                          gather=lambda values: par.gather_ranks(values, device), comm_seconds=comm)
+                          gather=lambda values: par.gather_ranks(values, device), comm_seconds=comm,
+                          raise_peak=raise_peak, on_new_peak=on_new_peak)
 
 
 def run(cfg: DictConfig) -> None:

@@ -3,10 +3,15 @@ and the time the step waited for data (parallel code gathers them over ranks; th
 them into metrics).
 
 The peak FLOP/s behind MFU comes from, in this order: `logging.peak_tflops`; NVIDIA's dense
-datasheet figure for H100/H200 in the run's precision; a matrix-multiply probe on this device,
-measured once per machine, precision and processes per node, and kept in
-`$XDG_CACHE_HOME/quintet/peak_flops.json` (delete the file to measure again). The probe runs
-while every process of the node probes, as they will all compute while training.
+datasheet figure for H100/H200 in the run's precision; a matrix-multiply probe on this device.
+The probe runs while every process of the node probes, as they will all compute while
+training, and takes the best of a few trials. It is trusted — and kept in
+`$XDG_CACHE_HOME/quintet/peak_flops.json` for a week — only when the probing process had the
+cores it asked for (its CPU time over the trial's wall time and its threads: a busy machine
+reads low, and a low peak would put MFU above 100%). The cache key is everything that changes
+the figure: host, device, precision, threads, processes per node, cores available and torch's
+version. Should a step still do more than the peak (MFU above 1), the step reports a warning,
+the peak is measured again and raised to at least what the step achieved, and the cache with it.
 """
 from __future__ import annotations
 
@@ -29,6 +34,9 @@ PEAK_TFLOPS = {
     ("H200", "bfloat16"): 989.4, ("H200", "float32"): 66.9,
 }
 PROBE_SECONDS = 0.3
+PROBE_TRIALS = 3
+TRUSTED_CPU_SHARE = 0.8  # of the asked-for threads' time the probe must get to be cached
+CACHE_TTL_S = 7 * 24 * 3600
 
 
 def datasheet_peak(device_name: str, dtype: str) -> float | None:
@@ -58,6 +66,29 @@ def probe_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float = 
     return 2 * n**3 * done / (time.perf_counter() - start)
 
 
+def measure_peak(device: torch.device, dtype: torch.dtype, trials: int = PROBE_TRIALS,
+                 seconds: float = PROBE_SECONDS / PROBE_TRIALS) -> tuple[float, bool]:
+    """(the best of `trials` probes, whether it can be trusted): on a CPU only a trial in which
+    this process got at least TRUSTED_CPU_SHARE of its threads' time counts as idle enough."""
+    best, trusted = 0.0, False
+    for _ in range(trials):
+        wall, cpu = time.perf_counter(), time.process_time()
+        flops = probe_peak_flops(device, dtype, seconds=seconds)
+        share = (time.process_time() - cpu) / ((time.perf_counter() - wall) * torch.get_num_threads())
+        if device.type != "cpu" or share >= TRUSTED_CPU_SHARE:
+            trusted = True
+        best = max(best, flops)
+    return best, trusted
+
+
+def format_flops(flops: float) -> str:
+    """A FLOP/s figure in the unit that keeps three significant digits (never "0.0 TFLOP/s")."""
+    for unit, scale in (("PFLOP/s", 1e15), ("TFLOP/s", 1e12), ("GFLOP/s", 1e9), ("MFLOP/s", 1e6)):
+        if flops >= scale:
+            return f"{flops / scale:.3g} {unit}"
+    return f"{flops:.3g} FLOP/s"
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -77,33 +108,51 @@ def cpu_name() -> str:
     return platform.processor() or "cpu"
 
 
+def _cache_key(device_name: str, dtype_name: str, local_world_size: int) -> str:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (f"{platform.node()}|{device_name}|{dtype_name}|threads={torch.get_num_threads()}|procs={local_world_size}"
+            f"|cores={cores}|torch={torch.__version__}")
+
+
 def peak_flops(device: torch.device, dtype: torch.dtype, local_world_size: int,
-               configured_tflops: float | None = None) -> tuple[float, str]:
-    """(peak FLOP/s of this rank's device, where the figure comes from)."""
+               configured_tflops: float | None = None, *, refresh: bool = False,
+               at_least: float = 0.0) -> tuple[float, str]:
+    """(peak FLOP/s of this rank's device, where the figure comes from). `refresh` measures
+    again instead of reading the cache, and the figure is never below `at_least` (what a step
+    was seen to achieve)."""
     if configured_tflops:
-        return configured_tflops * 1e12, "logging.peak_tflops"
+        return max(configured_tflops * 1e12, at_least), "logging.peak_tflops"
     dtype_name = str(dtype).removeprefix("torch.")
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         peak = datasheet_peak(name, dtype_name)
         if peak is not None:
-            return peak, f"datasheet: {name}, {dtype_name}"
+            return max(peak, at_least), f"datasheet: {name}, {dtype_name}"
     else:
         name = cpu_name()
-    key = f"{platform.node()}|{name}|{dtype_name}|threads={torch.get_num_threads()}|procs={local_world_size}"
+    key = _cache_key(name, dtype_name, local_world_size)
     path = _cache_path()
     cache: dict = {}
     with contextlib.suppress(OSError, ValueError):
         cache = json.loads(path.read_text())
-    if key not in cache:
-        cache[key] = probe_peak_flops(device, dtype)
-        with contextlib.suppress(OSError):  # a read-only home only costs the next run a probe
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(cache, indent=1))
-            os.replace(tmp, path)
-    return cache[key], f"matmul probe ({name}, {dtype_name}, {torch.get_num_threads()} threads, {local_world_size} " \
-                       f"processes per node; {path})"
+    entry = cache.get(key)
+    fresh = isinstance(entry, dict) and time.time() - entry.get("time", 0) < CACHE_TTL_S
+    source = (f"matmul probe ({name}, {dtype_name}, {torch.get_num_threads()} threads, {local_world_size} processes "
+              f"per node; {path})")
+    if fresh and not refresh:
+        return max(float(entry["flops"]), at_least), source
+    flops, trusted = measure_peak(device, dtype)
+    flops = max(flops, at_least)
+    if not trusted and at_least == 0.0:
+        return flops, source.replace("; ", "; the machine was busy, so it was not cached; ")
+    cache = {k: v for k, v in cache.items() if isinstance(v, dict) and time.time() - v.get("time", 0) < CACHE_TTL_S}
+    cache[key] = {"flops": flops, "time": time.time()}
+    with contextlib.suppress(OSError):  # a read-only home only costs the next run a probe
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache, indent=1))
+        os.replace(tmp, path)
+    return flops, source
 
 
 class MemoryMeter:
@@ -146,14 +195,18 @@ class StepAccounting:
 
     `gather(values)` returns each rank's list of values (parallel.Parallelized.gather_ranks: one
     small all-gather); `comm_seconds()`, where collective timing exists, this rank's seconds
-    blocked in communication since the last call.
+    blocked in communication since the last call. `raise_peak(achieved)`, when a step did more
+    FLOP/s per device than the peak, returns this rank's device peak measured again and at
+    least `achieved`; `on_new_peak(record)` reports it (a warning and a metrics event).
     """
 
     def __init__(self, *, flops_per_token: int, tokens_per_step: int, world_size: int, peak_flops_total: float,
-                 memory: MemoryMeter, gather, comm_seconds=None):
+                 memory: MemoryMeter, gather, comm_seconds=None, raise_peak=None, on_new_peak=None):
         self.flops_per_token, self.tokens_per_step = flops_per_token, tokens_per_step
         self.world_size, self.peak_flops_total = world_size, peak_flops_total
         self.memory, self.gather, self.comm_seconds = memory, gather, comm_seconds
+        self.raise_peak = raise_peak or (lambda achieved: achieved)
+        self.on_new_peak = on_new_peak or (lambda record: None)
         self.data_wait_s = 0.0
 
     def begin_step(self) -> None:
@@ -169,12 +222,15 @@ class StepAccounting:
             self.data_wait_s += time.perf_counter() - start
 
     def metrics(self, step_time_s: float) -> dict:
-        """Collective (every rank calls it at the end of every step)."""
+        """Collective (every rank calls it at the end of every step). Throughput is rank 0's step
+        time, so that every rank takes the same decisions from the same figures."""
         comm = self.comm_seconds() if self.comm_seconds is not None else None
-        ranks = self.gather([self.memory.peak_bytes(), self.data_wait_s, comm or 0.0])
-        memory, wait, comm_ranks = (list(column) for column in zip(*ranks))
-        tokens_per_s = self.tokens_per_step / step_time_s
+        ranks = self.gather([self.memory.peak_bytes(), self.data_wait_s, comm or 0.0, step_time_s])
+        memory, wait, comm_ranks, step_times = (list(column) for column in zip(*ranks))
+        tokens_per_s = self.tokens_per_step / step_times[0]
         flops = self.flops_per_token * tokens_per_s  # achieved model FLOP/s of the whole job
+        if flops > self.peak_flops_total:
+            self._new_peak(flops)
         out = {
             "tokens_per_s": tokens_per_s,
             "tokens_per_s_per_rank": tokens_per_s / self.world_size,
@@ -188,3 +244,13 @@ class StepAccounting:
         if comm is not None:
             out.update(comm_s=sum(comm_ranks) / len(comm_ranks), comm_s_ranks=comm_ranks)
         return out
+
+    def _new_peak(self, flops: float) -> None:
+        """A step beat the peak: the peak was measured low (a busy machine, or a configured figure
+        below the device's). Measure again, never below what was achieved, on every rank."""
+        achieved = flops / self.world_size
+        old = self.peak_flops_total
+        self.peak_flops_total = sum(p for (p,) in self.gather([self.raise_peak(achieved)]))
+        self.on_new_peak({"event": "peak", "time": time.time(), "mfu_against_old_peak": flops / old,
+                          "old_peak_tflops_total": old / 1e12, "peak_tflops_total": self.peak_flops_total / 1e12,
+                          "peak_tflops_per_device": self.peak_flops_total / self.world_size / 1e12})

@@ -67,3 +67,12 @@ def test_bfloat16_fsdp_computes_in_bf16_on_fp32_master_weights():
         assert str(r["master"]) == str(r["grad"]) == "torch.float32"  # the optimizer updates fp32
         assert r["reduced"] == {f"torch.{reduce_dtype}"}
         assert r["fused"] is True
+
+
+def test_mfu_stays_at_most_one_when_the_peak_is_below_what_a_step_achieves(tmp_path):
+    from runtime.metrics import read_events
+
+    records = train(tmp_path, ["logging.peak_tflops=1e-6", "train.steps=3"], world_size=2)
+    assert all(0 < r["mfu"] <= 1 for r in records), [r["mfu"] for r in records]
+    raised = read_events(tmp_path, "peak")
+    assert raised and raised[0]["mfu_against_old_peak"] > 1 and raised[0]["peak_tflops_per_device"] > 1e-6
