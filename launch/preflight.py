@@ -9,7 +9,7 @@ be valid; a run that passes does not fail later on any of these.
 
 `launch.train` calls it from a Hydra callback (`Preflight`, configs/train.yaml), before Hydra
 creates the run directory and writes `.hydra/` into it, so a bad launch writes nothing; a bad
-launch prints one message and exits with code 2 on every rank (`stop_on_bad_input`).
+launch prints one message and exits with code 2 on every rank (`stop`).
 """
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ from launch.validate import ConfigError, validate
 from runtime.data.sources import check_source
 
 log = logging.getLogger("quintet")
-EXIT_BAD_INPUT = 2
+EXIT_BAD_INPUT = 2  # a bad config, file or checkpoint: nothing was trained
+EXIT_CHECKPOINT_WRITE = 4  # a checkpoint could not be written (full disk): the run stopped, `latest` intact
 PEER_GRACE_S = 1.0
 
 
@@ -119,13 +120,13 @@ def preflight(cfg, launch: launch_env.LaunchEnv):
     return topo
 
 
-def report_bad_input(error: ConfigError) -> None:
+def report(message: str) -> None:
     """One message per node on stderr, and the same text in torchrun's failure summary.
 
     Every rank exits, so torchrun may SIGTERM a rank before it prints; the error file it reads
     (TORCHELASTIC_ERROR_FILE) puts the message under "Root Cause" whichever rank exits first.
     """
-    message = f"quintet: {error}"
+    message = f"quintet: {message}"
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file:
         payload = {"message": {"message": message, "extraInfo": {"py_callstack": message,
@@ -136,30 +137,31 @@ def report_bad_input(error: ConfigError) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def exit_bad_input() -> None:
-    """Exit 2 on every worker of a bad launch, not only on the first to notice.
+def exit_every_rank(code: int = EXIT_BAD_INPUT) -> None:
+    """Exit with `code` on every worker, not only on the first to notice.
 
     torchrun SIGTERMs the other workers as soon as one exits; one still checking would die by
-    that signal instead of reporting the bad input. Its peers share this config and reach the
-    same verdict within a fraction of a second, so each waits a moment before exiting and turns
-    a SIGTERM in that moment into exit code 2. Nothing needs cleaning up: no process group
-    exists yet.
+    that signal instead of reporting. Its peers reach the same verdict within a fraction of a
+    second (the same config, or an error every rank agreed on), so each waits a moment before
+    exiting and turns a SIGTERM in that moment into `code`. Nothing needs cleaning up: no process
+    group exists yet, or every rank leaves it at once.
     """
     if launch_env.detect().world_size > 1:
         def _exit_now(*_):
             sys.stderr.flush()
-            os._exit(EXIT_BAD_INPUT)
+            os._exit(code)
 
         signal.signal(signal.SIGTERM, _exit_now)
         time.sleep(PEER_GRACE_S)
         # Not sys.exit: a SIGTERM during the interpreter's slow shutdown would bypass the handler.
         _exit_now()
-    sys.exit(EXIT_BAD_INPUT)
+    sys.exit(code)
 
 
-def stop_on_bad_input(error: ConfigError) -> None:
-    report_bad_input(error)
-    exit_bad_input()
+def stop(message: str, code: int = EXIT_BAD_INPUT) -> None:
+    """The end of a launch that cannot go on: one message, `code` on every rank."""
+    report(message)
+    exit_every_rank(code)
 
 
 class Preflight(Callback):
@@ -170,4 +172,4 @@ class Preflight(Callback):
         try:
             preflight(task, launch_env.detect())
         except ConfigError as e:
-            stop_on_bad_input(e)
+            stop(str(e))

@@ -43,8 +43,9 @@ def job_id(env=None) -> str:
 
 def _describe(holder: dict) -> str:
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
-    return (f"job {holder.get('job')!r} (pid {holder.get('pid')} on host {holder.get('host')}, started {started}: "
-            f"{holder.get('command', '?')})")
+    command = str(holder.get("command", "?"))
+    command = command if len(command) <= 160 else command[:157] + "..."
+    return f"job {holder.get('job')!r} (pid {holder.get('pid')} on host {holder.get('host')}, started {started}: {command})"
 
 
 def _read(path: Path) -> dict:
@@ -102,8 +103,8 @@ def acquire(directory: str | os.PathLike, job: str, owner: bool, key: str = "run
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
         os.fsync(fd)
-        _held[resolved] = fd  # held until this process exits
-        if previous and previous.get("job") != job:
+        _held[resolved] = fd  # held until this process exits (or `release_all`)
+        if previous and previous.get("job") != job and not previous.get("released"):
             return f"{key}={directory}: took over the lock of {_describe(previous)}, which is no longer running"
         return None
     # Another rank of the job: its rank 0 takes the lock; a live lock of another job stops it
@@ -124,8 +125,17 @@ def acquire(directory: str | os.PathLike, job: str, owner: bool, key: str = "run
         os.close(fd)
 
 
-def release(directory: str | os.PathLike) -> None:
-    """Drop this process's lock of `directory` (a process's locks also end with it)."""
-    fd = _held.pop(str(Path(directory).resolve()), None)
-    if fd is not None:
-        os.close(fd)
+def release_all() -> None:
+    """Drop this process's locks, marking them released: the next job in the directory then
+    knows this one ended (a crashed job's lock also ends with it, unmarked)."""
+    for path in list(_held):
+        fd = _held.pop(path)
+        try:
+            holder = json.loads(os.pread(fd, 1 << 16, 0) or b"{}")
+            record = (json.dumps({**holder, "released": time.time()}) + "\n").encode()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, record, 0)
+        except (OSError, ValueError):
+            pass
+        finally:
+            os.close(fd)

@@ -221,6 +221,7 @@ class CheckpointConfig:
     pool_mb: int = num(256, ge=1, note="MiB")  # lazy: host buffer pool per rank, resident from the start (back-pressure when full)
     chunk_mb: int = num(64, ge=1, note="MiB")  # lazy: bytes per coalesced copy/write region
     resume: bool = True  # resume from `<dir>/latest` when it exists
+    fallback: bool = True  # when the newest checkpoint does not verify, resume from the newest one that does
 
 
 @dataclass

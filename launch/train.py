@@ -21,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from launch import config as launch_config
 from launch import env as launch_env
-from launch.preflight import exit_bad_input, preflight, stop_on_bad_input
+from launch import run_lock
+from launch.preflight import EXIT_CHECKPOINT_WRITE, exit_every_rank, preflight, stop
 from launch.validate import ConfigError
 from parallel import network
 from parallel.groups import build_groups
@@ -29,7 +30,7 @@ from parallel.monitor import CollectiveMonitor
 from parallel.placement import placement_warnings
 from parallel.parallelize import parallelize
 from runtime.accounting import MemoryMeter, StepAccounting, format_flops, peak_flops
-from runtime.checkpoint import build_checkpointer
+from runtime.checkpoint import CheckpointError, CheckpointWriteError, build_checkpointer, resume
 from runtime.host_memory import keep_freed_memory
 from runtime.data import BatchLoader, load_tokens
 from runtime.flops import flops_per_token
@@ -151,10 +152,6 @@ def setup(cfg: DictConfig) -> TrainingRun:
         cfg.parallel.pp_layers = network.auto_pp_layers(cfg, model, topo, groups, procs, device)
         if rank == 0:
             log.info("pipeline layers per stage (auto): %s", list(cfg.parallel.pp_layers))
-    if rank == 0:
-        os.makedirs(cfg.run_dir, exist_ok=True)
-        with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
-            f.write(OmegaConf.to_yaml(cfg, resolve=True))
     par = parallelize(model, groups, cfg.parallel, cross_entropy_sum, cfg.train.seq_len, launch.local_world_size,
                       compile_mode=cfg.train.compile_mode if cfg.train.compile else None,
                       mp_policy=fsdp_mixed_precision(cfg))
@@ -176,17 +173,27 @@ def setup(cfg: DictConfig) -> TrainingRun:
     tokens = load_tokens(cfg.data.name, cfg.data.path, args.vocab_size, cfg.seed)
     loader = BatchLoader(tokens, cfg.train.seq_len, cfg.train.global_batch_size,
                          cfg.train.micro_batch_size, groups.index("dp"), topo.dp, cfg.seed)
-    checkpointer = build_checkpointer(cfg.checkpoint, rank, cfg.parallel.timeout_s, on_gpu=device.type == "cuda")
+    checkpointer = build_checkpointer(cfg.checkpoint, rank, cfg.parallel.timeout_s, on_gpu=device.type == "cuda",
+                                      model=OmegaConf.to_container(cfg.model, resolve=True, enum_to_str=True))
     start_step = 0
-    latest = checkpointer.latest() if cfg.checkpoint.resume else None
-    if latest is not None:
-        start_step = checkpointer.load(latest, par, optimizer)["step"]
+    resumed = resume(checkpointer, par, optimizer, cfg.checkpoint.fallback) if cfg.checkpoint.resume else None
+    if resumed is not None:
+        start_step = resumed.trainer_state["step"]
         if rank == 0:
-            log.info("resumed from %s at step %d", latest, start_step)
+            for name, why in resumed.skipped:
+                log.warning("checkpoint %s skipped: %s", name, why)
+            log.info("resumed from %s at step %d", resumed.path, start_step)
+    # The run's record of itself, written once it is certain to be this run's directory and model.
+    if rank == 0:
+        with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
+            f.write(OmegaConf.to_yaml(cfg, resolve=True))
     metrics = MetricsSink(cfg.run_dir, active=rank == 0, total_steps=cfg.train.steps,
                           log_every=cfg.logging.every, wandb_cfg=cfg.logging.wandb,
                           config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
     metrics.truncate_after(start_step)
+    if resumed is not None:
+        metrics.event({"event": "resume", "step": start_step, "time": time.time(), "path": str(resumed.path),
+                       "skipped": [{"checkpoint": name, "why": why} for name, why in resumed.skipped]})
 
     monitor = None
     if cfg.monitor.enabled and topo.world_size > 1:
@@ -253,14 +260,21 @@ def run(cfg: DictConfig) -> None:
 
 
 def train(cfg: DictConfig) -> None:
-    """`run` with the user-facing failure contract: a bad config exits 2 with one message."""
+    """`run` with the user-facing failure contract: one message, the same exit code on every
+    rank — 2 for a bad config or a checkpoint that cannot be resumed, 4 for a checkpoint that
+    could not be written."""
     try:
         run(cfg)
     except ConfigError as e:
-        stop_on_bad_input(e)
+        stop(str(e))
+    except CheckpointWriteError as e:
+        stop(f"the run stopped: {e}", EXIT_CHECKPOINT_WRITE)
+    except CheckpointError as e:  # raised alike on every rank (runtime/checkpoint/resume.py)
+        stop(f"cannot resume: {e}")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        run_lock.release_all()  # a job that ends (not one that crashes) marks its directories free
 
 
 _task_started = False
@@ -284,7 +298,7 @@ def main() -> None:
         # Hydra exits 1 when composition fails (a wrong type, an unknown key or group option):
         # that is bad input too, and bad input exits 2.
         if not _task_started and e.code not in (0, None):
-            exit_bad_input()
+            exit_every_rank()
         raise
 
 

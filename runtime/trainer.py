@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from runtime.optim import lr_at, set_lr
 from runtime.metrics import StepTimer
+from runtime.checkpoint.format import CheckpointWriteError
 from runtime.preemption import StopRequest
 
 IGNORE_INDEX = -100
@@ -159,9 +160,14 @@ class Trainer:
             self.metrics.log(metrics)
             self.tracer.flush()
             done = step + 1
-            # Every rank takes the same decision: a signal, or a clock, may be seen a step apart.
+            # Every rank takes the same decision: a signal, a clock or a failed background write
+            # may be seen a step apart.
             timed = ckpt.saves and ckpt.every_s > 0 and time.monotonic() - last_save >= ckpt.every_s
-            preempted, timed = self.parallel.any_rank([stop.requested, timed], self.device)
+            preempted, timed, failed = self.parallel.any_rank([stop.requested, timed, ckpt.failed], self.device)
+            if failed:
+                ckpt.close()  # raises this rank's CheckpointWriteError once every write in flight settled
+                raise CheckpointWriteError(f"another rank could not commit a checkpoint in {ckpt.dir} (its message "
+                                           "says why); `latest` still names the last committed one")
             if ckpt.saves and (timed or preempted or ckpt.due(done, self.steps, stopping=done == end < self.steps)):
                 requested = time.time()
                 ckpt.request(done, self.parallel, self.optimizer, {"tokens": done * self.tokens_per_step})

@@ -8,6 +8,7 @@ file-system writer). Completed saves are published in step order by rank 0 (trai
 """
 from __future__ import annotations
 
+import shutil
 from datetime import timedelta
 
 import torch.distributed as dist
@@ -15,7 +16,7 @@ import torch.distributed.checkpoint as dcp
 
 from parallel.state import state_blocks
 from runtime.checkpoint.dcp_format import block_key
-from runtime.checkpoint.format import CheckpointError
+from runtime.checkpoint.format import CheckpointWriteError, write_failure
 from runtime.checkpoint.sync import BaseCheckpointer, owned_blocks
 
 
@@ -28,6 +29,7 @@ class DcpAsyncCheckpointer(BaseCheckpointer):
         # own keeps them off the training thread's groups.
         self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
         self._pending: list[tuple] = []  # (future, step, trainer_state), oldest first
+        self._error: CheckpointWriteError | None = None
 
     def request(self, step: int, parallel, optimizer, trainer_state: dict) -> None:
         self._harvest()
@@ -40,18 +42,28 @@ class DcpAsyncCheckpointer(BaseCheckpointer):
         """async_save copied the state before it returned: nothing to wait for."""
         self._harvest()
 
+    @property
+    def failed(self) -> bool:
+        self._harvest()
+        return self._error is not None
+
     def close(self) -> None:
         for future, _, _ in self._pending:
-            future.exception()  # wait; the error, if any, is raised by _harvest
+            future.exception()  # wait; a failure is recorded by _harvest
         self._harvest()
-        dist.barrier(group=self.group)  # rank 0 has published before any rank returns
+        dist.barrier(group=self.group)  # rank 0 has published (or removed) before any rank returns
+        if self._error is not None:
+            raise self._error
 
     def _harvest(self) -> None:
-        """Publish the finished saves at the head of the queue (rank 0), raise a failed one."""
+        """Publish the finished saves at the head of the queue (rank 0); record a failed one
+        (DCP's collective finish fails it on every rank) and remove its files."""
         while self._pending and self._pending[0][0].done():
             future, step, trainer_state = self._pending.pop(0)
             if future.exception() is not None:
-                raise CheckpointError(f"DCP async_save of step {step} failed on rank {self.rank}: "
-                                      f"{future.exception()}") from future.exception()
-            if self.rank == 0:
+                if self.rank == 0:
+                    shutil.rmtree(self.step_path(step), ignore_errors=True)
+                self._error = self._error or write_failure(f"step {step}", self.step_path(step),
+                                                           [f"rank {self.rank}: {future.exception()}"])
+            elif self.rank == 0 and self._error is None:
                 self.publish(step, trainer_state)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 
-from runtime.checkpoint.format import load_blocks, overlaps
+from runtime.checkpoint.format import CheckpointError, load_blocks, overlaps
 
 
 def block_key(key: str, coords) -> str:
@@ -44,14 +44,17 @@ def dcp_index(path: Path) -> dict[str, list[dict]]:
     return index
 
 
-def load_dcp_blocks(path: Path, blocks) -> None:
+def load_dcp_blocks(path: Path, blocks, index: dict | None = None) -> None:
     """Fill `blocks` from a DCP checkpoint written by the dcp_async engine, in any layout
     (collective when a process group exists)."""
-    index = dcp_index(path)
+    index = dcp_index(path) if index is None else index
     wanted = {}
     for b in blocks:
         for e in index.get(b.key, []):
             if overlaps(b.coords(), e["block"]):
                 wanted[e["name"]] = torch.empty(e["shape"], dtype=e["dtype"])
-    dcp.load(wanted, checkpoint_id=str(path))
+    try:
+        dcp.load(wanted, checkpoint_id=str(path))
+    except Exception as e:  # noqa: BLE001 - DCP raises its own types (CheckpointException) for every failure
+        raise CheckpointError(f"{path}: the DCP checkpoint cannot be read ({type(e).__name__}: {e})") from e
     load_blocks(path, blocks, index=index, read=lambda e: wanted[e["name"]])

@@ -21,7 +21,87 @@ FORMAT = "quintet-blocks-1"
 
 
 class CheckpointError(RuntimeError):
-    pass
+    """A checkpoint that cannot be used: the message names the file and the problem."""
+
+
+class CheckpointMismatch(CheckpointError):
+    """A sound checkpoint of another model: resuming from it, or an older one, would be wrong."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (on any rank); `latest` still names the previous one."""
+
+
+def write_failure(name: str, directory, errors: list[str]) -> CheckpointWriteError:
+    """The error every rank raises when any rank could not write its part of a checkpoint."""
+    return CheckpointWriteError(
+        f"could not write the checkpoint of {name} into {directory}: {'; '.join(errors)}. The partial checkpoint "
+        "was removed and `latest` still names the previous one; free space or fix the directory, then launch "
+        "again to resume from it")
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from a checkpoint file, or CheckpointError naming the file."""
+    try:
+        value = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except OSError as e:
+        raise CheckpointError(f"{path} cannot be read: {e.strerror}") from None
+    except ValueError as e:
+        raise CheckpointError(f"{path} is not valid JSON (truncated or corrupt: {e})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
+INDEX_FILES = ("shard-*.json", ".metadata")  # what describes the data: this format's and DCP's
+
+
+def index_checksums(directory: Path) -> dict[str, int]:
+    """CRC32 of every index file of a written checkpoint (recorded in its trainer.json, so that a
+    deleted, truncated or altered index is found before it is read)."""
+    return {p.name: zlib.crc32(p.read_bytes()) for pattern in INDEX_FILES for p in sorted(directory.glob(pattern))}
+
+
+def verify_index_files(directory: Path, recorded: dict | None) -> None:
+    """CheckpointError naming the first index file that is missing, extra or altered."""
+    if recorded is None:  # written before checksums were recorded
+        return
+    found = index_checksums(directory)
+    for name in sorted(set(recorded) | set(found)):
+        if name not in found:
+            raise CheckpointError(f"{directory / name} is missing (trainer.json lists it)")
+        if name not in recorded:
+            raise CheckpointError(f"{directory / name} was not written with this checkpoint (trainer.json does not list it)")
+        if found[name] != recorded[name]:
+            raise CheckpointError(f"{directory / name} does not match the checksum in trainer.json: it is corrupt")
+
+
+def _entry_problem(e) -> str | None:
+    """What is wrong with one index entry (None when it is well formed)."""
+    if not isinstance(e, dict) or not isinstance(e.get("key"), str):
+        return "an entry without a key"
+    shape, block = e.get("full_shape"), e.get("block")
+    if not (isinstance(shape, list) and all(isinstance(n, int) and n >= 0 for n in shape)):
+        return f"{e['key']}: full_shape {shape!r} is not a list of sizes"
+    if not (isinstance(block, list) and len(block) == len(shape) and all(
+            isinstance(b, list) and len(b) == 2 and all(isinstance(x, int) for x in b) and 0 <= b[0] <= b[1] <= n
+            for b, n in zip(block, shape))):
+        return f"{e['key']}: block {block!r} does not lie in full_shape {shape}"
+    for field in ("offset", "nbytes", "crc32"):
+        if not isinstance(e.get(field), int) or e[field] < 0:
+            return f"{e['key']}: {field} {e.get(field)!r} is not a non-negative integer"
+    try:
+        itemsize = dtype_named(str(e.get("dtype"))).itemsize
+    except CheckpointError as err:
+        return f"{e['key']}: {err}"
+    elements = 1
+    for a, b in block:
+        elements *= b - a
+    if elements * itemsize != e["nbytes"]:
+        return f"{e['key']}: {e['nbytes']} bytes do not hold a {e['dtype']} block of {elements} elements"
+    return None
 
 
 def dtype_named(name: str) -> torch.dtype:
@@ -79,10 +159,16 @@ def read_index(directory: Path) -> dict[str, list[dict]]:
     if not files:
         raise CheckpointError(f"{directory} holds no shard index (shard-*.json)")
     for path in files:
-        meta = json.loads(path.read_text())
+        meta = read_json(path)
         if meta.get("format") != FORMAT:
             raise CheckpointError(f"{path} is not a {FORMAT} index (format {meta.get('format')!r})")
-        for e in meta["entries"]:
+        entries = meta.get("entries")
+        if not isinstance(entries, list):
+            raise CheckpointError(f"{path} has no list of entries")
+        for e in entries:
+            problem = _entry_problem(e)
+            if problem:
+                raise CheckpointError(f"{path}: {problem}; the index is corrupt")
             index.setdefault(e["key"], []).append({**e, "file": path.with_suffix(".bin")})
     return index
 
@@ -90,9 +176,12 @@ def read_index(directory: Path) -> dict[str, list[dict]]:
 def _read_entry(entry: dict, cache: dict) -> torch.Tensor:
     key = (entry["file"], entry["offset"])
     if key not in cache:
-        with open(entry["file"], "rb") as f:
-            f.seek(entry["offset"])
-            raw = f.read(entry["nbytes"])
+        try:
+            with open(entry["file"], "rb") as f:
+                f.seek(entry["offset"])
+                raw = f.read(entry["nbytes"])
+        except OSError as e:
+            raise CheckpointError(f"{entry['file']} cannot be read ({e.strerror}); the checkpoint cannot be used") from None
         if len(raw) != entry["nbytes"] or zlib.crc32(raw) != entry["crc32"]:
             raise CheckpointError(f"{entry['file']}: block of {entry['key']} at byte {entry['offset']} is "
                                   f"corrupt (checksum mismatch or short read); the checkpoint cannot be used")

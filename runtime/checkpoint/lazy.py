@@ -28,9 +28,9 @@ class LazyCheckpointer(LazyWriter, BaseCheckpointer):
     saves = True
 
     def __init__(self, directory: str, every: int, rank: int, *, keep_last: int = 0, every_s: float = 0.0,
-                 **writer):
+                 model: dict | None = None, **writer):
         """`writer`: LazyWriter's pool_bytes, chunk_bytes, timeout_s, pin."""
-        BaseCheckpointer.__init__(self, directory, every, rank, keep_last=keep_last, every_s=every_s)
+        BaseCheckpointer.__init__(self, directory, every, rank, keep_last=keep_last, every_s=every_s, model=model)
         LazyWriter.__init__(self, rank, **writer)
 
     def request(self, step: int, parallel, optimizer, trainer_state: dict) -> None:
@@ -40,7 +40,8 @@ class LazyCheckpointer(LazyWriter, BaseCheckpointer):
             shutil.rmtree(path)  # an earlier, uncommitted attempt at this step (maybe another layout)
         # Collective (block metadata): no rank writes before rank 0 has cleared the directory.
         blocks = owned_blocks(state_blocks(parallel, optimizer), self.rank)
-        ckpt = self.begin(f"step {step}", partial(self.publish, step, dict(trainer_state)))
+        ckpt = self.begin(f"step {step}", partial(self.publish, step, dict(trainer_state)),
+                          on_abort=partial(shutil.rmtree, path, ignore_errors=True), where=str(path))
         entries = [{"key": b.key, "full_shape": list(b.full_shape), "block": b.coords()} for b in blocks]
         self.add_file(ckpt, path / f"shard-{self.rank:05d}.bin", [b.local for b in blocks], entries,
                       partial(_write_index, path, self.rank))

@@ -14,9 +14,12 @@ start of the next, so a checkpoint is copied out while the next forward and back
                  tensor, frees the region, lets the file's `finish` write the index, fsyncs; at the
                  seal comes the two-phase commit: every rank votes over a gloo group of its own,
                  and only when all files of all ranks are durable does rank 0 run `on_commit`
-                 (which names the checkpoint: `latest`)
+                 (which names the checkpoint: `latest`); when any rank failed, rank 0 runs
+                 `on_abort` (which removes the partial files) and every rank records the error
     wait()       (right before the next optimizer step) blocks only while the copy of the last
-                 sealed checkpoint is unfinished
+                 sealed checkpoint is unfinished; it raises nothing, since ranks learn of a
+                 failed vote at different moments: `failed` says whether this rank knows of one,
+                 for the caller to agree on with the other ranks, and `drain`/`close` raise it
 
 Several checkpoints may be in flight (the writer lags the copier); they commit in order.
 `drain()` waits for all of them; `close()` also stops the threads.
@@ -38,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 from runtime.checkpoint.direct_file import ALIGN, DirectFile
-from runtime.checkpoint.format import fsync_dir
+from runtime.checkpoint.format import fsync_dir, write_failure
 from runtime.checkpoint.pool import HostPool
 
 MB = 1 << 20
@@ -58,6 +61,8 @@ class FileJob:
 class Checkpoint:
     name: str
     on_commit: Callable[[], None] | None  # run by rank 0 once every rank's files are durable
+    on_abort: Callable[[], None] | None = None  # run by rank 0 when any rank failed (remove partial files)
+    where: str = ""  # the checkpoint's directory, for the error message
     copied: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
 
@@ -86,11 +91,11 @@ class LazyWriter:
 
     # --- the training thread -------------------------------------------------------------------
 
-    def begin(self, name: str, on_commit: Callable[[], None] | None) -> Checkpoint:
+    def begin(self, name: str, on_commit: Callable[[], None] | None, on_abort: Callable[[], None] | None = None,
+              where: str = "") -> Checkpoint:
         if not self._threads:
             raise RuntimeError("the checkpoint engine is closed")
-        self.raise_if_failed()
-        ckpt = Checkpoint(name, on_commit)
+        ckpt = Checkpoint(name, on_commit, on_abort, where)
         with self._settled:
             self._in_flight.append(ckpt)
         return ckpt
@@ -114,7 +119,11 @@ class LazyWriter:
         if self._copying is not None:
             self._copying.copied.wait()
             self._copying = None
-        self.raise_if_failed()
+
+    @property
+    def failed(self) -> bool:
+        """Whether a checkpoint failed to commit, as far as this rank knows yet."""
+        return self._error is not None
 
     def drain(self) -> None:
         """Block until every sealed checkpoint is committed (or has failed)."""
@@ -137,7 +146,7 @@ class LazyWriter:
 
     def raise_if_failed(self) -> None:
         if self._error is not None:
-            raise RuntimeError(f"checkpoint engine failed on rank {self.rank}: {self._error}") from self._error
+            raise self._error
 
     # --- background threads --------------------------------------------------------------------
 
@@ -263,20 +272,23 @@ class LazyWriter:
         f.write(memoryview(region), n)
 
     def _vote(self, ckpt: Checkpoint) -> None:
-        """Phase two: commit only if every rank's files are durable."""
-        vote = torch.tensor([1 if ckpt.error is None else 0], dtype=torch.int32)
+        """Phase two: commit only if every rank's files are durable; otherwise every rank learns
+        every rank's error, and rank 0 removes what was written."""
+        mine = None if ckpt.error is None else f"rank {self.rank}: {ckpt.error}"
         try:
-            dist.all_reduce(vote, op=dist.ReduceOp.MIN, group=self.group)
-            if int(vote) == 1:
-                try:
-                    if self.rank == 0 and ckpt.on_commit is not None:
-                        ckpt.on_commit()
-                finally:
-                    dist.barrier(group=self.group)  # named before any rank reports it committed
-            else:
-                raise ckpt.error or RuntimeError(
-                    f"another rank failed to write the checkpoint of {ckpt.name}; `latest` is unchanged")
-        except BaseException as e:  # noqa: BLE001 - raised in the training thread at its next call
+            errors = [None] * dist.get_world_size(self.group)
+            dist.all_gather_object(errors, mine, group=self.group)
+            failures = [e for e in errors if e is not None]
+            try:
+                if self.rank == 0 and not failures and ckpt.on_commit is not None:
+                    ckpt.on_commit()
+                elif self.rank == 0 and failures and ckpt.on_abort is not None:
+                    ckpt.on_abort()
+            finally:
+                dist.barrier(group=self.group)  # named (or removed) before any rank reports it
+            if failures:
+                raise write_failure(ckpt.name, ckpt.where or "its directory", failures)
+        except BaseException as e:  # noqa: BLE001 - raised in the training thread by drain/close
             self._error = self._error or e
         finally:
             with self._settled:

@@ -20,9 +20,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from parallel.state import state_blocks
-from runtime.checkpoint.dcp_format import is_dcp_checkpoint, load_dcp_blocks
-from runtime.checkpoint.format import CheckpointError, load_blocks, write_shard
-from runtime.optim import init_optimizer_state
+from runtime.checkpoint.format import index_checksums, write_failure, write_shard
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -59,9 +57,12 @@ class BaseCheckpointer:
 
     saves = False  # whether `request` exists; engines that write set it
 
-    def __init__(self, directory: str, every: int, rank: int, keep_last: int = 0, every_s: float = 0.0):
+    def __init__(self, directory: str, every: int, rank: int, keep_last: int = 0, every_s: float = 0.0,
+                 model: dict | None = None):
+        """`model`: the model's config, recorded in every checkpoint's trainer.json so that a
+        resume into another model can say what differs (runtime/checkpoint/resume.py)."""
         self.dir, self.every, self.rank = Path(directory), every, rank
-        self.keep_last, self.every_s = keep_last, every_s
+        self.keep_last, self.every_s, self.model = keep_last, every_s, model
         self.on_publish = None  # called with the step once its checkpoint is named (the trainer's record)
 
     def due(self, step: int, last_step: int, stopping: bool = False) -> bool:
@@ -76,7 +77,9 @@ class BaseCheckpointer:
     def publish(self, step: int, trainer_state: dict) -> None:
         """Rank 0, once every rank's shard of `step` is durable: name it, then drop old ones."""
         path = self.step_path(step)
-        atomic_write(path / "trainer.json", json.dumps({"step": step, **trainer_state}) + "\n")
+        record = {"step": step, **trainer_state, **({"model": self.model} if self.model is not None else {}),
+                  "index_crc32": index_checksums(path)}
+        atomic_write(path / "trainer.json", json.dumps(record) + "\n")
         atomic_write(self.dir / "latest", path.name + "\n")
         if self.on_publish is not None:
             self.on_publish(step)
@@ -89,28 +92,14 @@ class BaseCheckpointer:
     def wait(self) -> None:
         """The state may be modified from now on (a blocking save is complete on return)."""
 
+    @property
+    def failed(self) -> bool:
+        """Whether a background write has failed on this rank (the trainer stops every rank at
+        the same step; `close` raises the error)."""
+        return False
+
     def close(self) -> None:
         """Every requested checkpoint is committed on return."""
-
-    def latest(self) -> Path | None:
-        marker = self.dir / "latest"
-        if not marker.exists():
-            return None
-        path = self.dir / marker.read_text().strip()
-        if not (path / "trainer.json").exists():
-            raise CheckpointError(f"{marker} names {path}, which has no trainer.json: the checkpoint "
-                                  "is incomplete; remove the marker to start over")
-        return path
-
-    def load(self, path: Path, parallel, optimizer) -> dict:
-        """Load the checkpoint at `path` into the parallelised model and optimizer (any layout)."""
-        init_optimizer_state(optimizer)
-        blocks = state_blocks(parallel, optimizer)
-        if is_dcp_checkpoint(path):  # written by the dcp_async engine
-            load_dcp_blocks(path, blocks)
-        else:
-            load_blocks(path, blocks)
-        return json.loads((path / "trainer.json").read_text())
 
 
 class SyncCheckpointer(BaseCheckpointer):
@@ -123,8 +112,20 @@ class SyncCheckpointer(BaseCheckpointer):
         if self.rank == 0 and path.exists():
             shutil.rmtree(path)  # an earlier, uncommitted attempt at this step
         dist.barrier()
-        write_shard(path, self.rank, owned_blocks(state_blocks(parallel, optimizer), self.rank))
-        dist.barrier()  # every rank's shard is durable before anything names the checkpoint
+        blocks = owned_blocks(state_blocks(parallel, optimizer), self.rank)
+        error = None
+        try:
+            write_shard(path, self.rank, blocks)
+        except OSError as e:  # a full disk, a lost mount: every rank learns of it below
+            error = f"rank {self.rank}: {e}"
+        # Every rank's shard is durable (or has failed) before anything names the checkpoint.
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        if any(errors):
+            if self.rank == 0:
+                shutil.rmtree(path, ignore_errors=True)
+            dist.barrier()
+            raise write_failure(f"step {step}", path, [e for e in errors if e])
         if self.rank == 0:
             self.publish(step, trainer_state)
         dist.barrier()  # nobody starts the next save while `latest` may still name the old one

@@ -114,9 +114,11 @@ def _failing_rank(rank, world, run_dir):
 
 def test_a_failed_write_on_one_rank_commits_nothing(tmp_path):
     errors = run_ranks(_failing_rank, 2, args=(str(tmp_path),), timeout_s=120)
-    assert "disk full (injected)" in errors[1]
-    assert "another rank failed" in errors[0]
+    # Every rank raises the same error, naming the rank, its reason and the directory.
+    assert errors[0] == errors[1] and "rank 1: disk full (injected)" in errors[0]
+    assert f"could not write the checkpoint of step 2 into {tmp_path}/checkpoints/step_00000002" in errors[0]
     assert (tmp_path / "checkpoints/latest").read_text().strip() == "step_00000001"
+    assert not (tmp_path / "checkpoints/step_00000002").exists(), "the partial checkpoint must be removed"
 
 
 def _dcp_exactness(rank, world, run_dir):

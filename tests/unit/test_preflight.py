@@ -135,4 +135,7 @@ def test_one_live_job_per_directory_and_stale_locks_are_taken_over(tmp_path):
     note = run_lock.acquire(tmp_path, "job-B", owner=True)
     assert "took over the lock of job 'job-A'" in note and "no longer running" in note
     assert json.loads((tmp_path / "job.lock").read_text())["job"] == "job-B"
-    run_lock.release(tmp_path)
+    run_lock.release_all()  # a job that ends normally says so: the next one takes over silently
+    assert json.loads((tmp_path / "job.lock").read_text())["released"]
+    assert run_lock.acquire(tmp_path, "job-C", owner=True) is None
+    run_lock.release_all()
