@@ -21,7 +21,8 @@ import torch
 from omegaconf import OmegaConf
 
 from runtime.checkpoint.dcp_format import dcp_index, is_dcp_checkpoint, load_dcp_blocks
-from runtime.checkpoint.format import CheckpointError, load_blocks, read_index
+from runtime.checkpoint.format import CheckpointError, dtype_named, load_blocks, read_index, verify_index_files
+from runtime.checkpoint.resume import candidates, read_trainer_state
 
 EXIT_BAD_INPUT = 2
 
@@ -42,11 +43,14 @@ class FullBlock:
 
 
 def checkpoint_dir(path: Path) -> Path:
-    """A step directory, or the one `latest` names under a run or checkpoints directory."""
+    """A step directory, or the one `latest` names under a run or checkpoints directory (a
+    marker naming anything but a step directory beside it is refused)."""
     for candidate in (path, path / "checkpoints"):
-        marker = candidate / "latest"
-        if marker.exists():
-            return candidate / marker.read_text().strip()
+        if (candidate / "latest").exists():
+            paths, problems = candidates(candidate)
+            if problems:
+                raise CheckpointError(problems[0][1])
+            return paths[0]
     if (path / "trainer.json").exists():
         return path
     raise CheckpointError(f"{path} is neither a checkpoint (no trainer.json) nor a directory with a `latest` marker")
@@ -56,10 +60,13 @@ def stored_tensors(step_dir: Path) -> dict[str, tuple[list[int], torch.dtype]]:
     """Every stored tensor's full shape and dtype, from either engine's index."""
     if is_dcp_checkpoint(step_dir):
         return {key: (e[0]["full_shape"], e[0]["dtype"]) for key, e in dcp_index(step_dir).items()}
-    return {key: (e[0]["full_shape"], getattr(torch, e[0]["dtype"])) for key, e in read_index(step_dir).items()}
+    return {key: (e[0]["full_shape"], dtype_named(e[0]["dtype"])) for key, e in read_index(step_dir).items()}
 
 
-def run_config(step_dir: Path, explicit: Path | None):
+def run_config(step_dir: Path, explicit: Path | None, trainer_state: dict):
+    """The model config: --config's, else the one the checkpoint recorded, else the run's."""
+    if explicit is None and isinstance(trainer_state.get("model"), dict):
+        return OmegaConf.create(trainer_state["model"])
     path = explicit or step_dir.parent.parent / "config.yaml"
     if not path.exists():
         raise CheckpointError(f"no run config at {path}: pass --config <run_dir>/config.yaml")
@@ -101,7 +108,9 @@ def export(checkpoint: Path, out: Path, config: Path | None = None) -> Path:
     from safetensors.torch import save_file
 
     step_dir = checkpoint_dir(checkpoint)
-    m = run_config(step_dir, config)
+    trainer_state = read_trainer_state(step_dir)
+    verify_index_files(step_dir, trainer_state.get("index_crc32"))
+    m = run_config(step_dir, config, trainer_state)
     if m.moe.num_experts or str(m.residual) != "standard":
         raise CheckpointError(f"model {m.name!r} is not a dense Llama (num_experts={m.moe.num_experts}, residual="
                               f"{m.residual}); only dense models with the standard residual export to Llama names")
@@ -130,6 +139,9 @@ def main(argv: list[str] | None = None) -> None:
         path = export(args.checkpoint, args.out, args.config)
     except (CheckpointError, KeyError) as e:
         print(f"quintet: cannot export {args.checkpoint}: {e}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    except OSError as e:
+        print(f"quintet: cannot export {args.checkpoint} to {args.out}: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     print(path)
 

@@ -7,18 +7,27 @@ engine (the protocol DeepSpeed 0.16+ defines for DataStates-LLM):
                                 tensors join the lazy pipeline (runtime/checkpoint/lazy_writer.py)
                                 and the call returns before they are copied; the rest of the
                                 state dict is encoded at once (runtime/checkpoint/tree.py), since
-                                plain values may change before the copy runs
+                                plain values may change before the copy runs. A state that cannot
+                                be encoded fails the checkpoint (on every rank, below), not the
+                                one rank that saves it
     engine.step()               DeepSpeed calls commit(get_commit_info()) right before the
-                                optimizer step: the checkpoint is sealed and commit waits for its
-                                copy only; writing goes on behind training
+                                optimizer step (every rank): the checkpoint is sealed, commit
+                                waits for its copy only, and the ranks agree whether any of them
+                                knows of a failed checkpoint; if so every rank raises it there.
+                                Writing goes on behind training
     durable everywhere          rank 0 writes `latest` (atomically) once every rank's files are
                                 fsynced. DeepSpeed would write it right after commit returns,
                                 before the files are durable, so get_commit_info hands DeepSpeed a
                                 copy with save_latest=False and the engine writes it itself
     engine.destroy()            calls cleanup(), which waits for every checkpoint to commit
 
-Files keep DeepSpeed's names and directory layout; their content is tree.py's format, so
-`load` never unpickles. Use it by configuration: replace `deepspeed.initialize` with
+The directory layout is DeepSpeed's, but a file DeepSpeed names `X.pt` is written as `X.qtree`:
+its content is tree.py's format, not a torch pickle, and does not pretend to be one (`load`
+never unpickles; DeepSpeed's own tools would fail on it). DeepSpeed's `load_checkpoint` finds
+the files through `_get_all_ckpt_names`, which `use_quintet_checkpoints` points at `.qtree`
+files. `python -m launch.deepspeed_convert` turns such a checkpoint into DeepSpeed's stock layout
+(for zero_to_fp32.py and ds_to_universal) or one consolidated fp32 safetensors file. Use it by
+configuration: replace `deepspeed.initialize` with
 `runtime.checkpoint.deepspeed_engine.initialize` and add to the DeepSpeed config
 
     "quintet_checkpoint": {"enabled": true, "pool_mb": 256, "chunk_mb": 64}
@@ -28,7 +37,9 @@ or attach it to an existing engine with `use_quintet_checkpoints(engine, ...)`.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
+import shutil
 from functools import partial
 from pathlib import Path
 
@@ -37,11 +48,13 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointCommitInfo, CheckpointEngine
 
+from runtime.checkpoint.format import CheckpointError, CheckpointWriteError
 from runtime.checkpoint.lazy_writer import MB, LazyWriter
 from runtime.checkpoint.sync import atomic_write
 from runtime.checkpoint.tree import flatten, read_tree, write_index
 
 CONFIG_KEY = "quintet_checkpoint"
+TREE_SUFFIX = ".qtree"
 OPTIONS = {"enabled": True, "pool_mb": 256, "chunk_mb": 64, "timeout_s": 600.0}
 
 
@@ -58,26 +71,46 @@ class QuintetCheckpointEngine(CheckpointEngine):
         if self._ckpt is not None:  # saved twice without an optimizer step between
             self._seal()
         self._info = info
-        self._ckpt = self.writer.begin(f"tag {info.tag}", partial(_name_latest, info))
+        where = Path(info.save_dir) / str(info.tag)
+        self._ckpt = self.writer.begin(f"tag {info.tag}", partial(_name_latest, info),
+                                       on_abort=partial(shutil.rmtree, where, ignore_errors=True), where=str(where))
 
     def save(self, state_dict, path: str):
         if self._ckpt is None:
             raise RuntimeError(f"save({path!r}) before create(): DeepSpeed's save_checkpoint calls create first")
-        tree, tensors = flatten(state_dict)
+        try:
+            tree, tensors = flatten(state_dict)
+        except TypeError as e:
+            # Often only one rank saves a given file: failing here would leave the others
+            # waiting in their next collective. The checkpoint fails instead, on every rank.
+            self._ckpt.error = self._ckpt.error or CheckpointError(f"{tree_path(path)}: {e}")
+            return
         entries = [{"shape": list(t.shape)} for t in tensors]
-        self.writer.add_file(self._ckpt, Path(path), tensors, entries, partial(write_index, tree))
+        self.writer.add_file(self._ckpt, tree_path(path), tensors, entries, partial(write_index, tree))
 
     def load(self, path: str, map_location=None):
-        state = read_tree(path)
+        ours = tree_path(path)
+        if not ours.exists() and Path(path).exists():
+            raise CheckpointError(f"{path} is a torch file, not written by quintet's engine, which never unpickles: "
+                                  "load it with DeepSpeed's stock checkpoint engine, if you trust it")
+        state = read_tree(ours)
         if map_location is None or callable(map_location) or torch.device(map_location).type == "cpu":
             return state
         return _to_device(state, torch.device(map_location))
 
     def commit(self, info: CheckpointCommitInfo):
-        """Seal the checkpoint and wait until it is copied (not written): the optimizer step may run."""
+        """Seal the checkpoint and wait until it is copied (not written): the optimizer step may
+        run. Every rank calls it at the same step, so here the ranks agree (one small all-gather
+        on the default group) whether any knows of a failed checkpoint, and then all raise it."""
+        failed_here = self._ckpt is not None and self._ckpt.error is not None
         if self._ckpt is not None:
             self._seal()
         self.writer.wait()
+        flags = [False] * dist.get_world_size()
+        dist.all_gather_object(flags, failed_here or self.writer.failed)
+        if any(flags):
+            self.writer.drain()  # every vote in flight settles: each rank then holds the error and raises it
+            raise CheckpointWriteError(f"another rank could not commit checkpoint {info.tag} in {info.save_dir}")
         return True
 
     def get_commit_info(self):
@@ -134,6 +167,24 @@ def checked_options(options) -> dict:
     return opts
 
 
+def tree_path(path) -> Path:
+    """Where the file DeepSpeed names `path` (`X.pt`) is stored: `X.qtree`."""
+    path = Path(path)
+    if path.suffix == TREE_SUFFIX:
+        return path
+    return path.with_suffix(TREE_SUFFIX) if path.suffix == ".pt" else path.with_name(path.name + TREE_SUFFIX)
+
+
+def _find_tree_files(engine):
+    """DeepSpeed's `_get_all_ckpt_names` (a glob for `*_model_states.pt`, whose results it checks
+    exist), for `.qtree` files."""
+    def names(checkpoints_path, tag):
+        pattern = engine._get_ckpt_name(checkpoints_path, tag, mp_placeholder="*",
+                                        pp_placeholder="0" if engine.load_universal_checkpoint() else None)
+        return sorted(glob.glob(str(tree_path(pattern))))
+    return names
+
+
 def use_quintet_checkpoints(engine, **options):
     """Make a DeepSpeed engine save and load through QuintetCheckpointEngine (on every rank)."""
     opts = checked_options(options)
@@ -142,6 +193,7 @@ def use_quintet_checkpoints(engine, **options):
         if old is not None and old.is_decoupled():
             old.cleanup()
         engine.checkpoint_engine = QuintetCheckpointEngine(engine._config, **opts)
+        engine._get_all_ckpt_names = _find_tree_files(engine)
     return engine
 
 

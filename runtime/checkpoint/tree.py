@@ -8,22 +8,28 @@ themselves, everything else as an object tagged by "$":
     {"$": "dict" | "odict", "items": [[key, value], ...]}   keys of any supported type, in order
     {"$": "list" | "tuple" | "set" | "size", "v": [...]}
     {"$": "dtype", "v": "float32"}
+    {"$": "namespace" | "simplenamespace", "v": {...}}     argparse.Namespace, types.SimpleNamespace
+    {"$": "path", "v": "/a/b"}                             a pathlib path
     {"$": "enum", "cls": "pkg.mod.Class", "v": 1}
     {"$": "obj", "cls": "pkg.mod.Class", "state": {...}}    the object's __dict__
 
-Classes are rebuilt only when they are in ALLOWED (DeepSpeed's loss scalers, ZeRO's fragment
-addresses and stage enum): loading can build nothing else, so an untrusted file cannot run code.
-Saving anything else fails at once with the key path and type.
+Namespaces (what Megatron-DeepSpeed stores as `client_state["args"]`) and paths are plain data:
+their attributes are stored and they are rebuilt as what they were. Other classes are rebuilt
+only when they are in ALLOWED (DeepSpeed's loss scalers, ZeRO's fragment addresses and stage
+enum): loading can build nothing else, so an untrusted file cannot run code. Saving anything
+else fails at once with the key path and type.
 """
 from __future__ import annotations
 
+import argparse
 import enum
 import importlib
 import json
 import struct
+import types
 import zlib
 from collections import OrderedDict
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import torch
 
@@ -38,6 +44,7 @@ ALLOWED = frozenset({
     "deepspeed.utils.tensor_fragment.fragment_address",
 })
 _SEQUENCES = {list: "list", tuple: "tuple", set: "set", torch.Size: "size"}
+_NAMESPACES = {argparse.Namespace: "namespace", types.SimpleNamespace: "simplenamespace"}
 
 
 def _class_name(cls) -> str:
@@ -62,6 +69,10 @@ def flatten(obj, path: str = "") -> tuple[object, list[torch.Tensor]]:
         if type(x) in _SEQUENCES:
             items = sorted(x, key=repr) if isinstance(x, set) else x  # a set's order is not stable
             return {"$": _SEQUENCES[type(x)], "v": [enc(v, f"{at}[{i}]") for i, v in enumerate(items)]}
+        if type(x) in _NAMESPACES:
+            return {"$": _NAMESPACES[type(x)], "v": enc(dict(vars(x)), f"{at}.__dict__")}
+        if isinstance(x, PurePath):
+            return {"$": "path", "v": str(x)}
         name = _class_name(type(x))
         if name in ALLOWED and isinstance(x, enum.Enum):
             return {"$": "enum", "cls": name, "v": x.value}
@@ -97,6 +108,12 @@ def unflatten(tree, tensors: list[torch.Tensor]):
             return {"list": list, "tuple": tuple, "set": set, "size": torch.Size}[tag](dec(v) for v in x["v"])
         if tag == "dtype":
             return dtype_named(x["v"])
+        if tag == "namespace":
+            return argparse.Namespace(**{str(k): v for k, v in dec(x["v"]).items()})
+        if tag == "simplenamespace":
+            return types.SimpleNamespace(**{str(k): v for k, v in dec(x["v"]).items()})
+        if tag == "path":
+            return Path(str(x["v"]))
         if tag == "enum":
             return _allowed_class(x["cls"])(x["v"])
         if tag == "obj":
@@ -117,8 +134,20 @@ def write_index(tree, f, entries: list[dict]) -> None:
 
 
 def read_tree(path: str | Path):
-    """The state dict stored at `path`, every tensor's checksum verified."""
+    """The state dict stored at `path`, every tensor's checksum verified; CheckpointError naming
+    the file for anything else (another format, a truncated or altered file)."""
     path = Path(path)
+    try:
+        return _read_tree(path)
+    except CheckpointError:
+        raise
+    except OSError as e:
+        raise CheckpointError(f"{path} cannot be read: {e.strerror}") from None
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: its {FORMAT} index is corrupt ({type(e).__name__}: {e})") from None
+
+
+def _read_tree(path: Path):
     with open(path, "rb") as f:
         f.seek(0, 2)
         size = f.tell()

@@ -1,16 +1,24 @@
 """DeepSpeed with quintet's lazy checkpoint engine (chosen by configuration): ZeRO stage 1 and 2
 on two CPU ranks save through it while training goes on, and a fresh engine loads exactly the
-state of the step it was saved at."""
+state of the step it was saved at; the files do not pose as torch files, plain objects in
+client_state come back, a save that fails on one rank fails on every rank, and the converters
+give DeepSpeed's stock layout (read by its own zero_to_fp32.py) and one fp32 safetensors file."""
+import argparse
+import os
+import subprocess
+import sys
 import time
 
 import pytest
 
-from launch.spawn import run_ranks
+from launch.spawn import run_ranks, scaled
 
 DS_ENV = {"DS_ACCELERATOR": "cpu"}
+# What Megatron-DeepSpeed keeps beside the model: its arguments, and what ds_to_universal needs.
+CLIENT_STATE = {"args": argparse.Namespace(lr=0.5), "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
 
 
-def _ds_rank(rank, world, stage, save_dir):
+def _ds_rank(rank, world, stage, save_dir, client_state=None):
     import importlib
 
     import torch
@@ -53,7 +61,14 @@ def _ds_rank(rank, world, stage, save_dir):
     eng = engine(0)
     train(eng, 3)
     saved = snapshot(eng)
-    eng.save_checkpoint(save_dir, tag="step3")
+    weights = {k: v.detach().numpy().copy() for k, v in eng.module.state_dict().items()}  # by value, not shared memory
+    eng.save_checkpoint(save_dir, tag="step3", client_state=client_state or CLIENT_STATE)
+    if client_state is not None:  # a state that cannot be stored: every rank raises at the next commit
+        try:
+            train(eng, 1)
+        except Exception as e:  # noqa: BLE001
+            return f"{type(e).__name__}: {e}"
+        return "no error"
     train(eng, 3)  # the copy runs behind these; their optimizer steps commit it first
     moved = snapshot(eng)
     eng.destroy()  # DeepSpeed's own teardown drains the engine: `latest` is written by then
@@ -61,11 +76,12 @@ def _ds_rank(rank, world, stage, save_dir):
     not_pickles = all((save_dir / "step3" / f).read_bytes().endswith(MAGIC) for f in files)
 
     fresh = engine(1)
-    path, _ = fresh.load_checkpoint(save_dir)
+    path, client = fresh.load_checkpoint(save_dir)
     loaded = snapshot(fresh)
     return {"files": files, "not_pickles": not_pickles, "latest": (save_dir / "latest").read_text(),
             "path": path, "equal": len(loaded) == len(saved) and all(torch.equal(a, b) for a, b in zip(saved, loaded)),
-            "moved": any(not torch.equal(a, b) for a, b in zip(saved, moved))}
+            "moved": any(not torch.equal(a, b) for a, b in zip(saved, moved)), "args": client["args"],
+            "weights": weights}
 
 
 @pytest.mark.parametrize("stage", [1, 2])
@@ -73,11 +89,60 @@ def test_deepspeed_zero_saves_and_loads_through_the_lazy_engine(tmp_path, stage)
     results = run_ranks(_ds_rank, 2, args=(stage, tmp_path), timeout_s=180, env=DS_ENV)
     for r in results:
         assert r["latest"] == "step3" and "/step3/" in r["path"]
-        assert r["files"] == ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-                              "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+        # Not torch files, so not torch names.
+        assert [f for f in r["files"] if not f.endswith(".py")] == [
+            "mp_rank_00_model_states.qtree", "zero_pp_rank_0_mp_rank_00_optim_states.qtree",
+            "zero_pp_rank_1_mp_rank_00_optim_states.qtree"]
         assert r["not_pickles"], "a file was not written by quintet's engine"
         assert r["moved"], "training after the save did not change the state: the test proves nothing"
         assert r["equal"], "the loaded model or optimizer state differs from the state that was saved"
+        assert r["args"] == argparse.Namespace(lr=0.5)  # plain objects in client_state come back as they were
+    if stage == 2:
+        _converted_checkpoints_are_deepspeeds_own(tmp_path, results[0]["weights"])
+
+
+def _converted_checkpoints_are_deepspeeds_own(save_dir, weights):
+    """The stock layout is read by DeepSpeed's own zero_to_fp32.py and ds_to_universal; every
+    consolidation gives the weights the model had when it was saved."""
+    import torch
+    from safetensors.torch import load_file
+
+    from launch.deepspeed_convert import main as convert
+
+    convert(["stock", str(save_dir), str(save_dir / "stock")])
+    convert(["fp32", str(save_dir), str(save_dir / "fp32.safetensors")])
+    stock = save_dir / "stock/step3"
+    assert sorted(p.name for p in stock.glob("*.pt")) == [
+        "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    # The recovery script DeepSpeed puts in every checkpoint folder, as its own process.
+    script = ("import sys, torch; sys.path.insert(0, sys.argv[1]); from zero_to_fp32 import "
+              "get_fp32_state_dict_from_zero_checkpoint as fp32; torch.save(fp32(sys.argv[2], 'step3'), sys.argv[3])")
+    out = subprocess.run([sys.executable, "-c", script, str(stock), str(save_dir / "stock"), str(save_dir / "ds.pt")],
+                         capture_output=True, text=True, timeout=scaled(300), env={**os.environ, **DS_ENV})
+    assert out.returncode == 0, out.stderr[-3000:]
+    by_deepspeed = torch.load(save_dir / "ds.pt", weights_only=True)  # written just now, by the test
+    for consolidated in (load_file(str(save_dir / "fp32.safetensors")), by_deepspeed):
+        assert sorted(consolidated) == sorted(weights)
+        assert all(torch.equal(consolidated[k], torch.from_numpy(weights[k])) for k in weights)
+    # DeepSpeed's universal checkpoint, from the stock layout.
+    out = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(stock),
+                          "--output_folder", str(save_dir / "universal")], capture_output=True, text=True,
+                         timeout=scaled(300), env={**os.environ, **DS_ENV})
+    assert out.returncode == 0, out.stderr[-3000:]
+    for name, value in weights.items():
+        universal = torch.load(save_dir / f"universal/zero/{name}/fp32.pt", weights_only=False)  # the test's own file
+        universal = universal["param"] if isinstance(universal, dict) else universal
+        assert torch.equal(universal.reshape(value.shape), torch.from_numpy(value)), name
+
+
+def test_a_save_that_fails_on_one_rank_raises_on_every_rank(tmp_path):
+    # Only rank 0 writes the model states file, where client_state goes.
+    errors = run_ranks(_ds_rank, 2, args=(2, tmp_path, {"unstorable": object()}), timeout_s=180, env=DS_ENV)
+    for error in errors:
+        assert error.startswith("CheckpointWriteError: could not write the checkpoint of tag step3"), errors
+        assert "rank 0: " in error and "mp_rank_00_model_states.qtree: cannot checkpoint" in error, errors
+    assert not (tmp_path / "step3").exists() and not (tmp_path / "latest").exists()
 
 
 def test_bad_options_are_refused_before_deepspeed_starts():
