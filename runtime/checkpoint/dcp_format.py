@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
@@ -127,6 +128,14 @@ def dcp_index(path: Path) -> dict[str, list[dict]]:
     return index
 
 
+def _first_failure(e: BaseException) -> str:
+    """One line for a DCP error: CheckpointException carries each failed rank's exception."""
+    for rank, failure in (getattr(e, "failures", None) or {}).items():
+        inner = getattr(failure, "exc", failure)
+        return f"rank {rank}: {type(inner).__name__}: {inner}".strip()
+    return f"{type(e).__name__}: {e}"
+
+
 def load_dcp_blocks(path: Path, blocks, index: dict | None = None) -> None:
     """Fill `blocks` from a DCP checkpoint written by the dcp_async engine, in any layout
     (collective when a process group exists)."""
@@ -140,6 +149,6 @@ def load_dcp_blocks(path: Path, blocks, index: dict | None = None) -> None:
         dcp.load(wanted, checkpoint_id=str(path), storage_reader=SafeReader(str(path)), planner=_TensorsOnly())
     except CheckpointError:
         raise
-    except Exception as e:  # noqa: BLE001 - DCP raises its own types (CheckpointException) for every failure
-        raise CheckpointError(f"{path}: the DCP checkpoint cannot be read ({type(e).__name__}: {e})") from e
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's own (a BaseException) wraps any rank's
+        raise CheckpointError(f"{path}/__*.distcp: the DCP data cannot be read ({_first_failure(e)})") from None
     load_blocks(path, blocks, index=index, read=lambda e: wanted[e["name"]])

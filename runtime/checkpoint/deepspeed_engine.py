@@ -89,14 +89,7 @@ class QuintetCheckpointEngine(CheckpointEngine):
         self.writer.add_file(self._ckpt, tree_path(path), tensors, entries, partial(write_index, tree))
 
     def load(self, path: str, map_location=None):
-        ours = tree_path(path)
-        if not ours.exists() and Path(path).exists():
-            raise CheckpointError(f"{path} is a torch file, not written by quintet's engine, which never unpickles: "
-                                  "load it with DeepSpeed's stock checkpoint engine, if you trust it")
-        state = read_tree(ours)
-        if map_location is None or callable(map_location) or torch.device(map_location).type == "cpu":
-            return state
-        return _to_device(state, torch.device(map_location))
+        return load_tree_file(path, map_location)
 
     def commit(self, info: CheckpointCommitInfo):
         """Seal the checkpoint and wait until it is copied (not written): the optimizer step may
@@ -134,6 +127,19 @@ class QuintetCheckpointEngine(CheckpointEngine):
     def _seal(self):
         self.writer.seal(self._ckpt)
         self._ckpt, self._info = None, None
+
+
+def load_tree_file(path, map_location=None):
+    """What QuintetCheckpointEngine.load returns for the file DeepSpeed names `path`: the state
+    stored in its `.qtree` file, never an unpickled torch file."""
+    ours = tree_path(path)
+    if not ours.exists() and Path(path).exists():
+        raise CheckpointError(f"{path} is a torch file, not written by quintet's engine, which never unpickles: "
+                              "load it with DeepSpeed's stock checkpoint engine, if you trust it")
+    state = read_tree(ours)
+    if map_location is None or callable(map_location) or torch.device(map_location).type == "cpu":
+        return state
+    return _to_device(state, torch.device(map_location))
 
 
 def _name_latest(info: CheckpointCommitInfo) -> None:
