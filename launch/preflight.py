@@ -17,6 +17,7 @@ import json
 import logging
 import netrc
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -42,6 +43,8 @@ def writable_dir_problem(key: str, path: str) -> str | None:
     """None when `path` is a directory this process can create files in, or can be created as
     one; else what stands in the way. Tried for real (a file created and removed): permission
     bits say nothing about read-only mounts, immutable directories or root."""
+    if not str(path).strip():
+        return f"{key} is empty; name a directory (an empty path would mean the current directory)"
     target = Path(path)
     if target.exists() and not target.is_dir():
         return f"{key}={path} is a file, not a directory; choose a directory (or a path that does not exist yet)"
@@ -80,10 +83,28 @@ def wandb_key_problem(mode: str, env=None) -> str | None:
             "logging.wandb.mode=offline (and `wandb sync` later)")
 
 
-def io_problems(cfg) -> list[str]:
-    """Every problem with the run's files and credentials, together."""
+def pool_problem(cfg, local_world_size: int, meminfo: str = "/proc/meminfo") -> str | None:
+    """The lazy engine's host pool is made resident when the run starts: all of a node's ranks'
+    pools must fit in the memory the node has available."""
+    c = cfg.checkpoint
+    if not (c.enabled and c.engine.value == "lazy"):
+        return None
+    try:
+        available = int(re.search(r"MemAvailable:\s+(\d+) kB", Path(meminfo).read_text()).group(1)) * 1024
+    except (OSError, AttributeError):
+        return None  # not Linux: nothing to compare with
+    need = c.pool_mb * 2**20 * local_world_size
+    if need > available:
+        return (f"checkpoint.pool_mb={c.pool_mb} for each of {local_world_size} rank(s) on this node needs "
+                f"{need / 2**30:.1f} GiB of host memory, but {available / 2**30:.1f} GiB is available; use at most "
+                f"checkpoint.pool_mb={max(1, available // 2**20 // local_world_size // 2)}")
+    return None
+
+
+def io_problems(cfg, local_world_size: int = 1) -> list[str]:
+    """Every problem with the run's files, memory and credentials, together."""
     problems = [writable_dir_problem("run_dir", cfg.run_dir), writable_dir_problem("checkpoint.dir", cfg.checkpoint.dir),
-                wandb_key_problem(cfg.logging.wandb.mode.value)]
+                pool_problem(cfg, local_world_size), wandb_key_problem(cfg.logging.wandb.mode.value)]
     problems += check_source(cfg.data.name, cfg.data.path, cfg.model.vocab_size, cfg.train.seq_len)
     return [p for p in problems if p]
 
@@ -105,7 +126,7 @@ def preflight(cfg, launch: launch_env.LaunchEnv):
     if key in _passed:
         return _passed[key]
     topo = validate(cfg, launch.world_size)
-    problems = io_problems(cfg)
+    problems = io_problems(cfg, launch.local_world_size)
     if problems:
         raise ConfigError(problems)
     job = run_lock.job_id()

@@ -167,7 +167,7 @@ class ParallelConfig:
     activation_checkpoint: ActivationCheckpoint = ActivationCheckpoint.none  # none | full | selective
     moe_backend: str = "ep"  # MoE layers: ep (expert parallelism) | fssdp (Hecate's sparse data parallelism)
     fssdp: FSSDPConfig = field(default_factory=FSSDPConfig)
-    timeout_s: float = num(600.0, gt=0)  # timeout of every process group (a hang fails, never waits forever)
+    timeout_s: float = num(600.0, ge=10)  # timeout of every process group (a hang fails, never waits forever)
 
 
 @dataclass
@@ -237,7 +237,7 @@ class MonitorConfig:
     """Collective timing and diagnosis (after C4): hangs and slow ranks (parallel/monitor.py)."""
 
     enabled: bool = True
-    hang_timeout_s: float = num(300.0, gt=0)  # a collective unfinished this long is a hang: report, exit 3
+    hang_timeout_s: float = num(300.0, ge=1)  # a collective unfinished this long is a hang: report, exit 3
     window: int = num(10, ge=0, note="0 = no verdicts")  # steps per slow-rank verdict, counted after the launch's first step (0 = none)
     slow_fraction: float = num(0.2, gt=0, lt=1)  # slow: the others wait for a rank > this fraction of the window
 

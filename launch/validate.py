@@ -86,8 +86,9 @@ def _range_problems(cfg) -> list[str]:
 
 def _unused_option_problems(cfg) -> list[str]:
     """Options set away from their defaults where nothing reads them: MoE keys on a dense model,
-    FSSDP's on the EP backend, ladder_layers with the standard residual. Silently ignoring them
-    would train something other than what the user asked for."""
+    FSSDP's on the EP backend, ladder_layers with the standard residual, a pipeline split
+    without a pipeline. Silently ignoring them would train something other than what the user
+    asked for."""
     out = []
 
     def changed(node, cls, prefix):
@@ -106,6 +107,8 @@ def _unused_option_problems(cfg) -> list[str]:
                        f"{cfg.parallel.moe_backend!r})")
     if cfg.model.residual == "standard" and cfg.model.ladder_layers:
         out.append(f"model.ladder_layers={cfg.model.ladder_layers} only applies with model.residual=ladder")
+    if cfg.parallel.pp == 1 and cfg.parallel.pp_layers is not None:
+        out.append(f"parallel.pp_layers={cfg.parallel.pp_layers} only applies with pipeline parallelism (parallel.pp > 1)")
     return out
 
 
@@ -267,8 +270,10 @@ def _pipeline_problems(cfg, topo: Topology | None) -> list[str]:
         try:
             stage_layers(cfg.model.n_layers, p.pp, p.vpp, None if pp_layers is None else list(pp_layers),
                          p.pp_count_embedding_head)
-        except (PartitionError, ValueError, TypeError) as e:
+        except PartitionError as e:
             out.append(str(e))
+        except (ValueError, TypeError) as e:
+            out.append(f"parallel.pp_layers={pp_layers} must be a list of {p.pp * p.vpp} layer counts, auto, or null ({e})")
     if p.schedule == "1f1b" and p.vpp > 1:
         out.append(f"parallel.schedule=1f1b runs one chunk per rank but parallel.vpp={p.vpp}; use "
                    f"parallel.schedule=interleaved_1f1b")
