@@ -31,6 +31,7 @@ from omegaconf import OmegaConf
 from launch import env as launch_env
 from launch import run_lock
 from launch.validate import ConfigError, validate
+from runtime.checkpoint.resume import STEP_DIR
 from runtime.data.sources import check_source
 
 log = logging.getLogger("quintet")
@@ -101,10 +102,26 @@ def pool_problem(cfg, local_world_size: int, meminfo: str = "/proc/meminfo") -> 
     return None
 
 
+def overwrite_problem(cfg) -> str | None:
+    """checkpoint.resume=false starts from step 0, and its saves would replace the committed
+    checkpoints already in checkpoint.dir: saved work is never overwritten."""
+    c = cfg.checkpoint
+    directory = Path(c.dir)
+    if c.resume or not c.enabled or not directory.is_dir():
+        return None
+    committed = sorted(p.name for p in directory.iterdir() if STEP_DIR.fullmatch(p.name) and (p / "trainer.json").exists())
+    if not committed:
+        return None
+    return (f"checkpoint.resume=false, but checkpoint.dir={c.dir} holds committed checkpoints ({committed[0]} … "
+            f"{committed[-1]}) that this run's saves would overwrite: start over in a new run_dir (or "
+            "checkpoint.dir), or resume from them with checkpoint.resume=true")
+
+
 def io_problems(cfg, local_world_size: int = 1) -> list[str]:
     """Every problem with the run's files, memory and credentials, together."""
     problems = [writable_dir_problem("run_dir", cfg.run_dir), writable_dir_problem("checkpoint.dir", cfg.checkpoint.dir),
-                pool_problem(cfg, local_world_size), wandb_key_problem(cfg.logging.wandb.mode.value)]
+                overwrite_problem(cfg), pool_problem(cfg, local_world_size),
+                wandb_key_problem(cfg.logging.wandb.mode.value)]
     problems += check_source(cfg.data.name, cfg.data.path, cfg.model.vocab_size, cfg.train.seq_len)
     return [p for p in problems if p]
 

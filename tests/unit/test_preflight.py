@@ -139,3 +139,15 @@ def test_one_live_job_per_directory_and_stale_locks_are_taken_over(tmp_path):
     assert json.loads((tmp_path / "job.lock").read_text())["released"]
     assert run_lock.acquire(tmp_path, "job-C", owner=True) is None
     run_lock.release_all()
+
+
+def test_starting_over_never_overwrites_committed_checkpoints(tmp_path):
+    step = tmp_path / "run/checkpoints/step_00000004"
+    step.mkdir(parents=True)
+    cfg = compose([f"run_dir={tmp_path}/run", "checkpoint.resume=false"])
+    assert io_problems(cfg) == []  # an uncommitted attempt (no trainer.json) holds nothing
+    (step / "trainer.json").write_text('{"step": 4}')
+    (problem,) = io_problems(cfg)
+    assert problem.startswith(f"checkpoint.resume=false, but checkpoint.dir={tmp_path}/run/checkpoints holds committed "
+                              "checkpoints (step_00000004 … step_00000004)")
+    assert io_problems(compose([f"run_dir={tmp_path}/run", "checkpoint.resume=false", "checkpoint.enabled=false"])) == []
