@@ -40,3 +40,9 @@ def test_a_hang_ends_at_the_deadline(monkeypatch):
     monkeypatch.setenv("QUINTET_DEADLINE_FACTOR", "1")
     with pytest.raises(TimeoutError, match=r"ranks \[0, 1\] of 2 did not finish within 3s"):
         run_ranks(_hang, 2, timeout_s=3)
+
+
+def test_deadlines_scale_with_the_environment_factor(monkeypatch):
+    monkeypatch.setenv("QUINTET_DEADLINE_FACTOR", "2")
+    with pytest.raises(TimeoutError, match=r"ranks \[0\] of 1 did not finish within 2s"):
+        run_ranks(_hang, 1, timeout_s=1)
