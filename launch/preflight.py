@@ -1,9 +1,10 @@
 """Everything checked on every rank before any process group exists, and how a bad launch stops.
 
 `preflight(cfg, launch)` runs, in order: the config's rules (launch/validate.py); what the run
-will do outside its config — the directories it writes (run_dir, checkpoint.dir), the token
-file it reads (every id in range, by a scan unless a sidecar vouches for the file as it is
-now), the credentials it needs (wandb online); and the run directory's lock (one job per
+will do outside its config — the directories it writes (run_dir, checkpoint.dir; committed
+checkpoints a fresh start would overwrite), the token file it reads (every id in range, by a
+scan unless a sidecar vouches for the file as it is now), the host memory the lazy engine's pool
+takes, the credentials it needs (wandb online); and the run directory's lock (one job per
 directory, launch/run_lock.py). Each problem names the key, the path or value, and what would
 be valid; a run that passes does not fail later on any of these.
 

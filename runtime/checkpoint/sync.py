@@ -6,9 +6,11 @@ Layout of `checkpoint.dir`:
 
 Commit protocol: the ranks agree which of them writes each block (a block held by several
 ranks — replicated parameters, DDP replicas — is written once, by the lowest such rank); every
-rank writes and fsyncs its shard; all meet at a barrier; then rank 0 writes trainer.json and
-replaces `latest` atomically (write, fsync, rename). A crash at any point leaves `latest` naming
-the previous complete checkpoint.
+rank writes and fsyncs its shard; all exchange their outcome (an all-gather of error messages);
+then rank 0 writes trainer.json and replaces `latest` atomically (write, fsync, rename) — or,
+when any rank failed, removes the step folder while every rank raises the same
+CheckpointWriteError. A crash at any point leaves `latest` naming the previous complete
+checkpoint.
 """
 from __future__ import annotations
 
@@ -52,8 +54,9 @@ def owned_blocks(blocks, rank: int) -> list:
 
 class BaseCheckpointer:
     """What every engine shares: when to save, the directory layout, publishing a committed
-    checkpoint (trainer.json, then `latest`, then retention), finding and loading the latest.
-    On its own (`saves` False) it only loads: the engine of a run with checkpoint.enabled=false."""
+    checkpoint (trainer.json with the model's config and the index files' checksums, then
+    `latest`, then retention). Finding and loading one is runtime/checkpoint/resume.py's. On its
+    own (`saves` False) it writes nothing: the engine of a run with checkpoint.enabled=false."""
 
     saves = False  # whether `request` exists; engines that write set it
 
