@@ -234,11 +234,14 @@ def build_accounting(cfg, args: ModelArgs, par, device: torch.device, local_worl
     def raise_peak(achieved: float) -> float:
         return peak_flops(device, dtype, local_world_size, cfg.logging.peak_tflops, refresh=True, at_least=achieved)[0]
 
+    # A probed peak is measured again; a configured or datasheet one can only be raised.
+    remedy = "measured again" if source.startswith("matmul probe") else "raised to what the step achieved"
+
     def on_new_peak(record: dict) -> None:
         metrics.event(record)
         metrics.note(f"MFU {record['mfu_against_old_peak']:.1%} > 100%: the peak of "
                      f"{format_flops(record['old_peak_tflops_total'] * 1e12 / world)} per device ({source}) is below "
-                     f"what a step achieved; measured again: {format_flops(record['peak_tflops_per_device'] * 1e12)}")
+                     f"what a step achieved; {remedy}: {format_flops(record['peak_tflops_per_device'] * 1e12)}")
 
     # Where calls block until the transfer is done (gloo), the monitor's timing of them is the
     # step's communication time.
