@@ -128,10 +128,10 @@ def io_problems(cfg, local_world_size: int = 1) -> list[str]:
 
 
 def _locked_dirs(cfg) -> list[tuple[str, str]]:
-    """(key, directory) this job must own: run_dir, and checkpoint.dir when it lies elsewhere."""
-    run_dir = Path(cfg.run_dir).resolve()
-    ckpt = Path(cfg.checkpoint.dir).resolve()
-    return [("run_dir", cfg.run_dir)] + ([] if ckpt.is_relative_to(run_dir) else [("checkpoint.dir", cfg.checkpoint.dir)])
+    """(key, directory) this job must own: run_dir and checkpoint.dir, each with its own lock (so
+    that another job pointing its checkpoint.dir into this run's directory is stopped too)."""
+    same = Path(cfg.checkpoint.dir).resolve() == Path(cfg.run_dir).resolve()
+    return [("run_dir", cfg.run_dir)] + ([] if same else [("checkpoint.dir", cfg.checkpoint.dir)])
 
 
 _passed: dict[str, object] = {}  # config (as YAML) -> its topology, for a second call in one process

@@ -34,8 +34,7 @@ def _resume(rank, world, run_dir, overrides):
 
 def _copy(saved, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(saved, run)
-    (run / "job.lock").unlink()
+    shutil.copytree(saved, run)  # its job.lock files come along unheld: a lock is the holder's flock, not the file
     return run
 
 
@@ -50,7 +49,8 @@ def test_a_checkpoint_of_another_model_is_refused_naming_what_differs(saved, tmp
     errors = run_ranks(_resume, 2, args=(run, ["model.n_layers=1"]))
     assert "it holds tensors this model lacks: buffer" not in errors[0] and "layers.1.attention.wq.weight" in errors[0]
     # Nothing changed on disk: the run's checkpoints and records are as they were.
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_00000004", "step_00000008"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["job.lock", "latest", "step_00000004",
+                                                                        "step_00000008"]
     assert (run / "config.yaml").read_text() == (saved / "config.yaml").read_text()
 
 

@@ -102,7 +102,6 @@ def test_a_hostile_file_in_a_checkpoint_runs_nothing(runs, tmp_path, case, capsy
     marker = tmp_path / "pwned"
     run = tmp_path / "run"
     shutil.copytree(runs[engine], run)
-    (run / "job.lock").unlink()
     target = run / name
     target.write_bytes(content(runs[engine] / STEP, marker))
     (error,) = run_ranks(_resume, 1, args=(run,))
