@@ -2,12 +2,12 @@
 
 Ten layouts of `tiny` and `tiny_moe` on 1–2 local ranks (the test harness's forkserver ranks),
 3 steps each; the measured peak is the largest per-step peak of any rank (`memory_gib_ranks`:
-VmHWM on CPU). The floor is measured by the same harness on plan/calibrate.py's
+VmHWM on CPU). The floor is measured by the same harness on planner/calibrate.py's
 FLOOR_MODEL (one 8-wide layer).
 
     python -m benchmarks.plan_memory      # ~2 minutes on 2 cores
 
-The estimate uses plan/calibrate.py's memory_calibration per model (its heap probe: ~4 s). "above
+The estimate uses planner/calibrate.py's memory_calibration per model (its heap probe: ~4 s). "above
 the floor" compares the parts above the floor: the model's share, which the floor does not hide.
 """
 from __future__ import annotations
@@ -20,9 +20,9 @@ import torch
 from benchmarks.common import emit
 from launch.config import compose
 from launch.spawn import run_ranks
-from parallel.plan.calibrate import FLOOR_MODEL, memory_calibration
-from parallel.plan.estimate import estimate_memory
-from parallel.plan.layouts import Layout
+from launch.planner.calibrate import FLOOR_MODEL, memory_calibration
+from launch.planner.estimate import estimate_memory
+from launch.planner.layouts import Layout
 from runtime.metrics import read_metrics
 from runtime.model import ModelArgs
 

@@ -31,7 +31,7 @@ from launch.cluster import EmulatedCluster, available
 from launch.config import compose
 from launch.plan import load_calibration
 from parallel.placement import described_ranks
-from parallel.plan.planner import make_plan
+from launch.planner.planner import make_plan
 from runtime.metrics import read_metrics
 
 NICS = ["ib", "ethernet", "ib", "ethernet"]

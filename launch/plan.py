@@ -9,7 +9,7 @@ time among those whose estimated peak memory fits a rank.
     python -m launch.plan cluster=mixed_4x2 --calibration calibration.json
 
 The world is the described cluster's processes (`cluster=<name>`), or `world_size=N` ranks on
-one node. Rates come from a probe file (`--probe`, run on the cluster itself; parallel/plan/
+one node. Rates come from a probe file (`--probe`, run on the cluster itself; launch/planner/
 probe.py lists what it measures: FLOP/s alone and with every rank busy, a block's fixed cost,
 memory bandwidth, each link class, each collective's cost and a call's, FSDP2's own costs, the
 runtime's memory floor); without one, this machine is measured in one process (the floor, FLOP/s
@@ -40,10 +40,10 @@ from omegaconf.errors import OmegaConfBaseException
 from launch.config import CONFIG_DIR, compose
 from launch.validate import ConfigError
 from parallel.placement import RankInfo, described_ranks
-from parallel.plan.estimate import MemoryEstimate
-from parallel.plan.planner import CalibrationData, Estimate, Plan, calibration_dtype, make_plan
-from parallel.plan.calibrate import FLOOR_MODEL, memory_calibration
-from parallel.plan.probe import block_overhead, memory_bandwidth
+from launch.planner.estimate import MemoryEstimate
+from launch.planner.planner import CalibrationData, Estimate, Plan, calibration_dtype, make_plan
+from launch.planner.calibrate import FLOOR_MODEL, memory_calibration
+from launch.planner.probe import block_overhead, memory_bandwidth
 from runtime.accounting import probe_peak_flops
 from runtime.model import ModelArgs
 
@@ -139,7 +139,7 @@ def run_probe(cfg, out: str) -> None:
     """Every rank of a torchrun/Slurm job: train the floor model, then measure; rank 0 writes `out`."""
     from launch import env as launch_env
     from parallel.network import process_ranks
-    from parallel.plan.probe import probe
+    from launch.planner.probe import probe
 
     launch = launch_env.detect()
     run_dir = str(Path(cfg.run_dir) / "probe-floor")  # shared by the job's ranks, as a run's is

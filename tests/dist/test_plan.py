@@ -4,8 +4,8 @@ import pytest
 
 from launch.config import compose
 from launch.spawn import run_ranks
-from parallel.plan.layouts import Layout
-from parallel.plan.memory import rank_elements
+from launch.planner.layouts import Layout
+from launch.planner.memory import rank_elements
 from runtime.model import ModelArgs
 from tests.training import SCRATCH_RUN_DIR
 
@@ -54,7 +54,7 @@ def _probe(rank, world):
     import torch
 
     from parallel.placement import RankInfo
-    from parallel.plan.probe import probe
+    from launch.planner.probe import probe
     from runtime.model import ModelArgs
 
     args = ModelArgs.from_config(compose(["model=tiny", SCRATCH_RUN_DIR]).model)
@@ -63,7 +63,7 @@ def _probe(rank, world):
 
 
 def test_the_probe_measures_what_the_planner_reads():
-    from parallel.plan.planner import CalibrationData
+    from launch.planner.planner import CalibrationData
 
     first, other = run_ranks(_probe, 2)
     assert other is None  # rank 0 writes the calibration

@@ -8,7 +8,7 @@ import pytest
 from launch.config import CONFIG_DIR, compose
 from launch.plan import main
 from launch.validate import validate
-from parallel.plan.layouts import Layout
+from launch.planner.layouts import Layout
 
 GIB = 2**30
 

@@ -1,6 +1,6 @@
 """The planner's layout space: what launch.validate accepts, nothing it refuses."""
 from launch.config import compose
-from parallel.plan.layouts import candidates, valid_layouts
+from launch.planner.layouts import candidates, valid_layouts
 
 
 def test_valid_layouts_are_those_validation_accepts():

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from launch.config import compose
-from parallel.plan.calibrate import memory_calibration
-from parallel.plan.estimate import Calibration, estimate_memory
-from parallel.plan.layouts import Layout
+from launch.planner.calibrate import memory_calibration
+from launch.planner.estimate import Calibration, estimate_memory
+from launch.planner.layouts import Layout
 from runtime.model import ModelArgs
 
 TINY = ModelArgs.from_config(compose(["model=tiny", "run_dir=unused"]).model)
@@ -58,7 +58,7 @@ def test_calibration_measures_a_model():
 
 def test_expert_elements_are_the_experts_of_a_rank():
     from launch.config import compose
-    from parallel.plan.memory import rank_elements
+    from launch.planner.memory import rank_elements
     from runtime.model import ModelArgs
 
     args = ModelArgs.from_config(compose(["model=tiny_moe", "run_dir=unused"]).model)

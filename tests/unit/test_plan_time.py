@@ -8,9 +8,9 @@ from parallel.mesh import Topology
 from parallel.network import place
 from parallel.pipeline.schedules import theoretical_bubble
 from parallel.placement import RankInfo, described_ranks
-from parallel.plan.layouts import Layout
-from parallel.plan.links import LinkRates, Links
-from parallel.plan.steptime import DeviceRates, estimate_step
+from launch.planner.layouts import Layout
+from launch.planner.links import LinkRates, Links
+from launch.planner.steptime import DeviceRates, estimate_step
 from runtime.model import ModelArgs
 
 MIXED = compose(["cluster=mixed_4x2", "run_dir=unused"])

@@ -1,12 +1,12 @@
 """Estimated peak memory per rank of a layout (the busiest pipeline rank), from the model's
-shapes, the layout and what calibration measured (plan/calibrate.py).
+shapes, the layout and what calibration measured (planner/calibrate.py).
 
     peak = floor + parameters + gradients + optimizer_states + comm_buffers + cp_ring_buffers
            + activations + heap_slack + ends_working_set
 
 - floor: a process running the smallest model through the same code (torch, the process
   groups, allocator arenas, the checkpoint engine's host pool), measured once per machine;
-- parameters, gradients, optimizer_states: plan/memory.py's elements per rank × bytes (fp32
+- parameters, gradients, optimizer_states: planner/memory.py's elements per rank × bytes (fp32
   master weights; AdamW's two moments);
 - comm_buffers: FSDP2's unsharded parameters and gradient of a block (two blocks gathered with
   the next prefetched); DDP's gradient buckets (a second copy of the gradients);
@@ -27,8 +27,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from parallel.plan.layouts import Layout
-from parallel.plan.memory import (
+from launch.planner.layouts import Layout
+from launch.planner.memory import (
     BYTES_PER_ELEMENT,
     activation_bytes,
     in_flight,

@@ -2,8 +2,8 @@
 saves per token in one of the model's blocks (and the part selective checkpointing recomputes),
 and how far the process heap grows when the model trains (the heap probe).
 
-    from parallel.plan.calibrate import memory_calibration
-    python -m parallel.plan.calibrate '<ModelArgs as JSON>' <n_layers> <dtype>   # one heap probe
+    from launch.planner.calibrate import memory_calibration
+    python -m launch.planner.calibrate '<ModelArgs as JSON>' <n_layers> <dtype>   # one heap probe
 
 The heap probe runs a truncated copy of the model (1 and PROBE_DEEP layers, real widths) through three
 steps of 2 microbatches of 4×256 tokens and AdamW, in a fresh process with the runtime's
@@ -27,7 +27,7 @@ import torch
 import torch.utils.checkpoint
 
 from parallel.materialize import materialize
-from parallel.plan.estimate import Calibration
+from launch.planner.estimate import Calibration
 from runtime.model import ModelArgs, Transformer, rotary_tables
 
 CPU = torch.device("cpu")
@@ -143,7 +143,7 @@ def heap_probe(args: ModelArgs, dtype: torch.dtype) -> int:
 def _probe_in_fresh_process(args: ModelArgs, layers: int, dtype: torch.dtype) -> int:
     one = _args_json(ModelArgs(**{**args.__dict__, "n_layers": layers}))
     # A fixed hash seed: the allocation order, and so the heap's holes, repeat from run to run.
-    out = subprocess.run([sys.executable, "-m", "parallel.plan.calibrate", one, str(dtype).removeprefix("torch.")],
+    out = subprocess.run([sys.executable, "-m", "launch.planner.calibrate", one, str(dtype).removeprefix("torch.")],
                          capture_output=True, text=True, check=True, timeout=120,
                          env={**os.environ, "PYTHONHASHSEED": "0"})
     return int(out.stdout.strip().splitlines()[-1])
@@ -152,7 +152,7 @@ def _probe_in_fresh_process(args: ModelArgs, layers: int, dtype: torch.dtype) ->
 def memory_calibration(args: ModelArgs, dtype: torch.dtype, floor_bytes: float,
                        device: torch.device = CPU) -> Calibration:
     """Everything estimate_memory needs to know about `args` on this device (a few seconds)."""
-    from parallel.plan.memory import rank_elements
+    from launch.planner.memory import rank_elements
 
     per_token, share = block_activations(args, dtype, device=device)
     layer_heap = ends_heap = 0.0

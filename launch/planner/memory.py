@@ -104,7 +104,7 @@ def in_flight(pp: int, vpp: int, schedule: str, microbatches: int) -> float:
 def activation_bytes(per_token_layer: float, args: ModelArgs, tokens: int, tp: int, pp: int, vpp: int,
                      schedule: str, microbatches: int, ac: str, attention_share: float, dtype_bytes: int) -> float:
     """Activations the first pipeline rank holds at its peak. `per_token_layer`: bytes autograd
-    saves per token in one block without parallelism (measured, plan/calibrate.py);
+    saves per token in one block without parallelism (measured, planner/calibrate.py);
     `attention_share`: the part of it selective checkpointing recomputes. With TP, sequence
     parallelism splits all of a block's activations over tp (Korthikanti et al., 2022)."""
     layers = args.n_layers / pp

@@ -5,8 +5,8 @@ estimated peak memory fits a rank.
     plan.fitting[0]            # the fastest layout that fits
     plan.smallest              # the layout needing the least memory (when nothing fits)
 
-Pure arithmetic over launch.validate's layouts (parallel/plan/layouts.py), plan/estimate.py's
-memory and plan/steptime.py's time; the only measurement is `calibration`'s.
+Pure arithmetic over launch.validate's layouts (launch/planner/layouts.py), planner/estimate.py's
+memory and planner/steptime.py's time; the only measurement is `calibration`'s.
 """
 from __future__ import annotations
 
@@ -19,12 +19,12 @@ from omegaconf import DictConfig
 from parallel.mesh import Topology
 from parallel.network import GBIT, place
 from parallel.placement import RankInfo
-from parallel.plan.calibrate import memory_calibration
-from parallel.plan.estimate import Calibration, MemoryEstimate, estimate_memory
-from parallel.plan.layouts import Layout, valid_layouts
-from parallel.plan.links import LinkRates, Links
-from parallel.plan.memory import rank_elements
-from parallel.plan.steptime import DeviceRates, StepTime, estimate_step
+from launch.planner.calibrate import memory_calibration
+from launch.planner.estimate import Calibration, MemoryEstimate, estimate_memory
+from launch.planner.layouts import Layout, valid_layouts
+from launch.planner.links import LinkRates, Links
+from launch.planner.memory import rank_elements
+from launch.planner.steptime import DeviceRates, StepTime, estimate_step
 from runtime.model import ModelArgs
 
 
@@ -41,7 +41,7 @@ class CalibrationData:
     loaded_latency_s: float = 0.0  # of a message while the other ranks compute
     device_flops_shared: float | None = None  # per rank, every rank computing
     block_overhead_s: float = 0.0
-    memory: dict | None = None  # plan/estimate.py's Calibration for the model, less the floor
+    memory: dict | None = None  # planner/estimate.py's Calibration for the model, less the floor
     collective_cost: dict[str, float] = field(default_factory=dict)  # LinkRates.cost
     collective_call_s: float = 0.0  # LinkRates.call_s
     fsdp_cost: dict[str, float] = field(default_factory=dict)  # probe.fsdp_costs: hook_s, gather_s, reduce_s

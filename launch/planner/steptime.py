@@ -34,7 +34,7 @@ compute: what exceeds the compute shows; and FSDP's own copies into and out of i
 as measured per parameter element, with its hooks' cost per block and microbatch) and the
 optimizer (AdamW reads and writes 7 words per parameter at the measured memory bandwidth).
 
-Every communication term is `Links.time` of the group kind the runtime uses (parallel/plan/
+Every communication term is `Links.time` of the group kind the runtime uses (launch/planner/
 links.py), so a group that the placement puts across a slow or mixed link pays for it.
 """
 from __future__ import annotations
@@ -44,8 +44,8 @@ from dataclasses import dataclass
 
 from parallel.pipeline.partition import stage_layers
 from parallel.pipeline.schedules import build, simulate
-from parallel.plan.layouts import Layout
-from parallel.plan.links import CALLS, Links
+from launch.planner.layouts import Layout
+from launch.planner.links import CALLS, Links
 from runtime.model import ModelArgs
 
 ACT_BYTES = {"float32": 4, "bfloat16": 2, "float64": 8}
@@ -150,7 +150,7 @@ def estimate_step(args: ModelArgs, layout: Layout, links: Links, rates: DeviceRa
                   global_batch_size: int, dtype: str, dp_impl: str, reshard_after_forward: bool = True,
                   cp_impl: str = "ring", local_elements: int | None = None,
                   expert_elements: int = 0) -> StepTime:
-    """`local_elements`: parameter elements of the busiest pipeline rank (plan/memory.py),
+    """`local_elements`: parameter elements of the busiest pipeline rank (planner/memory.py),
     `expert_elements`: the part of them that are experts (reduced over EDP, not DP·CP)."""
     L, act = layout, ACT_BYTES[dtype]
     grad = 8 if dtype == "float64" else 4

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from parallel.placement import RankInfo
-from parallel.plan.links import pair_share
+from launch.planner.links import pair_share
 from runtime.accounting import cpu_name, probe_peak_flops
 
 LINK_BYTES = 8 << 20
@@ -169,8 +169,8 @@ def collective_call(a: int, b: int, device: torch.device, latency_s: float, band
 def block_overhead(args, device: torch.device, flops_rate: float, tokens: int = 16, repeats: int = 10) -> float:
     """Seconds one block's forward and backward take beyond its FLOPs at `flops_rate`, on a
     handful of tokens: the per-block, per-microbatch fixed cost."""
-    from parallel.plan.calibrate import lone_block
-    from parallel.plan.steptime import block_forward_flops
+    from launch.planner.calibrate import lone_block
+    from launch.planner.steptime import block_forward_flops
     from runtime.model import rotary_tables
 
     block = lone_block(args, 0, device)
@@ -199,7 +199,7 @@ def fsdp_costs(a: int, b: int, args, device: torch.device, bandwidth: float, cos
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
 
-    from parallel.plan.calibrate import lone_block
+    from launch.planner.calibrate import lone_block
     from runtime.model import rotary_tables
 
     def measure(group):
