@@ -107,7 +107,7 @@ class Saver:
             import torch.distributed.checkpoint as dcp
             dcp.save(self.state(), checkpoint_id=str(path))
         elif self.name != "none":
-            self.engine.request(step, self.run.parallel, self.run.optimizer, {"tokens": 0})
+            self.engine.request(step, self.run.trainer.state(), {"tokens": 0})
         self.blocked.append(time.perf_counter() - start)
 
     def finish(self) -> float:

@@ -28,6 +28,7 @@ from parallel import network
 from parallel.groups import build_groups
 from parallel.monitor import CollectiveMonitor
 from parallel.placement import placement_warnings
+from parallel.state import state_blocks
 from parallel.parallelize import parallelize
 from runtime.accounting import MemoryMeter, StepAccounting, format_flops, peak_flops
 from runtime.checkpoint import CheckpointError, CheckpointWriteError, build_checkpointer, resume
@@ -36,7 +37,7 @@ from runtime.data import BatchLoader, load_tokens
 from runtime.flops import flops_per_token
 from runtime.metrics import MetricsSink
 from runtime.model import ModelArgs, Transformer, num_params
-from runtime.optim import build_optimizer
+from runtime.optim import build_optimizer, init_optimizer_state
 from runtime.trace import Tracer
 from runtime.trainer import Schedule, Trainer, cross_entropy_sum
 
@@ -176,7 +177,12 @@ def setup(cfg: DictConfig) -> TrainingRun:
     checkpointer = build_checkpointer(cfg.checkpoint, rank, cfg.parallel.timeout_s, on_gpu=device.type == "cuda",
                                       model=OmegaConf.to_container(cfg.model, resolve=True, enum_to_str=True))
     start_step = 0
-    resumed = resume(checkpointer, par, optimizer, cfg.checkpoint.fallback) if cfg.checkpoint.resume else None
+    init_optimizer_state(optimizer)  # resume fills it; checkpoints store it
+
+    def state() -> list:
+        return state_blocks(par, optimizer)
+
+    resumed = resume(checkpointer, state(), cfg.checkpoint.fallback) if cfg.checkpoint.resume else None
     if resumed is not None:
         start_step = resumed.trainer_state["step"]
         if rank == 0:
@@ -210,7 +216,7 @@ def setup(cfg: DictConfig) -> TrainingRun:
         checkpointer=checkpointer, metrics=metrics, tracer=tracer,
         device=device, steps=cfg.train.steps, grad_clip=cfg.optim.grad_clip,
         autocast_dtype=autocast_dtype(cfg),
-        tokens_per_step=tokens_per_step, skip_nonfinite=cfg.train.skip_nonfinite, monitor=monitor,
+        tokens_per_step=tokens_per_step, state=state, skip_nonfinite=cfg.train.skip_nonfinite, monitor=monitor,
         accounting=build_accounting(cfg, args, par, device, launch.local_world_size, tokens_per_step, monitor, metrics,
                                     start_step))
     return TrainingRun(cfg, groups, par, optimizer, trainer, metrics, start_step)

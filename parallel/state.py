@@ -1,4 +1,5 @@
-"""This rank's training state as blocks of full tensors: what a checkpoint stores and restores.
+"""This rank's training state as blocks of full tensors (runtime/checkpoint/format.py's
+StateBlock): what a checkpoint stores and restores, named from the sharding plan.
 
 Every parameter and every optimizer state tensor of the same shape is a rectangle (`block`) of
 a full tensor named by its canonical key; scalar optimizer states are whole. A layout is then
@@ -6,23 +7,11 @@ only a choice of rectangles, so a checkpoint written by one layout loads into an
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from parallel.materialize import canonical_name
 from parallel.sharding import local_blocks
-
-
-@dataclass
-class StateBlock:
-    key: str  # "model/<param name>" or "optim/<param name>/<state name>"
-    local: torch.Tensor  # this rank's piece, a view of the live tensor
-    full_shape: tuple[int, ...]
-    block: tuple[slice, ...]  # where `local` sits in the full tensor
-
-    def coords(self) -> list[list[int]]:
-        return [[s.start, s.stop] for s in self.block]
+from runtime.checkpoint.format import StateBlock
 
 
 def state_blocks(parallel, optimizer) -> list[StateBlock]:

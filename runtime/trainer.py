@@ -49,12 +49,13 @@ class Schedule:
 class Trainer:
     def __init__(self, *, parallel, optimizer, schedule: Schedule, loader, checkpointer, metrics,
                  tracer, device: torch.device, steps: int, grad_clip: float,
-                 autocast_dtype: torch.dtype | None, tokens_per_step: int, accounting, skip_nonfinite: int = 3,
-                 monitor=None):
+                 autocast_dtype: torch.dtype | None, tokens_per_step: int, accounting, state,
+                 skip_nonfinite: int = 3, monitor=None):
         """`parallel`: the parallelised model (parallel.parallelize.Parallelized): the step's
         forward/backward over microbatches, gradient completion, clipping and reductions.
-        `accounting`: runtime.accounting.StepAccounting, the step's efficiency metrics."""
-        self.parallel, self.optimizer, self.schedule = parallel, optimizer, schedule
+        `accounting`: runtime.accounting.StepAccounting, the step's efficiency metrics.
+        `state()`: this rank's training state as checkpoint blocks (parallel/state.py)."""
+        self.parallel, self.optimizer, self.schedule, self.state = parallel, optimizer, schedule, state
         self.loader, self.checkpointer, self.metrics, self.tracer = loader, checkpointer, metrics, tracer
         self.device, self.steps, self.grad_clip = device, steps, grad_clip
         self.autocast_dtype, self.tokens_per_step, self.accounting = autocast_dtype, tokens_per_step, accounting
@@ -170,7 +171,7 @@ class Trainer:
                                            "says why); `latest` still names the last committed one")
             if ckpt.saves and (timed or preempted or ckpt.due(done, self.steps, stopping=done == end < self.steps)):
                 requested = time.time()
-                ckpt.request(done, self.parallel, self.optimizer, {"tokens": done * self.tokens_per_step})
+                ckpt.request(done, self.state(), {"tokens": done * self.tokens_per_step})
                 self.metrics.event({"event": "checkpoint", "phase": "requested", "step": done, "time": requested,
                                     "blocking_s": time.time() - requested})
                 last_save = time.monotonic()

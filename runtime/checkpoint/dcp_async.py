@@ -14,7 +14,6 @@ from datetime import timedelta
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from parallel.state import state_blocks
 from runtime.checkpoint.dcp_format import block_key
 from runtime.checkpoint.format import CheckpointWriteError, write_failure
 from runtime.checkpoint.sync import BaseCheckpointer, owned_blocks
@@ -31,9 +30,9 @@ class DcpAsyncCheckpointer(BaseCheckpointer):
         self._pending: list[tuple] = []  # (future, step, trainer_state), oldest first
         self._error: CheckpointWriteError | None = None
 
-    def request(self, step: int, parallel, optimizer, trainer_state: dict) -> None:
+    def request(self, step: int, blocks: list, trainer_state: dict) -> None:
         self._harvest()
-        blocks = owned_blocks(state_blocks(parallel, optimizer), self.rank)
+        blocks = owned_blocks(blocks, self.rank)
         state = {block_key(b.key, b.coords()): b.local.detach() for b in blocks}
         future = dcp.async_save(state, checkpoint_id=str(self.step_path(step)), process_group=self.group)
         self._pending.append((future, step, dict(trainer_state)))

@@ -13,11 +13,26 @@ from __future__ import annotations
 import json
 import os
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 FORMAT = "quintet-blocks-1"
+
+
+@dataclass
+class StateBlock:
+    """A rectangle of a full tensor that this rank holds: what a checkpoint stores and restores.
+    The parallel code names them (parallel/state.py); a layout is only a choice of rectangles."""
+
+    key: str  # "model/<param name>", "buffer/<name>" or "optim/<param name>/<state name>"
+    local: torch.Tensor  # this rank's piece, a view of the live tensor
+    full_shape: tuple[int, ...]
+    block: tuple[slice, ...]  # where `local` sits in the full tensor
+
+    def coords(self) -> list[list[int]]:
+        return [[s.start, s.stop] for s in self.block]
 
 
 class CheckpointError(RuntimeError):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import shutil
 from functools import partial
 
-from parallel.state import state_blocks
 from runtime.checkpoint.format import write_shard_index
 from runtime.checkpoint.lazy_writer import LazyWriter
 from runtime.checkpoint.sync import BaseCheckpointer, owned_blocks
@@ -33,13 +32,14 @@ class LazyCheckpointer(LazyWriter, BaseCheckpointer):
         BaseCheckpointer.__init__(self, directory, every, rank, keep_last=keep_last, every_s=every_s, model=model)
         LazyWriter.__init__(self, rank, **writer)
 
-    def request(self, step: int, parallel, optimizer, trainer_state: dict) -> None:
-        """Start the checkpoint of the state after `step` steps; returns before anything is copied."""
+    def request(self, step: int, blocks: list, trainer_state: dict) -> None:
+        """Start the checkpoint of the state after `step` steps (this rank's StateBlocks); returns
+        before anything is copied."""
         path = self.step_path(step)
         if self.rank == 0 and path.exists():
             shutil.rmtree(path)  # an earlier, uncommitted attempt at this step (maybe another layout)
         # Collective (block metadata): no rank writes before rank 0 has cleared the directory.
-        blocks = owned_blocks(state_blocks(parallel, optimizer), self.rank)
+        blocks = owned_blocks(blocks, self.rank)
         ckpt = self.begin(f"step {step}", partial(self.publish, step, dict(trainer_state)),
                           on_abort=partial(shutil.rmtree, path, ignore_errors=True), where=str(path))
         entries = [{"key": b.key, "full_shape": list(b.full_shape), "block": b.coords()} for b in blocks]

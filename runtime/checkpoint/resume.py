@@ -19,11 +19,9 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from parallel.state import state_blocks
 from runtime.checkpoint.dcp_format import dcp_index, is_dcp_checkpoint, load_dcp_blocks
 from runtime.checkpoint.format import (CheckpointError, CheckpointMismatch, load_blocks, read_index, read_json,
                                        verify_index_files)
-from runtime.optim import init_optimizer_state
 
 STEP_DIR = re.compile(r"step_(\d{8})")
 SHOWN = 6  # tensor names a mismatch message lists
@@ -119,15 +117,14 @@ def _show(value) -> str:
     return json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else str(value)
 
 
-def resume(checkpointer, parallel, optimizer, fallback: bool) -> Resumed | None:
-    """Load the newest checkpoint of `checkpointer.dir` that verifies into the model and
-    optimizer (collective). None when there is none; CheckpointError when checkpoints exist but
-    none can be used (or the newest cannot, without `fallback`)."""
+def resume(checkpointer, blocks: list, fallback: bool) -> Resumed | None:
+    """Load the newest checkpoint of `checkpointer.dir` that verifies into `blocks` (this rank's
+    StateBlocks, the optimizer's state already created; collective). None when there is none;
+    CheckpointError when checkpoints exist but none can be used (or the newest cannot, without
+    `fallback`)."""
     paths, skipped = candidates(checkpointer.dir)
     if skipped and not fallback:
         raise CheckpointError(skipped[0][1] + "; with checkpoint.fallback=true the newest one that verifies is used")
-    init_optimizer_state(optimizer)
-    blocks = state_blocks(parallel, optimizer)
     for path in paths:
         error = None
         try:

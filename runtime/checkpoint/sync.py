@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from parallel.state import state_blocks
 from runtime.checkpoint.format import index_checksums, write_failure, write_shard
 
 
@@ -110,12 +109,13 @@ class SyncCheckpointer(BaseCheckpointer):
 
     saves = True
 
-    def request(self, step: int, parallel, optimizer, trainer_state: dict) -> None:
+    def request(self, step: int, blocks: list, trainer_state: dict) -> None:
+        """Save `blocks` (this rank's StateBlocks, parallel/state.py) as the checkpoint of `step`."""
         path = self.step_path(step)
         if self.rank == 0 and path.exists():
             shutil.rmtree(path)  # an earlier, uncommitted attempt at this step
         dist.barrier()
-        blocks = owned_blocks(state_blocks(parallel, optimizer), self.rank)
+        blocks = owned_blocks(blocks, self.rank)
         error = None
         try:
             write_shard(path, self.rank, blocks)

@@ -52,7 +52,7 @@ def _exactness(rank, world, run_dir, break_wait):
     trainer.train_step(0)
     blocks = owned_blocks(state_blocks(r.parallel, r.optimizer), rank)
     expected = [b.local.detach().clone() for b in blocks]
-    engine.request(1, r.parallel, r.optimizer, {"tokens": 0})
+    engine.request(1, r.trainer.state(), {"tokens": 0})
     copied_at_return = engine._copying.copied.is_set()
     trainer.train_step(1)  # runs while the copy is in progress; its optimizer step waits
     trainer.train_step(2)
@@ -99,12 +99,12 @@ def _failing_rank(rank, world, run_dir):
     r = setup(compose([*SMALL, f"run_dir={run_dir}", "checkpoint.every=0"]))
     engine = r.trainer.checkpointer
     r.trainer.train_step(0)
-    engine.request(1, r.parallel, r.optimizer, {"tokens": 0})
+    engine.request(1, r.trainer.state(), {"tokens": 0})
     engine.drain()
     if rank == 1:
         engine._write_region = lambda *region: (_ for _ in ()).throw(OSError("disk full (injected)"))
     r.trainer.train_step(1)
-    engine.request(2, r.parallel, r.optimizer, {"tokens": 0})
+    engine.request(2, r.trainer.state(), {"tokens": 0})
     try:
         engine.drain()
     except RuntimeError as e:
@@ -133,7 +133,7 @@ def _dcp_exactness(rank, world, run_dir):
     r.trainer.train_step(0)
     blocks = owned_blocks(state_blocks(r.parallel, r.optimizer), rank)
     expected = [b.local.detach().clone() for b in blocks]
-    engine.request(1, r.parallel, r.optimizer, {"tokens": 0})
+    engine.request(1, r.trainer.state(), {"tokens": 0})
     r.trainer.train_step(1)
     r.trainer.train_step(2)
     engine.close()

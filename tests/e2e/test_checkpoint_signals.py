@@ -66,10 +66,10 @@ engine.slow = False
 for step in range(4):
     r.trainer.train_step(step)
     if step == 1:
-        engine.request(2, r.parallel, r.optimizer, {"tokens": 0})
+        engine.request(2, r.trainer.state(), {"tokens": 0})
         engine.drain()
 engine.slow = True
-engine.request(4, r.parallel, r.optimizer, {"tokens": 0})
+engine.request(4, r.trainer.state(), {"tokens": 0})
 print("writing", flush=True)
 engine.drain()
 """

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from parallel.state import StateBlock
+from runtime.checkpoint.format import StateBlock
 from runtime.checkpoint.format import CheckpointError, load_blocks, read_index, write_shard
 
 FULL = torch.arange(48, dtype=torch.float64).reshape(6, 8)
