@@ -38,6 +38,7 @@ from runtime.flops import flops_per_token
 from runtime.metrics import MetricsSink
 from runtime.model import ModelArgs, Transformer, num_params
 from runtime.optim import build_optimizer, init_optimizer_state
+from runtime.report import write_report
 from runtime.trace import Tracer
 from runtime.trainer import Schedule, Trainer, cross_entropy_sum
 
@@ -195,7 +196,8 @@ def setup(cfg: DictConfig) -> TrainingRun:
             f.write(OmegaConf.to_yaml(cfg, resolve=True))
     metrics = MetricsSink(cfg.run_dir, active=rank == 0, total_steps=cfg.train.steps,
                           log_every=cfg.logging.every, wandb_cfg=cfg.logging.wandb,
-                          config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+                          config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+                          draw_report=write_report)
     metrics.truncate_after(start_step)
     if resumed is not None:
         metrics.event({"event": "resume", "step": start_step, "time": time.time(), "path": str(resumed.path),

@@ -69,8 +69,10 @@ class Progress:
 
 class MetricsSink:
     def __init__(self, run_dir: str, active: bool, total_steps: int, log_every: int,
-                 wandb_cfg=None, config: dict | None = None):
-        self.active = active
+                 wandb_cfg=None, config: dict | None = None, draw_report=None):
+        """`draw_report(run_dir) -> {name: png path}` (runtime/report.py's write_report): the
+        figures sent to wandb when the run closes."""
+        self.active, self.draw_report = active, draw_report
         self.path = Path(run_dir) / "metrics.jsonl"
         self.progress = Progress(total_steps, log_every)
         self.wandb = None
@@ -125,7 +127,7 @@ class MetricsSink:
         """Finish the wandb run, after sending it the report's figures (not when the process is
         about to exit on a hang: drawing is not worth the delay there)."""
         if self.wandb is not None:
-            if send_report:
+            if send_report and self.draw_report is not None:
                 self._send_report()
             self.wandb.finish()
             self.wandb = None
@@ -135,10 +137,8 @@ class MetricsSink:
         images at the last step."""
         import wandb
 
-        from runtime.report import write_report
-
         try:
-            paths = write_report(self.path.parent)
+            paths = self.draw_report(self.path.parent)
         except Exception as e:  # noqa: BLE001 - the run's records stand; a figure is not worth failing it
             log.warning("could not draw the report for wandb: %s", e)
             return
