@@ -67,9 +67,9 @@ def _routing(kind: str, rank: int, step: int) -> tuple[torch.Tensor, torch.Tenso
 
 def _run(rank: int, world: int, mode: str, kind: str, warmup: int, steps: int) -> dict:
     import runtime.moe as moe_mod
-    import parallel.fssdp.layer as fssdp_layer
+    import parallel.strategies.fssdp.layer as fssdp_layer
     from parallel.expert import apply_ep
-    from parallel.fssdp.layer import MaterializedMemory, apply_fssdp
+    from parallel.strategies.fssdp.layer import MaterializedMemory, apply_fssdp
     from parallel.groups import build_groups
     from parallel.mesh import Topology
     from parallel.sharding import ShardingPlan

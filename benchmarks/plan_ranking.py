@@ -30,7 +30,7 @@ from benchmarks.common import emit, median
 from launch.cluster import EmulatedCluster, available
 from launch.config import compose
 from launch.plan import load_calibration
-from parallel.placement import described_ranks
+from parallel.strategies.holmes.placement import described_ranks
 from launch.planner.planner import make_plan
 from runtime.metrics import read_metrics
 

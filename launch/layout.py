@@ -23,9 +23,9 @@ from omegaconf.errors import OmegaConfBaseException
 from launch.config import compose
 from launch.validate import ConfigError, validate_layout
 from parallel.mesh import COORD_DIMS, GROUP_SPECS, LAYOUT_GROUPS, Topology
-from parallel.network import place
-from parallel.placement import RankInfo, described_ranks, placement_warnings
-from parallel.transport import group_transport
+from parallel.strategies.holmes.network import place
+from parallel.strategies.holmes.placement import RankInfo, described_ranks, placement_warnings
+from parallel.strategies.holmes.transport import group_transport
 
 EXIT_BAD_CONFIG = 2
 USAGE = "usage: python -m launch.layout world_size=N [parallel.<key>=<value> ...] [--table]"

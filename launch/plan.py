@@ -39,7 +39,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from launch.config import CONFIG_DIR, compose
 from launch.validate import ConfigError
-from parallel.placement import RankInfo, described_ranks
+from parallel.strategies.holmes.placement import RankInfo, described_ranks
 from launch.planner.estimate import MemoryEstimate
 from launch.planner.planner import CalibrationData, Estimate, Plan, calibration_dtype, make_plan
 from launch.planner.calibrate import FLOOR_MODEL, memory_calibration
@@ -138,7 +138,7 @@ def load_calibration(path: str, processes: list[RankInfo], model: str | None = N
 def run_probe(cfg, out: str) -> None:
     """Every rank of a torchrun/Slurm job: train the floor model, then measure; rank 0 writes `out`."""
     from launch import env as launch_env
-    from parallel.network import process_ranks
+    from parallel.strategies.holmes.network import process_ranks
     from launch.planner.probe import probe
 
     launch = launch_env.detect()

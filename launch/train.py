@@ -24,10 +24,10 @@ from launch import env as launch_env
 from launch import run_lock
 from launch.preflight import EXIT_CHECKPOINT_WRITE, exit_every_rank, preflight, stop
 from launch.validate import ConfigError
-from parallel import network
+from parallel.strategies.holmes import network
 from parallel.groups import build_groups
 from parallel.monitor import CollectiveMonitor
-from parallel.placement import placement_warnings
+from parallel.strategies.holmes.placement import placement_warnings
 from parallel.state import state_blocks
 from parallel.parallelize import parallelize
 from runtime.accounting import MemoryMeter, StepAccounting, format_flops, peak_flops

@@ -7,7 +7,7 @@ of one rank creates nothing (its handle is None and collectives over it are skip
 where a DeviceMesh needs one (HSDP with a shard or replica group of one).
 
 Given every process's NIC class, each group is created with the transport of its members' class
-(parallel/transport.py, Holmes): NCCL's network module per communicator plus the class's
+(parallel/strategies/holmes/transport.py, Holmes): NCCL's network module per communicator plus the class's
 variables while the group is made and warmed up; gloo's interface of the class.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch.distributed.device_mesh import DeviceMesh
 import numpy as np
 
 from parallel.mesh import GROUP_SPECS, HSDP_GROUPS, Topology
-from parallel.transport import Transport, group_transport, transport_env
+from parallel.strategies.holmes.transport import Transport, group_transport, transport_env
 
 
 @dataclass

@@ -91,7 +91,7 @@ class Topology:
     order: str = DEFAULT_ORDER
     dp_replicate: int = 1
     # Logical rank i (its 5D coordinates) runs on process placement[i]; None = the identity.
-    # Groups are listed in physical ranks, members still in logical order (parallel/placement.py).
+    # Groups are listed in physical ranks, members still in logical order (parallel/strategies/holmes/placement.py).
     placement: tuple[int, ...] | None = None
 
     @property

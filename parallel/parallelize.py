@@ -24,7 +24,7 @@ from parallel.compile import apply_compile
 from parallel.context import apply_cp
 from parallel.data_parallel import apply_ddp, apply_fsdp
 from parallel.expert import apply_ep
-from parallel.fssdp.layer import FSSDPExperts, MaterializedMemory, apply_fssdp
+from parallel.strategies.fssdp.layer import FSSDPExperts, MaterializedMemory, apply_fssdp
 from parallel.grad_norm import clip_grad_norm_
 from parallel.groups import Groups
 from parallel.materialize import canonical_name, materialize

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from parallel.collectives import (copy_to_tp, gather_sequence, reduce_from_tp, reduce_scatter_sequence)
-from parallel.ladder import TPLadderRunner
+from parallel.strategies.ladder import TPLadderRunner
 from runtime.model import FeedForward
 from parallel.sharding import ShardingPlan, Split, split
 

@@ -29,7 +29,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from parallel.mesh import Topology
-from parallel.placement import RankInfo
+from parallel.strategies.holmes.placement import RankInfo
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ import torch
 from omegaconf import DictConfig
 
 from parallel.mesh import Topology
-from parallel.network import GBIT, place
-from parallel.placement import RankInfo
+from parallel.strategies.holmes.network import GBIT, place
+from parallel.strategies.holmes.placement import RankInfo
 from launch.planner.calibrate import memory_calibration
 from launch.planner.estimate import Calibration, MemoryEstimate, estimate_memory
 from launch.planner.layouts import Layout, valid_layouts

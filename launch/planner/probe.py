@@ -32,7 +32,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from parallel.placement import RankInfo
+from parallel.strategies.holmes.placement import RankInfo
 from launch.planner.links import pair_share
 from runtime.accounting import cpu_name, probe_peak_flops
 

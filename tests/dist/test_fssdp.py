@@ -25,7 +25,7 @@ def random_plan(rng: random.Random, devices: int, experts: int, empty_owner: boo
 
 
 def _collectives(rank, world, seed):
-    from parallel.fssdp.collectives import (PendingGather, PendingReduceScatter, SparsePlan,
+    from parallel.strategies.fssdp.collectives import (PendingGather, PendingReduceScatter, SparsePlan,
                                             dense_all_gather_then_select, dense_reduce_then_scatter)
 
     rng = random.Random(seed)

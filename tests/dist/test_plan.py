@@ -53,7 +53,7 @@ def test_elements_per_rank_are_what_parallelize_gives(world):
 def _probe(rank, world):
     import torch
 
-    from parallel.placement import RankInfo
+    from parallel.strategies.holmes.placement import RankInfo
     from launch.planner.probe import probe
     from runtime.model import ModelArgs
 

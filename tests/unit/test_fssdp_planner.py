@@ -1,7 +1,7 @@
 """FSSDP's placement decisions (pure functions of the loads)."""
 import random
 
-from parallel.fssdp import planner
+from parallel.strategies.fssdp import planner
 
 
 def test_window_averages_the_last_steps():

@@ -12,10 +12,10 @@ from omegaconf import OmegaConf
 from launch.config import compose
 from launch.env import nic_class
 from parallel.mesh import Topology
-from parallel.network import layer_costs
-from parallel.pipeline.auto_partition import LayerCosts, balance, rank_times, reduction_factor
-from parallel.placement import RankInfo, described_ranks, holmes_placement, placement_warnings
-from parallel.transport import group_transport, transport_env
+from parallel.strategies.holmes.network import layer_costs
+from parallel.strategies.holmes.partition import LayerCosts, balance, rank_times, reduction_factor
+from parallel.strategies.holmes.placement import RankInfo, described_ranks, holmes_placement, placement_warnings
+from parallel.strategies.holmes.transport import group_transport, transport_env
 from runtime.model import ModelArgs, Transformer
 
 SPEED = {"ib": 0, "roce": 1, "ethernet": 2}

@@ -5,9 +5,9 @@ import pytest
 
 from launch.config import compose
 from parallel.mesh import Topology
-from parallel.network import place
+from parallel.strategies.holmes.network import place
 from parallel.pipeline.schedules import theoretical_bubble
-from parallel.placement import RankInfo, described_ranks
+from parallel.strategies.holmes.placement import RankInfo, described_ranks
 from launch.planner.layouts import Layout
 from launch.planner.links import LinkRates, Links
 from launch.planner.steptime import DeviceRates, estimate_step

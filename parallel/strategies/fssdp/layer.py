@@ -27,8 +27,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.checkpoint import checkpoint
 
 from parallel.expert import AllToAllV, moe_common
-from parallel.fssdp import planner
-from parallel.fssdp.collectives import PendingGather, PendingReduceScatter, SparsePlan
+from parallel.strategies.fssdp import planner
+from parallel.strategies.fssdp.collectives import PendingGather, PendingReduceScatter, SparsePlan
 from parallel.sharding import ShardingPlan, ParamSpec
 from runtime.moe import MoE, assignments, grouped_swiglu
 

@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 
 from parallel.mesh import Topology
-from parallel.pipeline.auto_partition import LayerCosts, balance, rank_times, reduction_factor
-from parallel.placement import RankInfo, described_ranks, holmes_placement
+from parallel.strategies.holmes.partition import LayerCosts, balance, rank_times, reduction_factor
+from parallel.strategies.holmes.placement import RankInfo, described_ranks, holmes_placement
 from runtime.accounting import probe_peak_flops
 
 GBIT = 1e9 / 8  # bytes per second in one Gbit/s
