@@ -86,18 +86,17 @@ def _run(rank: int, world: int, mode: str, kind: str, warmup: int, steps: int) -
     moe_mod.grouped_swiglu = fssdp_layer.grouped_swiglu = emulated
     topo = Topology.from_config(SimpleNamespace(tp=1, cp=1, pp=1, ep=world, etp=1, dp=-1, order="tp-cp-ep-dp-pp"), world)
     groups = build_groups(topo, "cpu", timeout_s=300)
-    cfg = SimpleNamespace(window=5, hot=4, budget=4, hot_min_ratio=1.25, reshard_every=5, rematerialize=mode == "fssdp-remat",
-                          calibrate=False)
+    fssdp = SimpleNamespace(window=5, hot=4, budget=4, hot_min_ratio=1.25, reshard_every=5,
+                            rematerialize=mode == "fssdp-remat", calibrate=False)
+    cfg = SimpleNamespace(parallel=SimpleNamespace(moe_backend="ep" if mode == "ep" else "fssdp", sp=True, fssdp=fssdp))
     memory, plan = MaterializedMemory(), ShardingPlan()
     blocks = []
     for layer in range(LAYERS):
         moe = MoE(DIM, MoEArgs(E, K, HIDDEN), ffn_factory=None)
         block = _Block(moe)
-        holder = SimpleNamespace(layers={str(layer): block})
-        if mode == "ep":
-            apply_ep(holder, groups, plan, True)
-        else:
-            apply_fssdp(holder, groups, plan, cfg, True, lambda d: 0, memory)
+        holder = SimpleNamespace(layers={str(layer): block}, sharding=plan, fssdp_memory=memory)
+        apply_ep(holder, groups, cfg)
+        apply_fssdp(holder, groups, cfg)
         moe.to_empty(device="cpu")
         for p in moe.experts.parameters():
             nn.init.normal_(p, std=0.05)
@@ -108,7 +107,7 @@ def _run(rank: int, world: int, mode: str, kind: str, warmup: int, steps: int) -
         if mode != "ep":
             for layer, b in enumerate(blocks):
                 ex = b.feed_forward.experts
-                if step and step % cfg.reshard_every == 0:
+                if step and step % fssdp.reshard_every == 0:
                     ex.reshard(optimizer, plan, f"layers.{layer}.feed_forward.experts")
                 ex.plan_step()
                 ex.gathered_rows = 0

@@ -87,11 +87,13 @@ def _run(rank: int, world: int, t: float, ms: list[int], repeats: int) -> dict:
         # Per microbatch and stage: F = t, B = t, W = t; 1F1B-style schedules do B and W together.
         times = (t / v, t / v, t / v) if store is not None else (t / v, 2 * t / v, 0.0)
         chunks = [EmulatedStage(times, store) for _ in range(v)]
+        for chunk in chunks:
+            chunk.weight_grads = store  # where the executor finds a chunk's deferred weight gradients
         stages = [c * P + rank for c in range(v)]
         for m in ms:
             tracer = Tracer(True, rank)
             ex = PipelineExecutor(chunks, stages, P * v, kind, v, P, groups, lambda out, labels: out.sum(), SHAPE,
-                                  torch.float32, torch.arange(SHAPE[1]), torch.device("cpu"), tracer, store)
+                                  torch.float32, torch.arange(SHAPE[1]), torch.device("cpu"), tracer)
             batches = [Batch(torch.zeros(1, SHAPE[1], dtype=torch.long), torch.zeros(1, SHAPE[1], dtype=torch.long))
                        for _ in range(m)]
             spans, busies = [], []

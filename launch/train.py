@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -16,7 +17,6 @@ from datetime import timedelta
 import hydra
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import MixedPrecisionPolicy
 from omegaconf import DictConfig, OmegaConf
 
 from launch import config as launch_config
@@ -25,6 +25,7 @@ from launch import run_lock
 from launch.preflight import EXIT_CHECKPOINT_WRITE, exit_every_rank, preflight, stop
 from launch.validate import ConfigError
 from parallel.strategies.holmes import network
+from parallel.collectives import any_rank, gather_ranks
 from parallel.groups import build_groups
 from parallel.monitor import CollectiveMonitor
 from parallel.strategies.holmes.placement import placement_warnings
@@ -40,7 +41,7 @@ from runtime.model import ModelArgs, Transformer, num_params
 from runtime.optim import build_optimizer, init_optimizer_state
 from runtime.report import write_report
 from runtime.trace import Tracer
-from runtime.trainer import Schedule, Trainer, cross_entropy_sum
+from runtime.trainer import Schedule, Trainer
 
 log = logging.getLogger("quintet")
 
@@ -95,14 +96,6 @@ def autocast_dtype(cfg) -> torch.dtype | None:
     return torch.bfloat16 if cfg.train.dtype.value == "bfloat16" else None
 
 
-def fsdp_mixed_precision(cfg) -> MixedPrecisionPolicy | None:
-    """bf16 runs: FSDP2 gathers parameters in bf16 and reduces gradients in parallel.reduce_dtype
-    (fp32 by default); the sharded fp32 parameters are the master weights."""
-    if cfg.train.dtype.value != "bfloat16":
-        return None
-    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=getattr(torch, cfg.parallel.reduce_dtype))
-
-
 @dataclass
 class TrainingRun:
     """Everything `setup` assembles on this rank; `run` trains with it."""
@@ -142,10 +135,12 @@ def setup(cfg: DictConfig) -> TrainingRun:
     # Per-group transports only where classes mix: a homogeneous cluster keeps NCCL's and the
     # user's own settings untouched.
     nics = [p.nic for p in procs] if len({p.nic for p in procs}) > 1 else None
-    groups = build_groups(topo, device.type, cfg.parallel.timeout_s, nics=nics, classes=cfg.cluster.classes)
+    groups = build_groups(topo, device.type, cfg.parallel.timeout_s, nics=nics, classes=cfg.cluster.classes,
+                          node_size=launch.local_world_size)
     torch.manual_seed(cfg.seed)
 
-    # 4. The model on the meta device, then parallelised in DESIGN.md's fixed order.
+    # 4-5. The model on the meta device, parallelised in parallelize's fixed order, then real
+    # storage with the same initial values as one process.
     args = ModelArgs.from_config(cfg.model)
     with torch.device("meta"):
         model = Transformer(args).to(param_dtype(cfg))
@@ -154,15 +149,8 @@ def setup(cfg: DictConfig) -> TrainingRun:
         cfg.parallel.pp_layers = network.auto_pp_layers(cfg, model, topo, groups, procs, device)
         if rank == 0:
             log.info("pipeline layers per stage (auto): %s", list(cfg.parallel.pp_layers))
-    par = parallelize(model, groups, cfg.parallel, cross_entropy_sum, cfg.train.seq_len, launch.local_world_size,
-                      compile_mode=cfg.train.compile_mode if cfg.train.compile else None,
-                      mp_policy=fsdp_mixed_precision(cfg))
-
-    # 5. Real storage and the same initial values as one process.
-    par.materialize(device, cfg.seed)
     tracer = Tracer(cfg.trace, rank, cfg.run_dir)
-    par.build_executor(device, tracer, cfg.train.seq_len, cfg.train.micro_batch_size)
-    par.set_global_microbatches(cfg.train.global_batch_size // cfg.train.micro_batch_size)
+    par = parallelize(model, groups, cfg, device, tracer)
     if rank == 0:
         log.info("model %s: %.2fM parameters; world %d (%s); device %s; run_dir %s", cfg.model.name,
                  n_params / 1e6, topo.world_size, " ".join(f"{k}={v}" for k, v in topo.sizes().items()
@@ -218,19 +206,21 @@ def setup(cfg: DictConfig) -> TrainingRun:
         checkpointer=checkpointer, metrics=metrics, tracer=tracer,
         device=device, steps=cfg.train.steps, grad_clip=cfg.optim.grad_clip,
         autocast_dtype=autocast_dtype(cfg),
-        tokens_per_step=tokens_per_step, state=state, skip_nonfinite=cfg.train.skip_nonfinite, monitor=monitor,
-        accounting=build_accounting(cfg, args, par, device, launch.local_world_size, tokens_per_step, monitor, metrics,
+        tokens_per_step=tokens_per_step, state=state, any_rank=functools.partial(any_rank, device=device),
+        skip_nonfinite=cfg.train.skip_nonfinite, monitor=monitor,
+        accounting=build_accounting(cfg, args, device, launch.local_world_size, tokens_per_step, monitor, metrics,
                                     start_step))
     return TrainingRun(cfg, groups, par, optimizer, trainer, metrics, start_step)
 
 
-def build_accounting(cfg, args: ModelArgs, par, device: torch.device, local_world_size: int, tokens_per_step: int,
+def build_accounting(cfg, args: ModelArgs, device: torch.device, local_world_size: int, tokens_per_step: int,
                      monitor, metrics: MetricsSink, start_step: int) -> StepAccounting:
     """Model FLOPs per token against the sum of the devices' peaks (a collective), and the
     launch's start record in metrics.jsonl."""
     dtype = autocast_dtype(cfg) or param_dtype(cfg)
     peak, source = peak_flops(device, dtype, local_world_size, cfg.logging.peak_tflops)
-    peak_total = sum(p for (p,) in par.gather_ranks([peak], device))
+    gather = functools.partial(gather_ranks, device=device)
+    peak_total = sum(p for (p,) in gather([peak]))
     flops = flops_per_token(args, cfg.train.seq_len)
     world = dist.get_world_size()
     metrics.event({"event": "start", "step": start_step, "time": time.time(), "world_size": world,
@@ -256,7 +246,7 @@ def build_accounting(cfg, args: ModelArgs, par, device: torch.device, local_worl
     comm = monitor.take_blocked_s if monitor is not None and device.type == "cpu" else None
     return StepAccounting(flops_per_token=flops, tokens_per_step=tokens_per_step, world_size=world,
                           peak_flops_total=peak_total, memory=MemoryMeter(device),
-                          gather=lambda values: par.gather_ranks(values, device), comm_seconds=comm,
+                          gather=gather, comm_seconds=comm,
                           raise_peak=raise_peak, on_new_peak=on_new_peak)
 
 

@@ -15,19 +15,15 @@ import torch.utils.checkpoint
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-MODES = ("none", "full", "selective")
 
-
-def apply_ac(model: nn.Module, mode: str) -> None:
-    if mode == "none":
-        return
+def apply_ac(model: nn.Module, groups, cfg) -> None:
+    """`parallel.activation_checkpoint`: full (each block recomputed in backward), selective
+    (only the attention core), or none."""
+    mode = cfg.parallel.activation_checkpoint.value
     if mode == "full":
         for name, block in list(model.layers.items()):
             model.layers[name] = checkpoint_wrapper(block, preserve_rng_state=False)
-        return
-    if mode == "selective":
+    elif mode == "selective":
         for block in model.layers.values():
             attn = block.attention
             attn.core = functools.partial(torch.utils.checkpoint.checkpoint, attn.core, use_reentrant=False)
-        return
-    raise ValueError(f"activation checkpointing {mode!r} is unknown; valid: {', '.join(MODES)}")

@@ -164,3 +164,23 @@ def all_reduce_grads(params, group) -> None:
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
+    """Each flag OR-ed over every rank (one small all-reduce on the default group)."""
+    if dist.get_world_size() == 1:
+        return list(flags)
+    t = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def gather_ranks(values: list[float], device: torch.device) -> list[list[float]]:
+    """Every rank's `values`, by rank (one small all-gather on the default group)."""
+    world = dist.get_world_size()
+    if world == 1:
+        return [list(values)]
+    mine = torch.tensor(values, dtype=torch.float64, device=device)
+    out = torch.empty(world * len(values), dtype=torch.float64, device=device)
+    all_gather_tensor(out, mine)
+    return out.view(world, len(values)).tolist()

@@ -23,7 +23,11 @@ MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagrap
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
-def apply_compile(model: nn.Module, mode: str) -> None:
-    """Compile the forward of every block of `model` (a model or a pipeline chunk) in place."""
+def apply_compile(model: nn.Module, groups, cfg) -> None:
+    """With `train.compile`, compile the forward of every block of `model` (a model or a pipeline
+    chunk) in place, in `train.compile_mode`."""
+    if not cfg.train.compile:
+        return
+    mode = cfg.train.compile_mode
     for block in model.layers.values():
         block.forward = torch.compile(block.forward, mode=mode)

@@ -29,8 +29,6 @@ import torch.distributed as dist
 
 from runtime.model import causal_attention
 
-IMPLS = ("ring", "ulysses")
-
 
 def chunk_ids(rank: int, cp: int) -> tuple[int, int]:
     return rank, 2 * cp - 1 - rank
@@ -198,15 +196,17 @@ class UlyssesAttentionCore:
         return SeqToHeadAllToAll.apply(out.contiguous(), 1, 2, self.group)
 
 
-def apply_cp(model, groups, impl: str, seq_len: int) -> torch.Tensor:
-    """Swap every attention core of `model` for the context-parallel one; returns this rank's
-    token positions (the model's rotary positions and the batch's token selection)."""
+def apply_cp(model, groups, cfg) -> None:
+    """Swap every attention core of `model` for the context-parallel one (`parallel.cp_impl`,
+    checked by launch.validate) and give the model this rank's token positions, `positions`
+    (its rotary positions and the batch's token selection). A no-op when cp = 1."""
     cp, rank, ranks = groups.size("cp"), groups.index("cp"), groups.ranks["cp"]
+    if cp == 1:
+        return
+    seq_len = cfg.train.seq_len
     for block in model.layers.values():
-        if impl == "ring":
+        if cfg.parallel.cp_impl == "ring":
             block.attention.core = RingAttentionCore(groups["cp"], ranks, rank)
-        elif impl == "ulysses":
-            block.attention.core = UlyssesAttentionCore(groups["cp"], seq_len, cp)
         else:
-            raise ValueError(f"parallel.cp_impl={impl!r} is unknown; valid: {', '.join(IMPLS)}")
-    return local_positions(seq_len, cp, rank)
+            block.attention.core = UlyssesAttentionCore(groups["cp"], seq_len, cp)
+    model.positions = local_positions(seq_len, cp, rank)

@@ -17,10 +17,31 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
+from runtime.moe import MoE
 
-def apply_fsdp(model: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool = True,
-               expert_mesh: DeviceMesh | None = None, experts: list[nn.Module] = (),
-               mp_policy: MixedPrecisionPolicy | None = None) -> nn.Module:
+
+def apply_fsdp(model: nn.Module, groups, cfg) -> None:
+    """FSDP2 over the dense data-parallel ranks (dp·cp; HSDP with `parallel.dp_replicate`), when
+    there are several and `parallel.dp_impl=fsdp`; MoE experts over EDP. Parameters stay
+    gathered from forward to backward with `parallel.reshard_after_forward=false`, and inside a
+    pipeline schedule (a chunk runs several microbatches before its backward). bf16 runs gather
+    in bf16 and reduce in `parallel.reduce_dtype`."""
+    if groups["dp_cp"] is None or cfg.parallel.dp_impl.value != "fsdp":
+        return
+    topo = groups.topology
+    mesh = groups.hsdp_mesh() if topo.dp_replicate > 1 else groups.device_mesh("dp_cp")
+    expert_mesh = groups.device_mesh("edp") if groups["edp"] is not None else None
+    experts = [m.experts for m in model.modules() if isinstance(m, MoE)]
+    mp_policy = None
+    if cfg.train.dtype.value == "bfloat16":
+        mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                         reduce_dtype=getattr(torch, cfg.parallel.reduce_dtype))
+    shard_model(model, mesh, cfg.parallel.reshard_after_forward and topo.pp == 1, expert_mesh, experts, mp_policy)
+
+
+def shard_model(model: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool = True,
+                expert_mesh: DeviceMesh | None = None, experts: list[nn.Module] = (),
+                mp_policy: MixedPrecisionPolicy | None = None) -> nn.Module:
     """Shard every Transformer block, then the rest (embedding, final norm, head) at the root.
 
     Call on the meta-device model; parameters become DTensors sharded on dim 0 over `mesh`

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from parallel.collectives import all_gather_tensor, reduce_from_tp, reduce_scatter_tensor
+from parallel.reduce import DataReducer
 from parallel.sharding import ShardingPlan, Split, split
 from runtime.moe import MoE, assignments
 
@@ -187,13 +188,16 @@ def moe_common(moe: MoE, layer: int, groups, plan: ShardingPlan, sequence_parall
                 plan[f"{prefix}.shared.{name}"] = split(p.shape, partial_grad="tp")
 
 
-def apply_ep(model: nn.Module, groups, plan: ShardingPlan, sequence_parallel: bool) -> list[MoE]:
+def apply_ep(model: nn.Module, groups, cfg) -> None:
     """Rewrite every MoE block of the meta-device `model` for this rank: its slice of the experts
-    (E/ep experts, each hidden/etp wide) and the EP dispatcher. Returns the MoE blocks."""
-    topo = groups.topology
+    (E/ep experts, each hidden/etp wide) and the EP dispatcher, slices recorded in
+    `model.sharding`. Also with ep = etp = 1 (the MoE statistics still sum over the ranks that
+    share tokens); FSSDP (`parallel.moe_backend=fssdp`) takes the MoE blocks instead."""
+    if cfg.parallel.moe_backend != "ep":
+        return
+    topo, plan = groups.topology, model.sharding
     ep, etp = topo.ep, topo.etp
     ep_rank, etp_rank = groups.index("ep"), groups.index("etp")
-    found = []
     for i, block in model.layers.items():
         moe = block.feed_forward
         if not isinstance(moe, MoE):
@@ -207,6 +211,30 @@ def apply_ep(model: nn.Module, groups, plan: ShardingPlan, sequence_parallel: bo
             plan[f"{prefix}.experts.{name}"] = spec
         if ep > 1 or etp > 1:
             moe.dispatcher = EPDispatcher(groups, local.w1.shape[0] * ep)
-        moe_common(moe, int(i), groups, plan, sequence_parallel)
-        found.append(moe)
-    return found
+        moe_common(moe, int(i), groups, plan, cfg.parallel.sp)
+
+
+def moe_step(moe_layers: dict[int, MoE], groups, args, done: int, optimizer, metrics: dict) -> dict:
+    """A step hook (parallel/parallelize.py): the step's auxiliary and z losses and each MoE
+    layer's global expert load (tokens per expert), the aux-loss-free bias update from those
+    loads, and fresh statistics for the next step. Every rank runs it (it reduces)."""
+    n_layers, moe = args.n_layers, args.moe
+    # Rows of every MoE layer of the model; each pipeline stage fills its own.
+    loads = torch.zeros(n_layers, moe.num_experts, dtype=torch.float64)
+    losses = torch.zeros(2, dtype=torch.float64)
+    for layer, m in moe_layers.items():
+        loads[layer] = m.step_counts
+        losses += torch.stack([m.step_aux, m.step_z])
+    # Counts and losses are already summed over the ranks sharing a microbatch's tokens (TP
+    # with SP, and CP); data ranks hold different microbatches, pipeline ranks other layers.
+    DataReducer([groups["dp"], groups["pp"]]).sum(loads)
+    if groups.index("cp") != 0 or groups.index("tp") != 0:
+        losses.zero_()  # counted once per token group
+    DataReducer([groups["dp_cp"], groups["tp"], groups["pp"]]).sum(losses)
+    for layer, m in moe_layers.items():
+        m.update_bias(loads[layer])
+        m.reset_step_stats()
+    aux, z = losses.tolist()
+    # The language-model loss above; the balancing terms beside it.
+    return {"aux_loss": aux, "z_loss": z, "total_loss": metrics["loss"] + aux + z,
+            "expert_load": {str(i): loads[i].tolist() for i in range(n_layers) if args.is_moe(i)}}

@@ -34,6 +34,7 @@ class Groups:
     handles: dict[str, dist.ProcessGroup | None] = field(default_factory=dict)
     ranks: dict[str, list[int]] = field(default_factory=dict)
     transports: dict[str, Transport] = field(default_factory=dict)  # when NIC classes were given
+    node_size: int = 0  # processes per node (FSSDP prefers replicas in the node); 0 = unknown
 
     def __getitem__(self, name: str) -> dist.ProcessGroup | None:
         return self.handles[name]
@@ -73,12 +74,12 @@ def _new_group(ranks: list[int], timeout_s: float, transport: Transport | None, 
 
 def build_groups(topology: Topology, device_type: str, timeout_s: float,
                  names: tuple[str, ...] = (*GROUP_SPECS, *HSDP_GROUPS),
-                 nics: list[str] | None = None, classes=None) -> Groups:
+                 nics: list[str] | None = None, classes=None, node_size: int = 0) -> Groups:
     """This rank's groups; `nics[p]` (process p's NIC class) and `classes` (cluster.classes)
-    choose each group's transport."""
+    choose each group's transport; `node_size`: processes per node."""
     rank = dist.get_rank()
     backend = "nccl" if device_type == "cuda" else "gloo"
-    groups = Groups(rank=rank, topology=topology, device_type=device_type)
+    groups = Groups(rank=rank, topology=topology, device_type=device_type, node_size=node_size)
 
     def transport(ranks: list[int]) -> Transport | None:
         return None if nics is None else group_transport([nics[r] for r in ranks], classes, backend)

@@ -1,6 +1,7 @@
 """Megatron-style tensor parallelism, with sequence parallelism, applied from outside the model.
 
-`apply_tp(model, groups, sp)` rewrites a meta-device `Transformer` in place:
+`apply_tp(model, groups, cfg)` rewrites a meta-device `Transformer` in place, as its modules
+declare (`tp_plan` and `tp_regions`, next to each module in runtime/model.py):
 
 - attention: wq, wk, wv column-parallel (heads split over TP ranks; with fewer KV heads than
   ranks, each rank keeps a full copy of the KV projection and uses the head its query heads
@@ -24,12 +25,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from parallel.collectives import (copy_to_tp, gather_sequence, reduce_from_tp, reduce_scatter_sequence)
+from parallel.collectives import (all_gather_along, copy_to_tp, gather_sequence, reduce_from_tp,
+                                  reduce_scatter_sequence)
 from parallel.strategies.ladder import TPLadderRunner
-from runtime.model import FeedForward
-from parallel.sharding import ShardingPlan, Split, split
+from parallel.sharding import Split, split
+from runtime.loss import IGNORE_INDEX
+from runtime.model import declared
 
-IGNORE_INDEX = -100
 
 
 class ColumnParallelLinear(nn.Linear):
@@ -145,67 +147,78 @@ def _linear(cls, full: nn.Linear, in_features: int, out_features: int) -> nn.Lin
     return cls(in_features, out_features, bias=False, device="meta", dtype=full.weight.dtype)
 
 
-def apply_tp(model: nn.Module, group, rank: int, size: int, sequence_parallel: bool,
-             plan: ShardingPlan) -> VocabParallelLoss:
-    """Rewrite `model` (a meta-device Transformer) for TP rank `rank` of `size`; record every
-    parameter's slice in `plan`. Returns the loss function to use with the rewritten model."""
-    args = model.args
-    hd = args.head_dim
-
-    def column(parent: nn.Module, attr: str, name: str) -> None:
-        full = getattr(parent, attr)
-        setattr(parent, attr, _linear(ColumnParallelLinear, full, full.in_features, full.out_features // size))
-        plan[f"{name}.weight"] = split(full.weight.shape, Split(0, rank, size, "tp"))
-
-    def row(parent: nn.Module, attr: str, name: str) -> None:
-        full = getattr(parent, attr)
-        setattr(parent, attr, _linear(RowParallelLinear, full, full.in_features // size, full.out_features))
-        plan[f"{name}.weight"] = split(full.weight.shape, Split(1, rank, size, "tp"))
-
-    ladder_start = args.ladder_start
-    for i, block in model.layers.items():
-        prefix = f"layers.{i}"
-        attn, ffn = block.attention, block.feed_forward
-        # A ladder block's branch collectives are done by the ladder runner, which overlaps them.
-        ladder = int(i) >= ladder_start
-        column(attn, "wq", f"{prefix}.attention.wq")
-        if args.n_kv_heads % size == 0:
-            column(attn, "wk", f"{prefix}.attention.wk")
-            column(attn, "wv", f"{prefix}.attention.wv")
-        else:  # fewer KV heads than ranks: a full copy, of which this rank uses one head
-            kv_head = (rank * (args.n_heads // size)) // (args.n_heads // args.n_kv_heads)
-            rows = slice(kv_head * hd, (kv_head + 1) * hd)
-            for attr in ("wk", "wv"):
-                full = getattr(attn, attr)
-                setattr(attn, attr, ReplicatedHeadLinear(full, rows))
-                plan[f"{prefix}.attention.{attr}.weight"] = split(full.weight.shape, partial_grad="tp")
-        row(attn, "wo", f"{prefix}.attention.wo")
-        if not ladder:
-            _region(attn, group, sequence_parallel)
-        if isinstance(ffn, FeedForward):  # an MoE block is left to expert parallelism
-            column(ffn, "w1", f"{prefix}.feed_forward.w1")
-            column(ffn, "w3", f"{prefix}.feed_forward.w3")
-            row(ffn, "w2", f"{prefix}.feed_forward.w2")
-            if not ladder:
-                _region(ffn, group, sequence_parallel)
-        if sequence_parallel or ladder:
-            # The norms' gradients are partial: with sequence parallelism they see a shard of the
-            # tokens; in a ladder branch (whose f/g the runner does around the whole branch) the
-            # gradient reaching the norm is each rank's part of the column-parallel inputs'.
-            for norm in ("attention_norm", "ffn_norm"):
-                plan[f"{prefix}.{norm}.weight"] = split((args.dim,), partial_grad="tp")
-
+def apply_tp(model: nn.Module, groups, cfg) -> None:
+    """Rewrite `model` (a meta-device Transformer, or a pipeline chunk of one) for this rank's
+    part of tensor parallelism, as its modules declare (`tp_plan`, `tp_regions`:
+    runtime/model.py); record every slice in `model.sharding`; the chunk holding the head gets
+    the vocabulary-parallel loss. A no-op when tp = 1."""
+    size = groups.size("tp")
+    if size == 1:
+        return
+    group, rank, sp = groups["tp"], groups.index("tp"), cfg.parallel.sp
+    args, plan = model.args, model.sharding
+    for name, _ in model.named_parameters():
+        declared(model, name, "tp_plan", innermost=False)  # a parameter nobody declared: an error naming it
     vocab_local = args.vocab_size // size
-    if model.tok_embeddings is not None:
-        full = model.tok_embeddings
-        model.tok_embeddings = VocabParallelEmbedding(vocab_local, args.dim, rank * vocab_local, group,
-                                                      sequence_parallel, full.weight.dtype)
-        plan["tok_embeddings.weight"] = split(full.weight.shape, Split(0, rank, size, "tp"))
-    if model.norm is not None and sequence_parallel:
-        plan["norm.weight"] = split((args.dim,), partial_grad="tp")
-    if ladder_start < args.n_layers:
-        model.ladder = TPLadderRunner(group, sequence_parallel)
-    if model.output is not None:
-        column(model, "output", "output")
-        _region(model.output, group, sequence_parallel, exit_reduce=False)
-    return VocabParallelLoss(rank * vocab_local, group)
+
+    def linear(parent: nn.Module, attr: str, name: str, style: str) -> None:
+        full = getattr(parent, attr)
+        if style == "kv_column" and args.n_kv_heads % size:
+            # Fewer KV heads than ranks: a full copy, of which this rank uses one head.
+            kv_head = (rank * (args.n_heads // size)) // (args.n_heads // args.n_kv_heads)
+            rows = slice(kv_head * args.head_dim, (kv_head + 1) * args.head_dim)
+            setattr(parent, attr, ReplicatedHeadLinear(full, rows))
+            plan[f"{name}.weight"] = split(full.weight.shape, partial_grad="tp")
+            return
+        column = style in ("column", "kv_column", "vocab")
+        cls = ColumnParallelLinear if column else RowParallelLinear
+        shape = ((full.in_features, full.out_features // size) if column
+                 else (full.in_features // size, full.out_features))
+        setattr(parent, attr, _linear(cls, full, *shape))
+        plan[f"{name}.weight"] = split(full.weight.shape, Split(0 if column else 1, rank, size, "tp"))
+
+    def rewrite(module: nn.Module, prefix: str, ladder: bool) -> None:
+        declared = getattr(type(module), "tp_plan", {})
+        for attr, style in declared.items():
+            child, name = getattr(module, attr), f"{prefix}{attr}"
+            if child is None:  # a pipeline chunk without the embedding or the head
+                continue
+            if style in ("column", "row", "kv_column"):
+                linear(module, attr, name, style)
+            elif style == "vocab" and isinstance(child, nn.Embedding):
+                setattr(module, attr, VocabParallelEmbedding(vocab_local, args.dim, rank * vocab_local, group, sp,
+                                                             child.weight.dtype))
+                plan[f"{name}.weight"] = split(child.weight.shape, Split(0, rank, size, "tp"))
+            elif style == "vocab":  # the head: logits split by vocabulary, never gathered
+                linear(module, attr, name, style)
+                _region(getattr(module, attr), group, sp, exit_reduce=False)
+                model.loss_fn = VocabParallelLoss(rank * vocab_local, group)
+            elif style == "norm" and (sp or ladder):
+                # With sequence parallelism a norm sees a shard of the tokens; in a ladder branch
+                # (whose f/g the runner does around the whole branch) the gradient reaching the
+                # norm is each rank's part of the column-parallel inputs'.
+                plan[f"{name}.weight"] = split(child.weight.shape, partial_grad="tp")
+            elif style == "partial":  # whole on every rank, which sees its own tokens
+                for n, p in child.named_parameters():
+                    plan[f"{name}.{n}"] = split(p.shape, partial_grad="tp")
+        for attr in getattr(type(module), "tp_regions", ()):
+            child = getattr(module, attr)
+            # A branch that tensor parallelism splits is a region, unless the ladder runner
+            # does its collectives (overlapped); an MoE branch is expert parallelism's.
+            splits = any(s in ("column", "row") for s in getattr(type(child), "tp_plan", {}).values())
+            if splits and not ladder:
+                _region(child, group, sp)
+        for attr, child in module.named_children():
+            if attr not in declared:
+                layer_ladder = ladder or (isinstance(module, nn.ModuleDict) and int(attr) >= args.ladder_start)
+                rewrite(child, f"{prefix}{attr}.", layer_ladder)
+
+    rewrite(model, "", False)
+    if args.ladder_start < args.n_layers:
+        model.ladder = TPLadderRunner(group, sp)
+
+
+def gather_logits(logits: torch.Tensor, groups) -> torch.Tensor:
+    """The whole vocabulary's logits from this rank's part (tensor parallelism splits the head by
+    vocabulary rows), for generation."""
+    return all_gather_along(logits, -1, groups["tp"]) if groups["tp"] is not None else logits

@@ -7,6 +7,23 @@ global index, and a pipeline stage that does not hold the embedding or the head 
 None — and its attention reshapes by head size, never by head count, so a tensor-parallel
 shard of a projection simply yields fewer heads.
 
+What parallel code and initialisation need to know about each parameter is declared next to
+the module that owns it, as class attributes read by `declared`:
+
+    tp_plan     how tensor parallelism treats a child (parallel/tensor.py); the outermost
+                declaration covering a parameter decides. "column": output features split;
+                "row": input features split, the output a partial sum; "kv_column": column, or
+                a replicated copy when there are fewer KV heads than ranks; "vocab": split by
+                vocabulary rows; "norm": replicated, its gradient partial under sequence
+                parallelism; "partial": replicated, its gradient partial over TP (the ranks see
+                different tokens); "experts": expert parallelism's (parallel/expert.py).
+    tp_regions  the children whose input is gathered and output reduced (Megatron's f and g).
+    init_plan   each parameter's initial value (`init_full`); the innermost declaration
+                decides: "ones", "zeros", "normal", "residual" (an output projection into the
+                residual stream, scaled by depth), "embedding", "head".
+
+A parameter nobody declared is an error naming it, never a silent default.
+
     python -c "from runtime.model import *; print(Transformer(ModelArgs.tiny()))"
 """
 from __future__ import annotations
@@ -18,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runtime.loss import cross_entropy_sum
 from runtime.moe import MoE, MoEArgs
 
 
@@ -69,6 +87,8 @@ class ModelArgs:
 
 
 class RMSNorm(nn.Module):
+    init_plan = {"weight": "ones"}
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
@@ -120,7 +140,31 @@ def attention_after(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int
     return out.transpose(1, 2)
 
 
+def declared(root: nn.Module, name: str, table: str, innermost: bool) -> str:
+    """The style `table` ("tp_plan" or "init_plan") declares for parameter or buffer `name` (a
+    canonical name under `root`): the value of the outermost (or innermost) module on the path
+    whose table has a key that is a prefix of the rest of the path. KeyError names what lacks one."""
+    parts, module, found = name.split("."), root, None
+    for i in range(len(parts)):
+        plan = getattr(type(module), table, {})
+        for j in range(len(parts), i, -1):
+            if ".".join(parts[i:j]) in plan:
+                found = plan[".".join(parts[i:j])]
+                break
+        if found is not None and not innermost:
+            return found
+        module = module[parts[i]] if isinstance(module, nn.ModuleDict) else getattr(module, parts[i], None)
+        if module is None or not isinstance(module, nn.Module):
+            break
+    if found is None:
+        raise KeyError(f"{name} has no {table} declaration: declare it in its module's {table} (runtime/model.py)")
+    return found
+
+
 class Attention(nn.Module):
+    tp_plan = {"wq": "column", "wk": "kv_column", "wv": "kv_column", "wo": "row"}
+    init_plan = {"wq": "normal", "wk": "normal", "wv": "normal", "wo": "residual"}
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.head_dim = args.head_dim
@@ -154,6 +198,9 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) · w3 x)."""
 
+    tp_plan = {"w1": "column", "w3": "column", "w2": "row"}
+    init_plan = {"w1": "normal", "w3": "normal", "w2": "residual"}
+
     def __init__(self, dim: int, ffn_dim: int):
         super().__init__()
         self.w1 = nn.Linear(dim, ffn_dim, bias=False)
@@ -165,6 +212,9 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
+    tp_plan = {"attention_norm": "norm", "ffn_norm": "norm"}
+    tp_regions = ("attention", "feed_forward")
+
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
@@ -205,9 +255,14 @@ def ladder_blocks(blocks, x, pending_attention, pending_mlp, rope, cache=None):
 
 
 class Transformer(nn.Module):
+    tp_plan = {"tok_embeddings": "vocab", "output": "vocab", "norm": "norm"}
+    init_plan = {"tok_embeddings": "embedding", "output": "head"}
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
+        # The loss of one microbatch from this model's logits; tensor parallelism replaces it.
+        self.loss_fn = cross_entropy_sum
         self.tok_embeddings: nn.Embedding | None = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleDict({str(i): Block(args, i) for i in range(args.n_layers)})
         self.norm: RMSNorm | None = RMSNorm(args.dim, args.norm_eps)
@@ -257,29 +312,21 @@ class Transformer(nn.Module):
     # --- initialisation: a function of (seed, parameter name, full shape) alone ---------------
 
     def init_full(self, name: str, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
-        """The full-size initial value of parameter `name` (canonical, unwrapped name).
+        """The full-size initial value of parameter or buffer `name` (canonical, unwrapped), as
+        its module declares (`init_plan`).
 
         Layout-independent by construction: parallel code calls this with the full shape and
         keeps the slice its rank holds. Drawn in fp32 so fp32 and fp64 runs start equal.
         """
-        parts = name.split(".")
-        # The module a weight belongs to (wq, w2, attention_norm, router, ...), or the stacked
-        # expert weight itself (experts.w1).
-        leaf = parts[-2] if parts[-1] == "weight" else parts[-1]
-        if leaf.endswith("norm"):
-            return torch.ones(shape)
-        if leaf == "expert_bias":  # a buffer: the aux-loss-free balancing bias starts at 0
-            return torch.zeros(shape)
+        style = declared(self, name, "init_plan", innermost=True)
+        if style in ("ones", "zeros"):
+            return torch.ones(shape) if style == "ones" else torch.zeros(shape)
         t = torch.empty(shape)
-        if leaf == "tok_embeddings":
+        if style == "embedding":
             return nn.init.normal_(t, std=1.0, generator=generator)
-        if leaf == "output":
-            std = self.args.dim**-0.5
-        elif leaf in ("wo", "w2"):
-            # Output projections feed the residual stream: scale by depth (GPT-2 / Megatron).
-            std = 0.02 / math.sqrt(2 * self.args.n_layers)
-        else:
-            std = 0.02
+        # Output projections feed the residual stream: scale by depth (GPT-2 / Megatron).
+        std = {"head": self.args.dim**-0.5, "residual": 0.02 / math.sqrt(2 * self.args.n_layers),
+               "normal": 0.02}[style]
         return nn.init.trunc_normal_(t, std=std, a=-3 * std, b=3 * std, generator=generator)
 
 

@@ -61,6 +61,8 @@ class AttachAuxLoss(torch.autograd.Function):
 class GroupedExperts(nn.Module):
     """E SwiGLU experts as stacked weights: w1, w3 [E, dim, hidden], w2 [E, hidden, dim]."""
 
+    init_plan = {"w1": "normal", "w3": "normal", "w2": "residual"}  # runtime/model.py's `declared`
+
     def __init__(self, num_experts: int, dim: int, hidden: int):
         super().__init__()
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
@@ -132,6 +134,11 @@ def capacity_keep(probs_topk: torch.Tensor, idx: torch.Tensor, num_experts: int,
 
 
 class MoE(nn.Module):
+    # Tensor parallelism leaves the experts to expert parallelism; the router and the shared
+    # expert stay whole on every TP rank, which routes its own tokens (runtime/model.py).
+    tp_plan = {"router": "partial", "shared": "partial", "experts": "experts"}
+    init_plan = {"router": "normal", "expert_bias": "zeros"}
+
     def __init__(self, dim: int, args: MoEArgs, ffn_factory):
         super().__init__()
         self.args = args

@@ -1,10 +1,20 @@
-"""The training loop: microbatches → gradient reduction → clipping → wait → step → metrics →
-checkpoint (DESIGN.md Section 2, step 7).
+"""The training loop. One optimizer step, top to bottom (`train_step`):
+
+    this rank's microbatches → forward → loss → backward, each microbatch in turn (or, when
+    pipelining, the schedule's executor running the same over stages) → gradient completion →
+    clipping → checkpoint wait → optimizer step → the strategies' end-of-step hooks → metrics
+
+then `fit` logs, agrees with the other ranks on stopping, and requests checkpoints.
 
 The loss of a step is the sum of token losses over every target token of the global batch,
 divided by the global number of target tokens. Each microbatch's backward uses that global
 normaliser, so gradient accumulation and data parallelism (which *sums* gradients) give the
 gradient of exactly the loss one process computes on the whole batch.
+
+The parallel side arrives as one record (parallel/parallelize.py's ParallelModel): the model
+chunks, the loss function of the chunk with the head, the token positions, the pipeline
+executor when there is one, and the generic services of a step (this rank's tokens of a batch,
+gradient sync, reductions, gradient completion, clipping, end-of-step hooks).
 """
 from __future__ import annotations
 
@@ -14,25 +24,16 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from runtime.optim import lr_at, set_lr
-from runtime.metrics import StepTimer
 from runtime.checkpoint.format import CheckpointWriteError
+from runtime.loss import IGNORE_INDEX
+from runtime.metrics import StepTimer
+from runtime.optim import lr_at, set_lr
 from runtime.preemption import StopRequest
-
-IGNORE_INDEX = -100
 
 
 class NonFiniteError(RuntimeError):
     """More consecutive steps with a NaN/Inf loss or gradient norm than train.skip_nonfinite."""
-
-
-def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of token cross-entropies, in at least fp32; targets equal to IGNORE_INDEX count 0."""
-    dtype = torch.promote_types(logits.dtype, torch.float32)
-    return F.cross_entropy(logits.flatten(0, 1).to(dtype), labels.flatten(),
-                           reduction="sum", ignore_index=IGNORE_INDEX)
 
 
 @dataclass
@@ -49,13 +50,14 @@ class Schedule:
 class Trainer:
     def __init__(self, *, parallel, optimizer, schedule: Schedule, loader, checkpointer, metrics,
                  tracer, device: torch.device, steps: int, grad_clip: float,
-                 autocast_dtype: torch.dtype | None, tokens_per_step: int, accounting, state,
+                 autocast_dtype: torch.dtype | None, tokens_per_step: int, accounting, state, any_rank,
                  skip_nonfinite: int = 3, monitor=None):
-        """`parallel`: the parallelised model (parallel.parallelize.Parallelized): the step's
-        forward/backward over microbatches, gradient completion, clipping and reductions.
+        """`parallel`: this rank's parallelised model (parallel.parallelize.ParallelModel).
         `accounting`: runtime.accounting.StepAccounting, the step's efficiency metrics.
-        `state()`: this rank's training state as checkpoint blocks (parallel/state.py)."""
+        `state()`: this rank's training state as checkpoint blocks (parallel/state.py).
+        `any_rank(flags)`: each flag OR-ed over every rank (parallel.collectives.any_rank)."""
         self.parallel, self.optimizer, self.schedule, self.state = parallel, optimizer, schedule, state
+        self.any_rank = any_rank
         self.loader, self.checkpointer, self.metrics, self.tracer = loader, checkpointer, metrics, tracer
         self.device, self.steps, self.grad_clip = device, steps, grad_clip
         self.autocast_dtype, self.tokens_per_step, self.accounting = autocast_dtype, tokens_per_step, accounting
@@ -67,36 +69,48 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def forward_backward(self, batches, step: int = 0) -> tuple[torch.Tensor, float]:
-        """Run every microbatch of the step; returns (this rank's loss sum, global target count)."""
-        batches = self.parallel.local_batches(batches)
-        local_targets = sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches)
-        n_targets = float(self.parallel.reduce_tokens(
-            torch.tensor(local_targets, dtype=torch.int64, device=self.device)).item())
-        with self.tracer.pipeline_step(step):
-            loss_sum = self.parallel.forward_backward(batches, n_targets, self._autocast)
-        return loss_sum, n_targets
+    def forward_backward(self, batches, n_targets: float) -> torch.Tensor:
+        """Forward, loss and backward of each microbatch in turn; data-parallel gradients are
+        reduced in the last one's backward only. Returns this rank's loss sum."""
+        par, loss_sum = self.parallel, torch.zeros((), device=self.device)
+        for i, batch in enumerate(batches):
+            tokens, labels = batch.tokens.to(self.device), batch.labels.to(self.device)
+            with par.gradient_sync(i == len(batches) - 1):
+                with self.tracer.span(f"F mb{i}", "forward", mb=i), self._autocast():
+                    loss = par.loss_fn(par.model(tokens, par.positions), labels)  # the sum of token losses
+                with self.tracer.span(f"B mb{i}", "backward", mb=i):
+                    (loss / n_targets).backward()
+            loss_sum = loss_sum + loss.detach()
+        return loss_sum
 
     def train_step(self, step: int) -> dict:
         """Optimizer step `step` (0-based); returns its metrics."""
-        if self.parallel.mutates_state_before(step):
-            self.checkpointer.wait()
+        par = self.parallel
         self.accounting.begin_step()
-        self.parallel.begin_step(step, self.optimizer)
         with self.accounting.waiting_for_data():
-            batches = self.loader.step(step)
-        loss_sum, n_targets = self.forward_backward(batches, step)
-        loss = self.parallel.reduce_loss(loss_sum) / n_targets
-        self.parallel.finish_grads()
-        grad_norm = self.parallel.clip_grad_norm_(self.grad_clip)
+            batches = par.local_batches(self.loader.step(step))
+        local_targets = sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches)
+        n_targets = float(par.reduce_tokens(torch.tensor(local_targets, dtype=torch.int64, device=self.device)).item())
+        with self.tracer.pipeline_step(step):
+            if par.pipeline is not None:
+                # The schedule interleaves this rank's stages and microbatches; each microbatch
+                # runs the same forward, loss and backward as below, across the stages.
+                loss_sum = par.pipeline.forward_backward(batches, n_targets, self._autocast)
+            else:
+                loss_sum = self.forward_backward(batches, n_targets)
+        loss = par.reduce_loss(loss_sum) / n_targets
+        par.finish_grads()
+        grad_norm = par.clip_grad_norm_(self.grad_clip)
         lr = self.schedule(step)
         set_lr(self.optimizer, lr)
         metrics = {"step": step + 1, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr}
+        # From here the state changes (the optimizer step, the hooks): a pending checkpoint must
+        # have copied it first.
+        self.checkpointer.wait()
         # The loss and the norm are global (every rank holds the same values), so every rank
         # takes the same decision without a collective.
         if math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]):
             self.nonfinite_in_a_row = 0
-            self.checkpointer.wait()  # a pending checkpoint must have copied the state first
             self.optimizer.step()
         else:
             self.nonfinite_in_a_row += 1
@@ -111,12 +125,10 @@ class Trainer:
                               f"{metrics['grad_norm']}; the step is skipped ({self.nonfinite_in_a_row} in a row, "
                               f"at most {self.skip_nonfinite})")
         self.optimizer.zero_grad(set_to_none=True)
-        moe = self.parallel.moe_step()
-        if moe:  # the language-model loss above; the balancing terms beside it
-            metrics.update(total_loss=metrics["loss"] + moe["aux_loss"] + moe["z_loss"], **moe)
-        bubble = self.parallel.pipeline_bubble(self.tracer)
-        if bubble is not None:
-            metrics["pp_bubble"] = bubble
+        # What the strategies do after each step (MoE balancing and statistics, FSSDP
+        # re-planning, the pipeline's measured bubble), with the metrics they report.
+        for hook in par.step_hooks:
+            metrics.update(hook(step + 1, self.optimizer, metrics))
         return metrics
 
     def fit(self, start_step: int, stop_at_step: int = 0) -> None:
@@ -164,7 +176,7 @@ class Trainer:
             # Every rank takes the same decision: a signal, a clock or a failed background write
             # may be seen a step apart.
             timed = ckpt.saves and ckpt.every_s > 0 and time.monotonic() - last_save >= ckpt.every_s
-            preempted, timed, failed = self.parallel.any_rank([stop.requested, timed, ckpt.failed], self.device)
+            preempted, timed, failed = self.any_rank([stop.requested, timed, ckpt.failed])
             if failed:
                 ckpt.close()  # raises this rank's CheckpointWriteError once every write in flight settled
                 raise CheckpointWriteError(f"another rank could not commit a checkpoint in {ckpt.dir} (its message "

@@ -18,13 +18,12 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 
 from parallel.pipeline import schedules
-from parallel.pipeline.zero_bubble import WeightGradStore
 
 
 class PipelineExecutor:
     def __init__(self, chunks, stages: list[int], n_stages: int, kind: str, vpp: int, group_size: int,
                  groups, loss_fn, act_shape: tuple[int, ...], act_dtype: torch.dtype, positions: torch.Tensor,
-                 device: torch.device, tracer, store: WeightGradStore | None):
+                 device: torch.device, tracer):
         self.chunks, self.stages, self.n_stages = chunks, stages, n_stages
         self.kind, self.vpp, self.group_size = kind, vpp, group_size
         self.pp, self.pp_grad = groups["pp"], groups["pp_grad"]
@@ -32,7 +31,7 @@ class PipelineExecutor:
         self.p, self.rank = len(self.pp_ranks), groups.index("pp")
         self.loss_fn, self.act_shape, self.act_dtype = loss_fn, act_shape, act_dtype
         self.positions = positions  # the tokens' positions in the sequence (rotary embeddings)
-        self.device, self.tracer, self.store = device, tracer, store
+        self.device, self.tracer = device, tracer
         self._sends: list = []
 
     def _peer(self, stage: int) -> int:
@@ -82,17 +81,27 @@ class PipelineExecutor:
                     final = i == last_backward[a.chunk]
                     chunk.set_requires_gradient_sync(final)
                     chunk.set_reshard_after_backward(final)
-                if self.store is not None:
-                    self.store.begin((a.chunk, a.mb))
+                store = getattr(chunk, "weight_grads", None)  # zero-bubble's deferred weight gradients
+                if store is not None:
+                    store.begin((a.chunk, a.mb))
                 with self.tracer.span(f"B{a.chunk} mb{a.mb}", "backward", chunk=a.chunk, mb=a.mb):
                     torch.autograd.backward(out, grad)
                 if stage > 0:
                     self._send(x.grad, stage - 1, self.pp_grad)
             else:
                 with self.tracer.span(f"W{a.chunk} mb{a.mb}", "weight", chunk=a.chunk, mb=a.mb):
-                    self.store.run((a.chunk, a.mb))
+                    chunk.weight_grads.run((a.chunk, a.mb))
         with self.tracer.span("wait sends", "comm"):
             for work, _ in self._sends:
                 work.wait()
         self._sends.clear()
         return loss_sum
+
+
+def bubble_hook(tracer, groups, done: int, optimizer, metrics: dict) -> dict:
+    """A step hook (with `trace=true`): the step's measured bubble, averaged over pipeline ranks."""
+    if tracer.bubble is None:
+        return {}
+    t = torch.tensor([tracer.bubble], dtype=torch.float64)
+    dist.all_reduce(t, group=groups["pp"])
+    return {"pp_bubble": t.item() / groups.size("pp")}

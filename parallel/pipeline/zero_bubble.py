@@ -79,3 +79,13 @@ def defer_weight_grads(module: nn.Module, store: WeightGradStore) -> int:
                 lambda self, x: DeferredWeightLinear.apply(x, self.weight, store), linear)
             count += 1
     return count
+
+
+def apply_zero_bubble(model: nn.Module, groups, cfg) -> None:
+    """ZB-H1 (`parallel.schedule=zero_bubble`, with a pipeline): every bias-free linear of the
+    chunk defers its weight gradient to the chunk's own store, `model.weight_grads`, which the
+    schedule's W actions run (parallel/pipeline/executor.py)."""
+    if groups.topology.pp == 1 or cfg.parallel.schedule != "zero_bubble":
+        return
+    model.weight_grads = WeightGradStore()
+    defer_weight_grads(model, model.weight_grads)

@@ -9,6 +9,13 @@ from tests.training import RTOL, References, assert_same_losses, parity_cases, t
 TOL = dict(rtol=1e-10, atol=1e-12)
 
 
+def _cfg(impl: str, seq_len: int):
+    """What apply_cp reads of the run config."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(parallel=SimpleNamespace(cp_impl=impl), train=SimpleNamespace(seq_len=seq_len))
+
+
 def _attention(rank, world, impl, seq_len, n_heads, n_kv_heads):
     from types import SimpleNamespace
 
@@ -25,7 +32,8 @@ def _attention(rank, world, impl, seq_len, n_heads, n_kv_heads):
     local = Attention(args).double()
     local.load_state_dict(full.state_dict())
     holder = SimpleNamespace(layers={"0": SimpleNamespace(attention=local)})
-    positions = apply_cp(holder, groups, impl, seq_len)
+    apply_cp(holder, groups, _cfg(impl, seq_len))
+    positions = holder.positions
     assert torch.equal(positions, local_positions(seq_len, world, rank))
 
     g = torch.Generator().manual_seed(1)
@@ -100,7 +108,8 @@ def _attention_activation_bytes(rank, world, seq_len):
     if world > 1:
         topo = Topology.from_config(SimpleNamespace(tp=1, cp=world, pp=1, ep=1, etp=-1, dp=-1, order="tp-cp-ep-dp-pp"), world)
         holder = SimpleNamespace(layers={"0": SimpleNamespace(attention=attn)})
-        positions = apply_cp(holder, build_groups(topo, "cpu", timeout_s=30), "ring", seq_len)
+        apply_cp(holder, build_groups(topo, "cpu", timeout_s=30), _cfg("ring", seq_len))
+        positions = holder.positions
     x = torch.randn(1, len(positions), args.dim, requires_grad=True)
     storages = {}
 

@@ -48,8 +48,8 @@ def _dispatch(rank, world, ep, etp, kind):
         torch.nn.init.normal_(p, std=0.3)
     local = MoE(DIM, MoEArgs(E, K, HIDDEN), ffn_factory=None).double()
     plan = ShardingPlan()
-    holder = SimpleNamespace(layers={"0": SimpleNamespace(feed_forward=local)})
-    apply_ep(holder, groups, plan, sequence_parallel=True)
+    holder = SimpleNamespace(layers={"0": SimpleNamespace(feed_forward=local)}, sharding=plan)
+    apply_ep(holder, groups, SimpleNamespace(parallel=SimpleNamespace(moe_backend="ep", sp=True)))
     local.experts.to_empty(device="cpu")  # apply_ep leaves the slices on the meta device
     for name, p in local.experts.named_parameters():
         with torch.no_grad():
@@ -157,7 +157,9 @@ def _cross_node_bytes(rank, world, overrides):
     run = setup(compose(overrides))
     run.trainer.train_step(0)
     sent = {}
-    for moe in run.parallel.moe_layers.values():
+    from runtime.moe import MoE
+
+    for moe in (m for m in run.parallel.model.modules() if isinstance(m, MoE)):
         for dst, n in moe.dispatcher.bytes_to.items():
             sent[dst] = sent.get(dst, 0) + n
     node = lambda r: r // 4  # noqa: E731 - nodes of 4 ranks

@@ -93,7 +93,9 @@ def _placement_changes(rank, world):
                  "train.global_batch_size=8", "model.dim=64", "model.n_heads=4", "model.n_kv_heads=2",
                  "model.ffn_dim=96", SCRATCH_RUN_DIR]
     run = setup(compose(overrides))
-    layers = run.parallel.fssdp_layers()
+    from parallel.strategies.fssdp.layer import FSSDPExperts
+
+    layers = [m for m in run.parallel.model.modules() if isinstance(m, FSSDPExperts)]
     initial = [list(x.owners) for x in layers]
     for step in range(20):
         run.trainer.train_step(step)
@@ -103,7 +105,7 @@ def _placement_changes(rank, world):
     for step in range(2):
         remat.trainer.train_step(step)
     return ([x.gathered_rows for x in layers], [x.owners != o for x, o in zip(layers, initial)],
-            [x.w1.shape[0] for x in layers], (run.parallel.fssdp_memory.peak, remat.parallel.fssdp_memory.peak))
+            [x.w1.shape[0] for x in layers], (run.parallel.model.fssdp_memory.peak, remat.parallel.model.fssdp_memory.peak))
 
 
 def test_fssdp_replicates_reshards_and_rematerialises():

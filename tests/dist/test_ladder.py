@@ -46,24 +46,24 @@ def _build(world, residual, n_layers=4, dim=64, extra=()):
     from parallel.groups import build_groups
     from parallel.parallelize import parallelize
     from runtime.model import ModelArgs, Transformer
-    from runtime.trainer import cross_entropy_sum
+    from runtime.trace import Tracer
 
     cfg = compose([*SMALL, f"model.residual={residual}", f"model.n_layers={n_layers}", f"model.dim={dim}",
                    f"parallel.tp={world}", "train.dtype=float64", SCRATCH_RUN_DIR, *extra])
     groups = build_groups(validate(cfg, world), "cpu", timeout_s=60)
     with torch.device("meta"):
         model = Transformer(ModelArgs.from_config(cfg.model)).double()
-    par = parallelize(model, groups, cfg.parallel, cross_entropy_sum, cfg.train.seq_len)
-    par.materialize(torch.device("cpu"), seed=0)
+    par = parallelize(model, groups, cfg, torch.device("cpu"), Tracer(False))
     return par
 
 
 def _generate(rank, world, residual):
+    from parallel.tensor import gather_logits
     from runtime.generate import generate
 
     par = _build(world, residual)
     prompt = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(3))
-    return generate(par.model, prompt, 12, gather_logits=par.gather_logits).tolist()
+    return generate(par.model, prompt, 12, gather_logits=lambda x: gather_logits(x, par.groups)).tolist()
 
 
 @pytest.mark.parametrize("residual", ["ladder", "standard"])

@@ -17,16 +17,19 @@ def _poisoned_run(rank, world, run_dir, nan_steps, overrides):
     from runtime.trainer import NonFiniteError
 
     r = setup(compose([*SMALL, f"run_dir={run_dir}", *overrides]))
-    forward_backward = r.trainer.forward_backward
+    train_step, finish_grads, step = r.trainer.train_step, r.parallel.finish_grads, [0]
 
-    def poisoned(batches, step=0):
-        out = forward_backward(batches, step)
-        if step + 1 in nan_steps and rank == 0:
+    def counted(s):
+        step[0] = s
+        return train_step(s)
+
+    def poisoned():  # the gradients are complete; a NaN in one now reaches the global norm
+        finish_grads()
+        if step[0] + 1 in nan_steps and rank == 0:
             grad = next(p.grad for p in r.parallel.parameters() if p.grad is not None)
             (grad.to_local() if hasattr(grad, "to_local") else grad).view(-1)[0] = float("nan")
-        return out
 
-    r.trainer.forward_backward = poisoned
+    r.trainer.train_step, r.parallel.finish_grads = counted, poisoned
     try:
         r.trainer.fit(0)
     except NonFiniteError as e:

@@ -48,18 +48,18 @@ def _zero_bubble_defers(rank, world):
 
     run = setup(compose([*SMALL, *MB2, "parallel.pp=2", "parallel.schedule=zero_bubble", SCRATCH_RUN_DIR]))
     par = run.parallel
-    executor = par.executor
+    store = par.chunks[0].weight_grads
     seen = []
-    original = par.store.run
+    original = store.run
 
     def run_w(key):
         # At each W, the weights of the linears still lack this microbatch's contribution.
-        seen.append(len(par.store.pending[key]))
+        seen.append(len(store.pending[key]))
         original(key)
 
-    par.store.run = run_w
-    executor.forward_backward(run.trainer.loader.step(0), 1.0, lambda: torch.autocast("cpu", enabled=False))
-    assert len(par.store) == 0, "weight gradients left pending"
+    store.run = run_w
+    par.pipeline.forward_backward(run.trainer.loader.step(0), 1.0, lambda: torch.autocast("cpu", enabled=False))
+    assert len(store) == 0, "weight gradients left pending"
     linears_per_chunk = sum(isinstance(m, torch.nn.Linear) for m in par.chunks[0].modules())
     return seen, linears_per_chunk
 

@@ -22,7 +22,7 @@ def build(rank, world, sp, extra=()):
     from parallel.materialize import materialize
     from parallel.parallelize import parallelize
     from runtime.model import ModelArgs, Transformer
-    from runtime.trainer import cross_entropy_sum
+    from runtime.trace import Tracer
 
     cfg = compose([*SMALL, f"parallel.tp={world}", f"parallel.sp={sp}", "train.dtype=float64",
                    SCRATCH_RUN_DIR, *extra])
@@ -31,8 +31,7 @@ def build(rank, world, sp, extra=()):
     with torch.device("meta"):
         full, tp_model = Transformer(args).double(), Transformer(args).double()
     materialize(full, full.init_full, torch.device("cpu"), seed=0)
-    par = parallelize(tp_model, groups, cfg.parallel, cross_entropy_sum, cfg.train.seq_len)
-    par.materialize(torch.device("cpu"), seed=0)
+    par = parallelize(tp_model, groups, cfg, torch.device("cpu"), Tracer(False))
     return full, par, groups
 
 
@@ -173,7 +172,7 @@ def _state_bytes(rank, world, overrides):
 
     run = setup(compose([*SMALL, *overrides]))
     run.trainer.train_step(0)  # creates the optimizer state
-    run.trainer.forward_backward(run.trainer.loader.step(1))  # and gradients (a step frees them)
+    run.trainer.forward_backward(run.trainer.loader.step(1), 1.0)  # and gradients (a step frees them)
     local = lambda t: t.to_local() if isinstance(t, DTensor) else t  # noqa: E731
     params = list(run.parallel.model.parameters())
     nbytes = lambda ts: sum(local(t).numel() * local(t).element_size() for t in ts)  # noqa: E731

@@ -52,7 +52,7 @@ def _bf16_fsdp_step(reduce_dtype):
         return original(output, input, *args, **kwargs)
 
     setattr(dist, name, recording)  # what FSDP2 calls to reduce gradients
-    run.trainer.forward_backward(run.trainer.loader.step(0))
+    run.trainer.forward_backward(run.trainer.loader.step(0), 1.0)
     setattr(dist, name, original)
     master = block.attention.wq.weight
     return {"compute": seen[0], "master": master.dtype, "grad": master.grad.dtype, "reduced": reduced,

@@ -94,3 +94,34 @@ def test_wrapper_prefixes_do_not_change_names_or_seeds():
         "layers.0.attention.wq.weight"
     assert name_seed(0, "a") != name_seed(0, "b") != name_seed(1, "a")
     assert name_seed(0, "a") == 0x0 + name_seed(0, "a")  # stable: no Python hash randomisation
+
+
+def test_every_parameter_declares_its_initialisation_and_tensor_parallel_style():
+    from launch.config import compose
+    from runtime.model import declared
+
+    for overrides in (["model=tiny"], ["model=tiny_moe", "model.moe.shared_expert=true"], ["model.residual=ladder"]):
+        with torch.device("meta"):
+            model = Transformer(ModelArgs.from_config(compose([*overrides, "run_dir=/x"]).model))
+        for name, _ in [*model.named_parameters(), *model.named_buffers()]:
+            declared(model, name, "init_plan", innermost=True)
+        for name, _ in model.named_parameters():
+            declared(model, name, "tp_plan", innermost=False)
+
+
+def test_a_parameter_without_declarations_is_an_error_naming_it():
+    """A new parameter gets neither a silent default value nor a silent tensor-parallel split."""
+    from runtime.model import FeedForward, declared
+
+    class Gated(FeedForward):
+        def __init__(self, dim, ffn_dim):
+            super().__init__(dim, ffn_dim)
+            self.gate = torch.nn.Parameter(torch.empty(ffn_dim))
+
+    with torch.device("meta"):
+        model = Transformer(ModelArgs.tiny())
+        model.layers["0"].feed_forward = Gated(model.args.dim, model.args.ffn_dim)
+    with pytest.raises(KeyError, match="layers.0.feed_forward.gate has no init_plan declaration"):
+        model.init_full("layers.0.feed_forward.gate", torch.Size([688]), torch.Generator())
+    with pytest.raises(KeyError, match="layers.0.feed_forward.gate has no tp_plan declaration"):
+        declared(model, "layers.0.feed_forward.gate", "tp_plan", innermost=False)

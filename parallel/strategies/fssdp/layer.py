@@ -266,24 +266,41 @@ class FSSDPDispatcher:
         return result.index_add(0, token, out * weight.unsqueeze(-1).to(out.dtype))
 
 
-def apply_fssdp(model: nn.Module, groups, plan: ShardingPlan, cfg, sequence_parallel: bool, node_of,
-                memory: MaterializedMemory) -> list[MoE]:
-    """Rewrite every MoE block of the meta-device `model` for FSSDP over the `ep` group."""
-    found = []
+def apply_fssdp(model: nn.Module, groups, cfg) -> None:
+    """Rewrite every MoE block of the meta-device `model` for FSSDP over the `ep` group (when
+    `parallel.moe_backend=fssdp`); the blocks' materialised expert bytes are counted in
+    `model.fssdp_memory` (a MaterializedMemory)."""
+    if cfg.parallel.moe_backend != "fssdp":
+        return
+    plan, node_size, ep_ranks = model.sharding, groups.node_size, groups.ranks["ep"]
+    node_of = (lambda d: ep_ranks[d] // node_size) if node_size else (lambda d: 0)
+    memory = model.fssdp_memory = getattr(model, "fssdp_memory", None) or MaterializedMemory()
     for i, block in model.layers.items():
         moe = block.feed_forward
         if not isinstance(moe, MoE):
             continue
         prefix = f"layers.{i}.feed_forward.experts"
         e, dim, hidden = moe.experts.w1.shape
-        experts = FSSDPExperts(e, dim, hidden, moe.experts.w1.dtype, groups, cfg, node_of, memory)
+        experts = FSSDPExperts(e, dim, hidden, moe.experts.w1.dtype, groups, cfg.parallel.fssdp, node_of, memory)
         for name in MATRICES:
             full = getattr(moe.experts, name)
             plan[f"{prefix}.{name}"] = ParamSpec(tuple(full.shape), rows=tuple(experts._owned()), rows_group="ep")
         moe.experts = experts
         moe.dispatcher = FSSDPDispatcher(experts)
-        moe_common(moe, int(i), groups, plan, sequence_parallel)
+        moe_common(moe, int(i), groups, plan, cfg.parallel.sp)
         # Post the gather when the block starts: it overlaps the attention that comes first.
         block.register_forward_pre_hook(lambda *_, x=experts: x.prefetch())
-        found.append(moe)
-    return found
+
+
+def fssdp_step(layers: dict[int, FSSDPExperts], plan: ShardingPlan, reshard_every: int, done: int, optimizer,
+               metrics: dict) -> dict:
+    """A step hook (parallel/parallelize.py), after the MoE statistics: each layer's load joins its
+    sliding window; every `reshard_every` steps ownership is re-planned (rows and their
+    optimizer state move); then the next step's replicas are planned. It runs between the
+    optimizer step and the next checkpoint request, when no checkpoint copy is in flight."""
+    for layer, experts in layers.items():
+        experts.observe(metrics["expert_load"][str(layer)])
+        if reshard_every and done % reshard_every == 0:
+            experts.reshard(optimizer, plan, f"layers.{layer}.feed_forward.experts")
+        experts.plan_step()
+    return {}

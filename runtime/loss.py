@@ -1,0 +1,16 @@
+"""The training loss of one microbatch: token cross-entropies summed (the trainer divides by the
+global number of target tokens). The model holds it as `loss_fn`; tensor parallelism replaces
+it with the vocabulary-parallel version, which never gathers the logits."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100  # a target that does not count
+
+
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of token cross-entropies, in at least fp32; targets equal to IGNORE_INDEX count 0."""
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    return F.cross_entropy(logits.flatten(0, 1).to(dtype), labels.flatten(),
+                           reduction="sum", ignore_index=IGNORE_INDEX)
