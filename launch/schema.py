@@ -55,7 +55,26 @@ def num(default, **bounds):
     return field(default=default, metadata={"range": Range(**bounds)})
 
 
-class DType(enum.Enum):
+class Choice(str, enum.Enum):
+    """A closed choice: Hydra refuses any other value at composition, naming the valid ones. A
+    member is its string (`==`, hashing, formatting), so code compares with plain strings."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+def choice(name: str, values: str, doc: str) -> type[Choice]:
+    """A Choice whose members are `values` (space-separated), names and values alike, so that
+    values that are not identifiers ("1f1b", "reduce-overhead") work as Hydra overrides."""
+    made = Choice(name, [(v, v) for v in values.split()])
+    made.__doc__ = doc
+    return made
+
+
+class DType(Choice):
     """Numeric precision of the training step."""
 
     float32 = "float32"  # parameters, activations and reductions in fp32 (parity reference)
@@ -63,35 +82,48 @@ class DType(enum.Enum):
     float64 = "float64"  # everything in double precision (CPU exactness tests)
 
 
-class DataParallel(enum.Enum):
+class DataParallel(Choice):
     """How the data-parallel dimension holds parameters and reduces gradients."""
 
     fsdp = "fsdp"  # FSDP2 fully_shard: parameters, gradients and optimizer state sharded
     ddp = "ddp"  # torch DistributedDataParallel: replicated, gradients all-reduced
 
 
-class ActivationCheckpoint(enum.Enum):
+class ActivationCheckpoint(Choice):
     none = "none"  # keep every activation
     full = "full"  # recompute each Transformer block in backward
     selective = "selective"  # recompute only the attention core (scores, softmax)
 
 
-class Device(enum.Enum):
+class Device(Choice):
     auto = "auto"  # cuda when available, else cpu
     cpu = "cpu"
     cuda = "cuda"
 
 
-class CheckpointEngine(enum.Enum):
+class CheckpointEngine(Choice):
     lazy = "lazy"  # copied out during the next step's forward/backward, written in the background
     sync = "sync"  # blocking save of every rank's blocks, two-phase commit
     dcp_async = "dcp_async"  # baseline: PyTorch DCP async_save (eager staging copy, background write)
 
 
-class WandbMode(enum.Enum):
+class WandbMode(Choice):
     disabled = "disabled"
     offline = "offline"
     online = "online"
+
+
+Residual = choice("Residual", "standard ladder", "standard, or ladder (branches overlap the TP all-reduces)")
+CPImpl = choice("CPImpl", "ring ulysses", "context-parallel attention")
+Schedule = choice("Schedule", "1f1b interleaved_1f1b zero_bubble", "pipeline schedule")
+Placement = choice("Placement", "holmes megatron", "logical ranks onto processes")
+ReduceDType = choice("ReduceDType", "float32 bfloat16", "FSDP2 gradient reduction precision under bf16")
+MoEBackend = choice("MoEBackend", "ep fssdp", "what runs the MoE layers")
+CompileMode = choice("CompileMode", "default reduce-overhead max-autotune max-autotune-no-cudagraphs",
+                     "torch.compile mode; reduce-overhead and max-autotune capture CUDA graphs")
+DataSource = choice("DataSource", "sample tokens synthetic", "where tokens come from")
+Optimizer = choice("Optimizer", "adamw", "the optimizer")
+NcclNet = choice("NcclNet", "IB Socket", "NCCL's network module")
 
 
 @dataclass
@@ -123,7 +155,7 @@ class ModelConfig:
     vocab_size: int = num(MISSING, ge=1)  # embedding and output rows
     norm_eps: float = num(1e-5, gt=0)  # RMSNorm epsilon
     rope_theta: float = num(10000.0, gt=0)  # rotary embedding base
-    residual: str = "standard"  # standard | ladder (ladder residual: branches overlap TP all-reduces)
+    residual: Residual = Residual["standard"]  # standard | ladder (ladder residual: branches overlap TP all-reduces)
     ladder_layers: int = num(0, ge=0, note="0 = all")  # with residual=ladder: how many of the last layers are ladder; 0 = all
     moe: MoEConfig = field(default_factory=MoEConfig)
 
@@ -153,19 +185,19 @@ class ParallelConfig:
     etp: int = num(-1, ge=1, also=(-1,), note="-1 = tp")  # expert tensor-parallel size; -1 = tp (Megatron-Core's default)
     order: str = "tp-cp-ep-dp-pp"  # rank layout, fastest-varying dimension first
     sp: bool = False  # sequence parallelism: norms and residual stream on sequence shards (needs tp > 1)
-    cp_impl: str = "ring"  # context-parallel attention: ring | ulysses
+    cp_impl: CPImpl = CPImpl["ring"]  # context-parallel attention: ring | ulysses
     vpp: int = num(1, ge=1)  # model chunks per pipeline rank (1 = no interleaving)
-    schedule: str = "1f1b"  # pipeline schedule: 1f1b | interleaved_1f1b | zero_bubble
+    schedule: Schedule = Schedule["1f1b"]  # pipeline schedule: 1f1b | interleaved_1f1b | zero_bubble
     pp_group_size: int = num(0, ge=0, note="0 = pp")  # interleaved schedule: microbatches per group; 0 = pp
     pp_layers: Any = None  # layers per stage: a list of pp·vpp counts; null = even; auto = by stage speed
-    placement: str = "holmes"  # logical ranks -> processes: holmes (by NIC class, node) | megatron (identity)
+    placement: Placement = Placement["holmes"]  # logical ranks -> processes: holmes (by NIC class, node) | megatron (identity)
     pp_count_embedding_head: bool = False  # balance stages counting the embedding and head as a layer each
     dp_impl: DataParallel = DataParallel.fsdp  # how data parallelism shards and reduces
     dp_replicate: int = num(1, ge=1)  # HSDP: replicas of an FSDP group sharded over dp·cp/dp_replicate ranks
     reshard_after_forward: bool = True  # false = ZeRO-2-like: keep gathered parameters until backward
-    reduce_dtype: str = "float32"  # FSDP2 gradient reduction precision under train.dtype=bfloat16: float32 | bfloat16
+    reduce_dtype: ReduceDType = ReduceDType["float32"]  # FSDP2 gradient reduction precision under train.dtype=bfloat16: float32 | bfloat16
     activation_checkpoint: ActivationCheckpoint = ActivationCheckpoint.none  # none | full | selective
-    moe_backend: str = "ep"  # MoE layers: ep (expert parallelism) | fssdp (Hecate's sparse data parallelism)
+    moe_backend: MoEBackend = MoEBackend["ep"]  # MoE layers: ep (expert parallelism) | fssdp (Hecate's sparse data parallelism)
     fssdp: FSSDPConfig = field(default_factory=FSSDPConfig)
     timeout_s: float = num(600.0, ge=10)  # timeout of every process group (a hang fails, never waits forever)
 
@@ -184,14 +216,14 @@ class TrainConfig:
     device: Device = Device.auto  # where the model runs
     skip_nonfinite: int = num(3, ge=0, note="0 = stop at the first non-finite step")  # skip up to K steps in a row whose loss or grad norm is NaN/Inf; stop at K+1
     compile: bool = False  # torch.compile each Transformer block (after activation checkpointing, before FSDP)
-    compile_mode: str = "default"  # default | max-autotune-no-cudagraphs; reduce-overhead | max-autotune use CUDA graphs
+    compile_mode: CompileMode = CompileMode["default"]  # default | max-autotune-no-cudagraphs; reduce-overhead | max-autotune use CUDA graphs
 
 
 @dataclass
 class OptimConfig:
     """AdamW with linear warm-up and cosine decay, and global-norm gradient clipping."""
 
-    name: str = "adamw"
+    name: Optimizer = Optimizer["adamw"]
     beta1: float = num(0.9, ge=0, lt=1)  # AdamW's first-moment decay
     beta2: float = num(0.95, ge=0, lt=1)  # AdamW's second-moment decay
     eps: float = num(1e-8, gt=0)  # AdamW's denominator term
@@ -206,7 +238,7 @@ class OptimConfig:
 class DataConfig:
     """Where tokens come from."""
 
-    name: str = MISSING  # sample | tokens | synthetic
+    name: DataSource = MISSING  # sample | tokens | synthetic
     path: Optional[str] = None  # tokens: a .npy file of token ids (python -m launch.tokenize)
 
 
@@ -255,7 +287,7 @@ class NicClassConfig:
 
     gbps: float = num(10.0, gt=0)  # bandwidth of one node's link in this class, Gbit/s (partition and planner)
     speed_rank: int = num(0, ge=0)  # placement order: lower = faster class, placed on earlier pipeline stages
-    nccl_net: str = "Socket"  # NCCL network module for groups inside the class: IB | Socket
+    nccl_net: NcclNet = NcclNet["Socket"]  # NCCL network module for groups inside the class: IB | Socket
     nccl_env: dict[str, str] = field(default_factory=dict)  # e.g. NCCL_IB_HCA, NCCL_IB_GID_INDEX
     gloo_ifname: Optional[str] = None  # interface for gloo groups inside the class; null = the default
 

@@ -16,13 +16,11 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from launch import schema
-from parallel.compile import CUDA_GRAPH_MODES, MODES as COMPILE_MODES
+from parallel.compile import CUDA_GRAPH_MODES
 from parallel.mesh import Topology, TopologyError
 from parallel.pipeline.partition import PartitionError, stage_layers
-from parallel.pipeline.schedules import SCHEDULES
 from runtime.data.sources import source_config_problems
 
-PLACEMENTS = ("holmes", "megatron")
 
 
 class ConfigError(ValueError):
@@ -138,9 +136,7 @@ def _moe_problems(cfg, topo: Topology | None) -> list[str]:
     if p.tp > 1 and not p.sp:
         out.append(f"MoE with parallel.tp={p.tp} needs parallel.sp=true: the experts see each TP rank's "
                    f"sequence shard of the tokens (as in Megatron-Core)")
-    if p.moe_backend not in ("ep", "fssdp"):
-        out.append(f"parallel.moe_backend={p.moe_backend!r} is unknown; valid: ep, fssdp")
-    elif p.moe_backend == "fssdp" and topo is not None and (topo.etp != 1 or topo.edp != 1):
+    if p.moe_backend == "fssdp" and topo is not None and (topo.etp != 1 or topo.edp != 1):
         stage = topo.tp * topo.cp * topo.dp
         out.append(f"parallel.moe_backend=fssdp shards whole experts over all {stage} ranks of a pipeline stage: "
                    f"set parallel.ep={stage} and parallel.etp=1 (now ep={topo.ep}, etp={topo.etp}, edp={topo.edp})")
@@ -169,8 +165,6 @@ def _tp_problems(m, tp: int) -> list[str]:
 def _ladder_problems(cfg) -> list[str]:
     m, p = cfg.model, cfg.parallel
     out = []
-    if m.residual not in ("standard", "ladder"):
-        return [f"model.residual={m.residual!r} is unknown; valid: standard, ladder"]
     if m.ladder_layers > m.n_layers:
         out.append(f"model.ladder_layers={m.ladder_layers} must be between 0 (all layers) and model.n_layers={m.n_layers}")
     if m.residual == "ladder" and m.moe.num_experts and p.tp > 1:
@@ -226,10 +220,6 @@ def _train_problems(cfg, topo: Topology | None) -> list[str]:
     if m.enabled and m.hang_timeout_s >= cfg.parallel.timeout_s:
         out.append(f"monitor.hang_timeout_s={m.hang_timeout_s} must be below parallel.timeout_s="
                    f"{cfg.parallel.timeout_s}, or the backend's own timeout fires first")
-    if t.compile_mode not in COMPILE_MODES:
-        out.append(f"train.compile_mode={t.compile_mode!r} is unknown; valid: {', '.join(COMPILE_MODES)}")
-    if cfg.parallel.reduce_dtype not in ("float32", "bfloat16"):
-        out.append(f"parallel.reduce_dtype={cfg.parallel.reduce_dtype!r} is unknown; valid: float32, bfloat16")
     return out
 
 
@@ -252,8 +242,6 @@ def _device_problems(cfg) -> list[str]:
 def _pipeline_problems(cfg, topo: Topology | None) -> list[str]:
     """The split of layers over stages and the schedule's rules (Narayanan et al.; Megatron-LM)."""
     p, out = cfg.parallel, []
-    if p.schedule not in SCHEDULES:
-        return [f"parallel.schedule={p.schedule!r} is unknown; valid: {', '.join(SCHEDULES)}"]
     if p.pp == 1:
         if p.vpp > 1:
             out.append(f"parallel.vpp={p.vpp} needs pipeline parallelism (parallel.pp > 1): virtual stages "
@@ -307,8 +295,6 @@ def _context_problems(cfg) -> list[str]:
     p, t, m = cfg.parallel, cfg.train, cfg.model
     if p.cp == 1:
         return []
-    if p.cp_impl not in ("ring", "ulysses"):
-        return [f"parallel.cp_impl={p.cp_impl!r} is unknown; valid: ring, ulysses"]
     out = []
     if t.seq_len % (2 * p.cp):
         out.append(f"train.seq_len={t.seq_len} is not divisible by 2·cp = {2 * p.cp}: context parallelism "
@@ -327,8 +313,6 @@ def _context_problems(cfg) -> list[str]:
 def _cluster_problems(cfg, world_size: int) -> list[str]:
     """The cluster description and placement (Holmes): what every rank can check alone."""
     c, out = cfg.cluster, []
-    if cfg.parallel.placement not in PLACEMENTS:
-        out.append(f"parallel.placement={cfg.parallel.placement!r} is unknown; valid: {', '.join(PLACEMENTS)}")
     known = sorted(c.classes)
     unknown = sorted({n.nic for n in c.nodes if n.nic not in c.classes})
     if unknown:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 

@@ -10,8 +10,6 @@ def build_optimizer(params, optim, lr: float, device: torch.device | None = None
     """AdamW over `params` (this rank's parameters, of any number of model chunks): the fused
     kernel (one launch per parameter group) where `optim.fused` says so or, when it is null, on
     CUDA; the foreach kernel otherwise."""
-    if optim.name != "adamw":
-        raise ValueError(f"optim.name={optim.name!r} is unknown; valid: adamw")
     groups: dict[tuple[bool, type], list] = {}
     for p in params:
         # Norm weights (1-D) are not decayed; matrices and embeddings are. Sharded (DTensor) and

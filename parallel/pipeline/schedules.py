@@ -22,8 +22,6 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-SCHEDULES = ("1f1b", "interleaved_1f1b", "zero_bubble")
-
 
 @dataclass(frozen=True)
 class Action:
@@ -108,13 +106,10 @@ def zero_bubble_h1(p: int, m: int, rank: int) -> list[Action]:
 
 
 def build(kind: str, p: int, v: int, m: int, rank: int, group: int | None = None) -> list[Action]:
-    if kind == "1f1b":
-        return one_f_one_b(p, m, rank)
+    """Rank `rank`'s actions under schedule `kind` (launch/schema.py's Schedule)."""
     if kind == "interleaved_1f1b":
         return interleaved_1f1b(p, v, m, rank, group or p)
-    if kind == "zero_bubble":
-        return zero_bubble_h1(p, m, rank)
-    raise ValueError(f"parallel.schedule={kind!r} is unknown; valid: {', '.join(SCHEDULES)}")
+    return {"1f1b": one_f_one_b, "zero_bubble": zero_bubble_h1}[kind](p, m, rank)
 
 
 class ScheduleError(RuntimeError):

@@ -26,6 +26,12 @@ def test_the_default_config_is_valid_and_typed():
     ("train.dtype=half", "Invalid value 'half', expected one of [float32, bfloat16, float64]"),
     ("model=nope", "Could not find 'model/nope'"),
     ("train.stepz=3", "Key 'stepz' not in 'TrainConfig'"),
+    # Closed choices are enums: Hydra names the valid values.
+    ("parallel.schedule=gpipe", "Invalid value 'gpipe', expected one of [1f1b, interleaved_1f1b, zero_bubble]"),
+    ("parallel.cp_impl=flash", "Invalid value 'flash', expected one of [ring, ulysses]"),
+    ("parallel.moe_backend=sharded", "Invalid value 'sharded', expected one of [ep, fssdp]"),
+    ("train.compile_mode=fast", "expected one of [default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs]"),
+    ("model.residual=rungs", "Invalid value 'rungs', expected one of [standard, ladder]"),
 ])
 def test_composition_rejects_wrong_types_and_names(override, fragment):
     with pytest.raises(ConfigCompositionException) as info:
@@ -128,7 +134,6 @@ def test_kv_heads_may_be_fewer_than_tp_ranks():
     (["parallel.pp=2", "parallel.vpp=2"], 2, "parallel.schedule=1f1b runs one chunk per rank but parallel.vpp=2"),
     (["parallel.pp=2", "parallel.schedule=zero_bubble", "parallel.dp=2", "train.micro_batch_size=2"], 4,
      "parallel.schedule=zero_bubble defers weight gradients past each block's backward, where FSDP2"),
-    (["parallel.pp=2", "parallel.schedule=gpipe"], 2, "parallel.schedule='gpipe' is unknown; valid: 1f1b, interleaved_1f1b, zero_bubble"),
     (["parallel.pp=2", "parallel.pp_layers=7"], 2, "parallel.pp_layers=7 must be a list of 2 layer counts, auto, or null"),
 ])
 def test_pipeline_problems_are_named(overrides, world, fragment):
@@ -142,7 +147,6 @@ def test_pipeline_problems_are_named(overrides, world, fragment):
      "parallel.cp_impl=ulysses splits the attention heads over the CP ranks: model.n_heads / tp = 6 / 1 = 6 is not divisible by parallel.cp=4"),
     (["parallel.cp=2", "parallel.tp=4", "parallel.sp=true", "train.seq_len=20"], 8,
      "train.seq_len / cp = 20 / 2 = 10 tokens per CP rank is not divisible by parallel.tp=4"),
-    (["parallel.cp=2", "parallel.cp_impl=flash"], 2, "parallel.cp_impl='flash' is unknown; valid: ring, ulysses"),
 ])
 def test_context_parallel_problems_are_named(overrides, world, fragment):
     found = problems(["run_dir=/x", *overrides], world)
@@ -168,7 +172,6 @@ def test_moe_problems_are_named(overrides, world, fragment):
     (["model=tiny_moe", "parallel.moe_backend=fssdp", "parallel.ep=2", "parallel.dp=4", "train.micro_batch_size=2"], 4,
      "parallel.moe_backend=fssdp shards whole experts over all 4 ranks of a pipeline stage: set parallel.ep=4 and parallel.etp=1"),
     (["parallel.moe_backend=fssdp"], 1, "parallel.moe_backend=fssdp needs a model with experts"),
-    (["model=tiny_moe", "parallel.moe_backend=sharded"], 1, "parallel.moe_backend='sharded' is unknown; valid: ep, fssdp"),
 ])
 def test_fssdp_problems_are_named(overrides, world, fragment):
     found = problems(["run_dir=/x", *overrides], world)
