@@ -139,7 +139,7 @@ class MoEConfig:
     aux_loss_coef: float = num(0.01, ge=0)  # Switch load-balancing loss
     z_loss_coef: float = num(0.001, ge=0)  # router z-loss
     bias_update_rate: float = num(0.0, ge=0)  # aux-loss-free balancing: per-expert bias step per update; 0 = off
-    capacity_factor: float = num(0.0, ge=0, note="0 = dropless")  # 0 = dropless; else each expert keeps factor·tokens·top_k/experts of the local tokens
+    capacity_factor: float = num(0.0, ge=0, note="0 = dropless")  # each expert keeps factor·tokens·top_k/experts
 
 
 @dataclass
@@ -155,8 +155,8 @@ class ModelConfig:
     vocab_size: int = num(MISSING, ge=1)  # embedding and output rows
     norm_eps: float = num(1e-5, gt=0)  # RMSNorm epsilon
     rope_theta: float = num(10000.0, gt=0)  # rotary embedding base
-    residual: Residual = Residual["standard"]  # standard | ladder (ladder residual: branches overlap TP all-reduces)
-    ladder_layers: int = num(0, ge=0, note="0 = all")  # with residual=ladder: how many of the last layers are ladder; 0 = all
+    residual: Residual = Residual["standard"]  # ladder: each branch's TP all-reduce overlaps the next branch
+    ladder_layers: int = num(0, ge=0, note="0 = all")  # with residual=ladder: how many of the last layers are ladder
     moe: MoEConfig = field(default_factory=MoEConfig)
 
 
@@ -180,24 +180,24 @@ class ParallelConfig:
     tp: int = num(1, ge=1)  # tensor-parallel size
     pp: int = num(1, ge=1)  # pipeline-parallel size
     cp: int = num(1, ge=1)  # context-parallel size
-    dp: int = num(-1, ge=1, also=(-1,), note="-1 = world size / (tp·pp·cp)")  # data-parallel size; -1 = world size / (tp·pp·cp)
+    dp: int = num(-1, ge=1, also=(-1,), note="-1 = world size / (tp·pp·cp)")  # data-parallel size
     ep: int = num(1, ge=1)  # expert-parallel size (MoE layers)
-    etp: int = num(-1, ge=1, also=(-1,), note="-1 = tp")  # expert tensor-parallel size; -1 = tp (Megatron-Core's default)
+    etp: int = num(-1, ge=1, also=(-1,), note="-1 = tp")  # expert tensor-parallel size (-1: Megatron-Core's default)
     order: str = "tp-cp-ep-dp-pp"  # rank layout, fastest-varying dimension first
     sp: bool = False  # sequence parallelism: norms and residual stream on sequence shards (needs tp > 1)
-    cp_impl: CPImpl = CPImpl["ring"]  # context-parallel attention: ring | ulysses
+    cp_impl: CPImpl = CPImpl["ring"]  # context-parallel attention: KV ring or head all-to-all
     vpp: int = num(1, ge=1)  # model chunks per pipeline rank (1 = no interleaving)
-    schedule: Schedule = Schedule["1f1b"]  # pipeline schedule: 1f1b | interleaved_1f1b | zero_bubble
+    schedule: Schedule = Schedule["1f1b"]  # pipeline schedule (interleaving needs vpp > 1)
     pp_group_size: int = num(0, ge=0, note="0 = pp")  # interleaved schedule: microbatches per group; 0 = pp
     pp_layers: Any = None  # layers per stage: a list of pp·vpp counts; null = even; auto = by stage speed
-    placement: Placement = Placement["holmes"]  # logical ranks -> processes: holmes (by NIC class, node) | megatron (identity)
+    placement: Placement = Placement["holmes"]  # logical ranks -> processes: by NIC class and node, or the identity
     pp_count_embedding_head: bool = False  # balance stages counting the embedding and head as a layer each
     dp_impl: DataParallel = DataParallel.fsdp  # how data parallelism shards and reduces
     dp_replicate: int = num(1, ge=1)  # HSDP: replicas of an FSDP group sharded over dp·cp/dp_replicate ranks
     reshard_after_forward: bool = True  # false = ZeRO-2-like: keep gathered parameters until backward
-    reduce_dtype: ReduceDType = ReduceDType["float32"]  # FSDP2 gradient reduction precision under train.dtype=bfloat16: float32 | bfloat16
-    activation_checkpoint: ActivationCheckpoint = ActivationCheckpoint.none  # none | full | selective
-    moe_backend: MoEBackend = MoEBackend["ep"]  # MoE layers: ep (expert parallelism) | fssdp (Hecate's sparse data parallelism)
+    reduce_dtype: ReduceDType = ReduceDType["float32"]  # FSDP2 gradient reduction precision under train.dtype=bfloat16
+    activation_checkpoint: ActivationCheckpoint = ActivationCheckpoint.none  # recompute blocks or attention cores
+    moe_backend: MoEBackend = MoEBackend["ep"]  # MoE layers: expert parallelism, or FSSDP (Hecate)
     fssdp: FSSDPConfig = field(default_factory=FSSDPConfig)
     timeout_s: float = num(600.0, ge=10)  # timeout of every process group (a hang fails, never waits forever)
 
@@ -207,23 +207,23 @@ class TrainConfig:
     """The training loop."""
 
     steps: int = num(200, ge=1)  # optimizer steps of the whole run (the schedule's length)
-    stop_at_step: int = num(0, ge=0, note="0 = off")  # end this launch after this step, with a checkpoint; 0 = run to `steps`
+    stop_at_step: int = num(0, ge=0, note="0 = off")  # end this launch after this step, with a checkpoint
     global_batch_size: int = num(16, ge=1)  # sequences per optimizer step, over all data-parallel ranks
     micro_batch_size: int = num(4, ge=1)  # sequences per microbatch per data-parallel rank
     seq_len: int = num(256, ge=1)  # tokens per sequence
     lr: float = num(3e-3, gt=0)  # peak learning rate
     dtype: DType = DType.float32  # precision of the step
     device: Device = Device.auto  # where the model runs
-    skip_nonfinite: int = num(3, ge=0, note="0 = stop at the first non-finite step")  # skip up to K steps in a row whose loss or grad norm is NaN/Inf; stop at K+1
+    skip_nonfinite: int = num(3, ge=0, note="0 = stop at the first")  # NaN/Inf steps in a row to skip; one more stops
     compile: bool = False  # torch.compile each Transformer block (after activation checkpointing, before FSDP)
-    compile_mode: CompileMode = CompileMode["default"]  # default | max-autotune-no-cudagraphs; reduce-overhead | max-autotune use CUDA graphs
+    compile_mode: CompileMode = CompileMode["default"]  # reduce-overhead and max-autotune capture CUDA graphs
 
 
 @dataclass
 class OptimConfig:
     """AdamW with linear warm-up and cosine decay, and global-norm gradient clipping."""
 
-    name: Optimizer = Optimizer["adamw"]
+    name: Optimizer = Optimizer["adamw"]  # the optimizer
     beta1: float = num(0.9, ge=0, lt=1)  # AdamW's first-moment decay
     beta2: float = num(0.95, ge=0, lt=1)  # AdamW's second-moment decay
     eps: float = num(1e-8, gt=0)  # AdamW's denominator term
@@ -238,7 +238,7 @@ class OptimConfig:
 class DataConfig:
     """Where tokens come from."""
 
-    name: DataSource = MISSING  # sample | tokens | synthetic
+    name: DataSource = MISSING  # set by the data group (data=sample)
     path: Optional[str] = None  # tokens: a .npy file of token ids (python -m launch.tokenize)
 
 
@@ -246,11 +246,11 @@ class DataConfig:
 class CheckpointConfig:
     enabled: bool = True  # false: this run writes no checkpoint, not even on SIGTERM/SIGINT (it still resumes)
     dir: str = "${run_dir}/checkpoints"  # where checkpoints and the `latest` marker live
-    every: int = num(0, ge=0, note="0 = no periodic checkpoints")  # save every N optimizer steps and after the last one; 0 = never
-    every_s: float = num(0.0, ge=0, note="0 = no time-based checkpoints")  # also save when this many seconds passed since the last save; 0 = off
-    keep_last: int = num(0, ge=0, note="0 = keep every checkpoint")  # keep only the newest N committed checkpoints; 0 = keep all
+    every: int = num(0, ge=0, note="0 = no periodic checkpoints")  # save every N optimizer steps and after the last
+    every_s: float = num(0.0, ge=0, note="0 = off")  # also save when this many seconds passed since the last
+    keep_last: int = num(0, ge=0, note="0 = keep every checkpoint")  # keep only the newest N committed checkpoints
     engine: CheckpointEngine = CheckpointEngine.lazy  # how state is written
-    pool_mb: int = num(256, ge=1, note="MiB")  # lazy: host buffer pool per rank, resident from the start (back-pressure when full)
+    pool_mb: int = num(256, ge=1, note="MiB")  # lazy: host buffer pool per rank, resident from the start
     chunk_mb: int = num(64, ge=1, note="MiB")  # lazy: bytes per coalesced copy/write region
     resume: bool = True  # resume from `<dir>/latest` when it exists
     fallback: bool = True  # when the newest checkpoint does not verify, resume from the newest one that does
@@ -258,9 +258,9 @@ class CheckpointConfig:
 
 @dataclass
 class WandbConfig:
-    mode: WandbMode = WandbMode.disabled  # disabled | offline (no network needed) | online
-    project: str = "quintet"
-    entity: Optional[str] = None
+    mode: WandbMode = WandbMode.disabled  # offline needs no network (wandb sync later)
+    project: str = "quintet"  # the W&B project
+    entity: Optional[str] = None  # the W&B entity (team); null = your default
     name: Optional[str] = None  # run name; default: the run directory's name
 
 
@@ -268,16 +268,16 @@ class WandbConfig:
 class MonitorConfig:
     """Collective timing and diagnosis (after C4): hangs and slow ranks (parallel/monitor.py)."""
 
-    enabled: bool = True
+    enabled: bool = True  # time every collective of the training thread (2+ ranks)
     hang_timeout_s: float = num(300.0, ge=1)  # a collective unfinished this long is a hang: report, exit 3
-    window: int = num(10, ge=0, note="0 = no verdicts")  # steps per slow-rank verdict, counted after the launch's first step (0 = none)
+    window: int = num(10, ge=0, note="0 = no verdicts")  # steps per slow-rank verdict, after the launch's first step
     slow_fraction: float = num(0.2, gt=0, lt=1)  # slow: the others wait for a rank > this fraction of the window
 
 
 @dataclass
 class LoggingConfig:
     every: int = num(10, ge=1)  # progress line every N steps when stdout is not a terminal
-    peak_tflops: Optional[float] = num(None, gt=0, note="TFLOP/s per device; null = datasheet or measured")  # per-device peak behind MFU; null = H100/H200 datasheet or a matmul probe
+    peak_tflops: Optional[float] = num(None, gt=0, note="TFLOP/s per device")  # MFU's peak; null: datasheet or probe
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -287,7 +287,7 @@ class NicClassConfig:
 
     gbps: float = num(10.0, gt=0)  # bandwidth of one node's link in this class, Gbit/s (partition and planner)
     speed_rank: int = num(0, ge=0)  # placement order: lower = faster class, placed on earlier pipeline stages
-    nccl_net: NcclNet = NcclNet["Socket"]  # NCCL network module for groups inside the class: IB | Socket
+    nccl_net: NcclNet = NcclNet["Socket"]  # NCCL network module for groups inside the class
     nccl_env: dict[str, str] = field(default_factory=dict)  # e.g. NCCL_IB_HCA, NCCL_IB_GID_INDEX
     gloo_ifname: Optional[str] = None  # interface for gloo groups inside the class; null = the default
 
@@ -312,9 +312,9 @@ class ClusterConfig:
     """The machines a run is placed on (Holmes): nodes in node-rank order with their NIC class.
     No nodes: each rank detects its node's class at launch (QUINTET_NIC_CLASS overrides)."""
 
-    name: str = "detect"
-    nodes: list[NodeConfig] = field(default_factory=list)
-    classes: dict[str, NicClassConfig] = field(default_factory=_default_classes)
+    name: str = "detect"  # the description's name (cluster=<name>); detect = none
+    nodes: list[NodeConfig] = field(default_factory=list)  # the nodes in node-rank order; [] = detect at launch
+    classes: dict[str, NicClassConfig] = field(default_factory=_default_classes)  # NIC classes by name
     cross_gbps: Optional[float] = num(None, gt=0)  # between classes (sockets); null = the slower class's gbps
 
 
