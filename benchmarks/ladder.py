@@ -6,7 +6,7 @@ steps) and decodes greedily (prompt 16 tokens, 32 new tokens, batch 1, KV cache;
 latency after the prefill). Local ranks talk over an emulated slow interconnect
 (launch/slowlink.py): every collective completes 0.5 ms after its bytes have crossed a
 125 MB/s link (1 Gbit/s Ethernet), bytes of concurrent collectives sharing the link — the
-byte-proportional delay fallback of DESIGN.md §6, not network namespaces. One intra-op thread
+byte-proportional delay fallback of docs/architecture.md ("Emulation"), not network namespaces. One intra-op thread
 per rank.
 
     python -m benchmarks.ladder            # ~3 minutes

@@ -5,7 +5,7 @@ MoE layer's expert view is etp × ep × edp over the same ranks. "Folded" (etp=1
 neighbouring ranks — TP and DP ranks of one node; "unfolded" (etp = tp = 2, Megatron's layout
 before folding) strides EP across data-parallel ranks. Traffic between the nodes is emulated:
 after each of the dispatcher's all-to-alls a rank waits for (bytes it sent to the other node) /
-link bandwidth (a byte-proportional comm wrapper, DESIGN.md §6: a 2-core machine has no second
+link bandwidth (a byte-proportional comm wrapper, docs/architecture.md, "Emulation": a 2-core machine has no second
 node). One MoE layer (16 experts, top-2, 2,048 tokens per rank) runs forward and backward;
 tokens/s counts all ranks' tokens.
 

@@ -7,8 +7,9 @@ reduce_scatter (synchronous and asynchronous) so that each completes `latency` a
 have crossed the link at `bandwidth`; the bytes of concurrent collectives share the link (one
 transfer's bytes start when the previous one's end), their latencies overlap. Asynchronous collectives
 progress in the background: only `wait()` sleeps for what remains. Inside a rank it is
-installed with `with SlowLink(...):`. This is the byte-proportional comm wrapper of DESIGN.md
-§6; network namespaces with rate-limited links (launch/cluster.py) are the other option.
+installed with `with SlowLink(...):`. This is the byte-proportional comm wrapper of
+docs/architecture.md ("Emulation"); network namespaces with rate-limited links
+(launch/cluster.py) are the other option.
 
 `events` records, in order, each collective's posting and the end of its wait, so tests can
 judge overlap by order rather than by the clock (`max_in_flight`).

@@ -1,4 +1,5 @@
-"""Train a Transformer: the Hydra main of quintet. Reads top to bottom like DESIGN.md Section 2.
+"""Train a Transformer: the Hydra main of quintet. Reads top to bottom like docs/architecture.md's
+"How a run flows".
 
     python -m launch.train train.steps=20                                  # one process
     torchrun --standalone --nproc-per-node 2 -m launch.train parallel.dp=2 # two processes

@@ -2,7 +2,7 @@
 
 Every parameter's full-size value is drawn from a generator seeded by (seed, canonical name),
 then this rank keeps its slice. The result is the same numbers in every layout as in one
-process with the same seed (DESIGN.md Section 5), at the cost of each rank drawing the full
+process with the same seed (docs/architecture.md, "Numerics contract"), at the cost of each rank drawing the full
 tensors of the parameters it holds a piece of.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Ranks are laid out as in Megatron-Core. The order string lists dimensions fastest-varying
 first (default `tp-cp-ep-dp-pp`: neighbouring ranks share a TP group). Two views cover the same
-ranks (DESIGN.md Section 4, "MoE parallel folding"):
+ranks (docs/architecture.md, "The five dimensions"; "MoE parallel folding"):
 
     dense  (attention, dense MLP):  TP × CP × DP × PP      (ep = 1 in this view)
     expert (MoE layers):            ETP × EP × EDP × PP    (cp = 1; etp in tp's slot, edp in dp's)
@@ -41,7 +41,7 @@ GROUP_SPECS: dict[str, tuple[str, tuple[str, ...]]] = {
 # Hybrid sharding (HSDP) splits each dp_cp group into `dp_replicate` replicas of a sharded group:
 # shards are runs of neighbouring members, replicas are strided.
 HSDP_GROUPS = ("dp_shard", "dp_replicate")
-# The groups `launch.layout` prints (DESIGN.md Section 4), and the coordinates it reports.
+# The groups `launch.layout` prints, and the coordinates it reports.
 LAYOUT_GROUPS = ("tp", "cp", "dp", "pp", "dp_cp", "ep", "etp", "edp")
 COORD_DIMS = ("tp", "cp", "dp", "pp", "ep", "etp", "edp")
 

@@ -60,7 +60,7 @@ def parity_cases(layouts: dict[str, tuple[int, list[str]]]) -> list:
             for dtype in ("float32", "float64") if dtype == "float64" or world <= 2]
 
 
-# DESIGN.md Section 5: any layout's loss equals one process's within these (relative).
+# docs/architecture.md, "Numerics contract": any layout's loss equals one process's within these (relative).
 RTOL = {"float32": 1e-5, "float64": 1e-9}
 
 

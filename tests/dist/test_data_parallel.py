@@ -1,4 +1,4 @@
-"""Data parallelism gives the single-process numbers (DESIGN.md Section 5).
+"""Data parallelism gives the single-process numbers (docs/architecture.md, "Numerics contract").
 
 Every run trains the same small model for 20 steps from the same seed; the losses of each
 layout must equal one process's at every step: relative 1e-5 in fp32, 1e-9 in fp64.

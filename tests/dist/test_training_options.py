@@ -12,7 +12,7 @@ def fp32_reference(tmp_path_factory):
 
 @pytest.mark.parametrize("layout", [["parallel.dp=2"], ["parallel.tp=2", "parallel.sp=true"]])
 def test_bfloat16_autocast_tracks_fp32_within_its_tolerance(tmp_path, layout, fp32_reference):
-    """bf16 is allowed to differ (DESIGN.md Section 5); its documented bound is 2% per step
+    """bf16 is allowed to differ (docs/architecture.md, "Numerics contract"); its documented bound is 2% per step
     over 20 steps of the small model."""
     ref = fp32_reference
     bf16 = train(tmp_path / "bf16", ["train.dtype=bfloat16", *layout], world_size=2)

@@ -63,7 +63,7 @@ def test_cpu_path_never_initialises_cuda_and_compiled_bf16_tracks_fp32(tmp_path)
                for phase, where, name in out["touched"]), out["touched"]
     fp32, bf16 = out["losses"]["fp32"], out["losses"]["bf16-compiled"]
     assert len(fp32) == len(bf16) == 20 and all(x == x for x in bf16)
-    # bf16's bound (DESIGN.md §5, tests/dist/test_training_options.py): 2% per step over 20 steps.
+    # bf16's bound (docs/architecture.md, tests/dist/test_training_options.py): 2% per step over 20 steps.
     worst = max(abs(a - b) / a for a, b in zip(fp32, bf16))
     assert 0 < worst < 0.02, worst
     assert bf16[-1] < 0.8 * bf16[0]  # it learns
