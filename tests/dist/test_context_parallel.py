@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from launch.spawn import run_ranks
-from tests.training import RTOL, References, assert_same_losses, parity_cases, train
 
 TOL = dict(rtol=1e-10, atol=1e-12)
 
@@ -65,31 +64,6 @@ def test_attention_equals_full_causal_attention(impl, world, chunk):
 
 def test_ulysses_with_kv_heads_fewer_than_cp_ranks():
     run_ranks(_attention, 4, args=("ulysses", 16, 4, 2))
-
-
-LAYOUTS = {
-    "cp2": (2, ["parallel.cp=2"]),
-    "cp4": (4, ["parallel.cp=4"]),
-    "cp2-ulysses": (2, ["parallel.cp=2", "parallel.cp_impl=ulysses"]),
-    "cp2-tp2": (4, ["parallel.cp=2", "parallel.tp=2"]),
-    "cp2-tp2-sp": (4, ["parallel.cp=2", "parallel.tp=2", "parallel.sp=true"]),
-    "cp2-pp2": (4, ["parallel.cp=2", "parallel.pp=2"]),
-    "cp2-dp2": (4, ["parallel.cp=2", "train.micro_batch_size=2"]),
-}
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    return References(tmp_path_factory)
-
-
-@pytest.mark.parametrize("layout, dtype", parity_cases(LAYOUTS))
-def test_context_parallel_training_matches_one_process(layout, dtype, reference, tmp_path):
-    world, overrides = LAYOUTS[layout]
-    same = [o for o in overrides if o.startswith(("train.", "model."))]
-    got = train(tmp_path, [f"train.dtype={dtype}", *overrides], world_size=world)
-    assert len(got) == 20
-    assert_same_losses(reference(dtype, same), got, RTOL[dtype])
 
 
 def _attention_activation_bytes(rank, world, seq_len):

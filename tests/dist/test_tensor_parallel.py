@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from launch.spawn import run_ranks
-from tests.training import RTOL, References, SCRATCH_RUN_DIR, SMALL, assert_same_losses, parity_cases, train
+from tests.training import SCRATCH_RUN_DIR, SMALL
 
 TOL = dict(rtol=1e-10, atol=1e-12)
 
@@ -133,35 +133,6 @@ def _whole_model(rank, world, sp):
 @pytest.mark.parametrize("world, sp", [(2, False), (2, True), (4, False), (4, True)])
 def test_whole_model_forward_backward_equals_one_process(world, sp):
     run_ranks(_whole_model, world, args=(sp,))
-
-
-LAYOUTS = {
-    "tp2": (2, ["parallel.tp=2"]),
-    "tp4": (4, ["parallel.tp=4"]),
-    "tp2-sp": (2, ["parallel.tp=2", "parallel.sp=true"]),
-    "tp2-dp2-fsdp": (4, ["parallel.tp=2", "train.micro_batch_size=2"]),
-    "tp2-dp2-hsdp": (4, ["parallel.tp=2", "parallel.dp_replicate=2", "train.micro_batch_size=2"]),
-    "dp4-hsdp-2x2": (4, ["parallel.dp_replicate=2", "train.micro_batch_size=2"]),
-    "tp2-dp2-ddp": (4, ["parallel.tp=2", "parallel.dp_impl=ddp", "train.micro_batch_size=2"]),
-    "tp2-sp-dp2-zero2": (4, ["parallel.tp=2", "parallel.sp=true", "parallel.reshard_after_forward=false",
-                             "train.micro_batch_size=2"]),
-    "tp2-ac-full": (2, ["parallel.tp=2", "parallel.activation_checkpoint=full"]),
-    "tp2-sp-ac-selective": (2, ["parallel.tp=2", "parallel.sp=true", "parallel.activation_checkpoint=selective"]),
-}
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    return References(tmp_path_factory)
-
-
-@pytest.mark.parametrize("layout, dtype", parity_cases(LAYOUTS))
-def test_tensor_parallel_training_matches_one_process(layout, dtype, reference, tmp_path):
-    world, overrides = LAYOUTS[layout]
-    batch = [o for o in overrides if o.startswith("train.")]
-    got = train(tmp_path, [f"train.dtype={dtype}", *overrides], world_size=world)
-    assert len(got) == 20
-    assert_same_losses(reference(dtype, batch), got, RTOL[dtype])
 
 
 def _state_bytes(rank, world, overrides):
