@@ -166,19 +166,13 @@ def setup(cfg: DictConfig) -> TrainingRun:
                          cfg.train.micro_batch_size, groups.index("dp"), topo.dp, cfg.seed)
     checkpointer = build_checkpointer(cfg.checkpoint, rank, cfg.parallel.timeout_s, on_gpu=device.type == "cuda",
                                       model=OmegaConf.to_container(cfg.model, resolve=True, enum_to_str=True))
-    start_step = 0
     init_optimizer_state(optimizer)  # resume fills it; checkpoints store it
 
     def state() -> list:
         return state_blocks(par, optimizer)
 
-    resumed = resume(checkpointer, state(), cfg.checkpoint.fallback) if cfg.checkpoint.resume else None
-    if resumed is not None:
-        start_step = resumed.trainer_state["step"]
-        if rank == 0:
-            for name, why in resumed.skipped:
-                log.warning("checkpoint %s skipped: %s", name, why)
-            log.info("resumed from %s at step %d", resumed.path, start_step)
+    resumed = resume_from_checkpoint(cfg, checkpointer, state(), rank)
+    start_step = resumed.trainer_state["step"] if resumed is not None else 0
     # The run's record of itself, written once it is certain to be this run's directory and model.
     if rank == 0:
         with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
@@ -192,15 +186,7 @@ def setup(cfg: DictConfig) -> TrainingRun:
         metrics.event({"event": "resume", "step": start_step, "time": time.time(), "path": str(resumed.path),
                        "skipped": [{"checkpoint": name, "why": why} for name, why in resumed.skipped]})
 
-    monitor = None
-    if cfg.monitor.enabled and topo.world_size > 1:
-        names: dict[str, list[str]] = {}
-        for name, ranks in groups.ranks.items():
-            names.setdefault(",".join(map(str, ranks)), []).append(name)
-        monitor = CollectiveMonitor(rank, topo.world_size, hang_timeout_s=cfg.monitor.hang_timeout_s,
-                                    window=cfg.monitor.window, slow_fraction=cfg.monitor.slow_fraction,
-                                    run_dir=cfg.run_dir, group_names={k: "/".join(v) for k, v in names.items()},
-                                    on_hang=lambda event: (metrics.event(event), metrics.close(send_report=False)))
+    monitor = build_monitor(cfg, groups, metrics)
     tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
     trainer = Trainer(
         parallel=par, optimizer=optimizer, schedule=schedule, loader=loader,
@@ -212,6 +198,31 @@ def setup(cfg: DictConfig) -> TrainingRun:
         accounting=build_accounting(cfg, args, device, launch.local_world_size, tokens_per_step, monitor, metrics,
                                     start_step))
     return TrainingRun(cfg, groups, par, optimizer, trainer, metrics, start_step)
+
+
+def resume_from_checkpoint(cfg, checkpointer, blocks: list, rank: int):
+    """The newest checkpoint that verifies, loaded into `blocks` (runtime/checkpoint/resume.py),
+    or None for a fresh start; rank 0 says what it skipped and where it resumed."""
+    resumed = resume(checkpointer, blocks, cfg.checkpoint.fallback) if cfg.checkpoint.resume else None
+    if resumed is not None and rank == 0:
+        for name, why in resumed.skipped:
+            log.warning("checkpoint %s skipped: %s", name, why)
+        log.info("resumed from %s at step %d", resumed.path, resumed.trainer_state["step"])
+    return resumed
+
+
+def build_monitor(cfg, groups, metrics: MetricsSink) -> CollectiveMonitor | None:
+    """The collective monitor (hangs and slow ranks) of a job of 2+ ranks, its groups named."""
+    world = groups.topology.world_size
+    if not cfg.monitor.enabled or world == 1:
+        return None
+    names: dict[str, list[str]] = {}
+    for name, ranks in groups.ranks.items():
+        names.setdefault(",".join(map(str, ranks)), []).append(name)
+    return CollectiveMonitor(groups.rank, world, hang_timeout_s=cfg.monitor.hang_timeout_s,
+                             window=cfg.monitor.window, slow_fraction=cfg.monitor.slow_fraction,
+                             run_dir=cfg.run_dir, group_names={k: "/".join(v) for k, v in names.items()},
+                             on_hang=lambda event: (metrics.event(event), metrics.close(send_report=False)))
 
 
 def build_accounting(cfg, args: ModelArgs, device: torch.device, local_world_size: int, tokens_per_step: int,
