@@ -54,7 +54,7 @@ class TokensPerSecondOnly:
 def metrics_off():
     """launch.train builds TokensPerSecondOnly instead of the accounting (and no peak probe)."""
     real = launch.train.build_accounting
-    launch.train.build_accounting = lambda cfg, args, par, device, lws, tokens_per_step, *rest: \
+    launch.train.build_accounting = lambda cfg, args, device, lws, tokens_per_step, *rest: \
         TokensPerSecondOnly(tokens_per_step)
     try:
         yield

@@ -103,7 +103,7 @@ class TrainingRun:
 
     cfg: DictConfig
     groups: object
-    parallel: object  # parallel.parallelize.Parallelized
+    parallel: object  # parallel.parallelize.ParallelModel
     optimizer: torch.optim.Optimizer
     trainer: Trainer
     metrics: MetricsSink

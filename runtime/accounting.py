@@ -193,7 +193,7 @@ class MemoryMeter:
 class StepAccounting:
     """A step's efficiency metrics from its time and every rank's measurements.
 
-    `gather(values)` returns each rank's list of values (parallel.Parallelized.gather_ranks: one
+    `gather(values)` returns each rank's list of values (parallel.collectives.gather_ranks: one
     small all-gather); `comm_seconds()`, where collective timing exists, this rank's seconds
     blocked in communication since the last call. `raise_peak(achieved)`, when a step did more
     FLOP/s per device than the peak, returns this rank's device peak measured again and at
