@@ -31,6 +31,7 @@ def _run(rank: int, world: int, residual: str, steps: int, new_tokens: int, run_
     from launch.config import compose
     from launch.slowlink import SlowLink
     from launch.train import setup
+    from parallel.tensor import gather_logits
     from runtime.generate import generate
 
     torch.set_num_threads(1)
@@ -45,13 +46,14 @@ def _run(rank: int, world: int, residual: str, steps: int, new_tokens: int, run_
             run.trainer.train_step(step)
             times.append(time.perf_counter() - start)
         model = run.parallel.model
+        gather = lambda logits: gather_logits(logits, run.parallel.groups)  # noqa: E731
         prompt = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
-        generate(model, prompt, 2, gather_logits=run.parallel.gather_logits)  # warm up
+        generate(model, prompt, 2, gather_logits=gather)  # warm up
         start = time.perf_counter()
-        generate(model, prompt, 1, gather_logits=run.parallel.gather_logits)
+        generate(model, prompt, 1, gather_logits=gather)
         prefill = time.perf_counter() - start
         start = time.perf_counter()
-        tokens = generate(model, prompt, new_tokens, gather_logits=run.parallel.gather_logits)
+        tokens = generate(model, prompt, new_tokens, gather_logits=gather)
         decode = (time.perf_counter() - start - prefill) / (new_tokens - 1)
     return {"step_s": median(times[2:]), "decode_s": decode, "tokens": tokens[0, -8:].tolist()}
 

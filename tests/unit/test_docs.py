@@ -11,7 +11,7 @@ def test_the_readme_is_short_and_its_links_resolve():
     readme = (REPO / "README.md").read_text()
     assert len(readme.encode()) <= 14_000, f"README.md is {len(readme.encode())} bytes"
     for page in ("architecture", "configuration", "failure-modes", "parallelism", "checkpointing", "multi-node",
-                 "data", "observability", "BENCHMARKS"):
+                 "data", "models", "observability", "BENCHMARKS"):
         assert f"docs/{page}.md" in readme and (REPO / "docs" / f"{page}.md").exists(), page
 
 

@@ -125,3 +125,19 @@ def test_a_parameter_without_declarations_is_an_error_naming_it():
         model.init_full("layers.0.feed_forward.gate", torch.Size([688]), torch.Generator())
     with pytest.raises(KeyError, match="layers.0.feed_forward.gate has no tp_plan declaration"):
         declared(model, "layers.0.feed_forward.gate", "tp_plan", innermost=False)
+
+
+@pytest.mark.parametrize("residual", ["standard", "ladder"])
+def test_generation_with_the_kv_cache_equals_recomputing_the_whole_sequence(residual):
+    from dataclasses import replace
+
+    from runtime.generate import generate
+
+    model = build(replace(ARGS, residual=residual))
+    prompt = torch.randint(0, ARGS.vocab_size, (2, 4), generator=torch.Generator().manual_seed(1))
+    cached = generate(model, prompt, 6)
+    tokens = prompt
+    with torch.no_grad():
+        for _ in range(6):
+            tokens = torch.cat([tokens, model(tokens)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(cached, tokens)
