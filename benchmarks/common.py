@@ -53,7 +53,7 @@ def measure_training(rank: int, world: int, overrides: list[str], steps: int, th
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        run.trainer.forward_backward(run.trainer.loader.step(steps), 1.0)  # leaves gradients to count
+        run.trainer.forward_backward(run.parallel.local_batches(run.trainer.loader.step(steps)), 1.0)  # leaves gradients to count
     local = lambda t: t.to_local() if isinstance(t, DTensor) else t  # noqa: E731
     params = run.parallel.parameters()
     state = params + [p.grad for p in params if p.grad is not None]

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from launch import env as launch_env
 from launch import schema
+from runtime.data.tokenizer import TokenizerError, tokenizer_vocab_size
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -22,6 +23,18 @@ def register() -> None:
     schema.register()
     if not OmegaConf.has_resolver("quintet.default_run_dir"):
         OmegaConf.register_new_resolver("quintet.default_run_dir", launch_env.default_run_dir)
+    if not OmegaConf.has_resolver("quintet.tokenizer_vocab"):
+        OmegaConf.register_new_resolver("quintet.tokenizer_vocab", tokenizer_vocab)
+
+
+def tokenizer_vocab(spec: str) -> int:
+    """`${quintet.tokenizer_vocab:${data.tokenizer}}`: the vocabulary size of the run's tokenizer,
+    which a model preset may take as its own (configs/model/tiny.yaml). 0 when the tokenizer
+    cannot be loaded: launch.validate then says why, naming data.tokenizer."""
+    try:
+        return tokenizer_vocab_size(str(spec))
+    except TokenizerError:
+        return 0
 
 
 def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:

@@ -33,7 +33,8 @@ from launch import env as launch_env
 from launch import run_lock
 from launch.validate import ConfigError, validate
 from runtime.checkpoint.resume import STEP_DIR
-from runtime.data.sources import check_source
+from runtime.data.dataset import dataset_problems
+from runtime.data.tokenizer import load_tokenizer
 
 log = logging.getLogger("quintet")
 EXIT_BAD_INPUT = 2  # a bad config, file or checkpoint: nothing was trained
@@ -123,7 +124,8 @@ def io_problems(cfg, local_world_size: int = 1) -> list[str]:
     problems = [writable_dir_problem("run_dir", cfg.run_dir), writable_dir_problem("checkpoint.dir", cfg.checkpoint.dir),
                 overwrite_problem(cfg), pool_problem(cfg, local_world_size),
                 wandb_key_problem(cfg.logging.wandb.mode.value)]
-    problems += check_source(cfg.data.name, cfg.data.path, cfg.model.vocab_size, cfg.train.seq_len)
+    problems += dataset_problems(cfg.data, load_tokenizer(str(cfg.data.tokenizer)), cfg.model.vocab_size,
+                                 cfg.train.seq_len, cfg.seed)
     return [p for p in problems if p]
 
 

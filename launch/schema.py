@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -121,7 +121,8 @@ ReduceDType = choice("ReduceDType", "float32 bfloat16", "FSDP2 gradient reductio
 MoEBackend = choice("MoEBackend", "ep fssdp", "what runs the MoE layers")
 CompileMode = choice("CompileMode", "default reduce-overhead max-autotune max-autotune-no-cudagraphs",
                      "torch.compile mode; reduce-overhead and max-autotune capture CUDA graphs")
-DataSource = choice("DataSource", "sample tokens synthetic", "where tokens come from")
+DataSource = choice("DataSource", "sample tokens indexed synthetic", "where tokens come from")
+TokenDType = choice("TokenDType", "uint8 uint16 int16 int32 uint32 int64", "the id type of a headerless token file")
 Optimizer = choice("Optimizer", "adamw", "the optimizer")
 NcclNet = choice("NcclNet", "IB Socket", "NCCL's network module")
 
@@ -236,10 +237,26 @@ class OptimConfig:
 
 @dataclass
 class DataConfig:
-    """Where tokens come from."""
+    """Where tokens come from (docs/data.md)."""
 
     name: DataSource = MISSING  # set by the data group (data=sample)
-    path: Optional[str] = None  # tokens: a .npy file of token ids (python -m launch.tokenize)
+    tokenizer: str = "sample"  # bytes | sample (the BPE shipped, trained on the sample corpus) | a tokenizer.json, SentencePiece .model, tiktoken file, or a folder holding one
+    path: Optional[str] = None  # tokens/indexed: an indexed dataset's PREFIX (PREFIX.bin + .idx), a .npy file, or a raw token file (with data.dtype)
+    blend: Optional[List[Any]] = None  # instead of path: [[WEIGHT, PATH], ...], each the share of sequences drawn from PATH
+    dtype: Optional[TokenDType] = None  # the id type of a headerless token file (nanoGPT's train.bin: uint16)
+    document_mask: bool = False  # attention never crosses an end-of-document token; positions restart at each document
+    mask_eod_loss: bool = False  # no loss on end-of-document targets
+    valid_fraction: float = num(0.0, ge=0, lt=1)  # hold out this share of each corpus's documents (its end) for validation
+    valid_path: Optional[str] = None  # validation data of its own (a path as data.path), instead of valid_fraction
+    valid_blend: Optional[List[Any]] = None  # validation data of its own, as data.blend
+
+
+@dataclass
+class EvalConfig:
+    """Validation loss on held-out data (data.valid_fraction, data.valid_path or data.valid_blend)."""
+
+    every: int = num(0, ge=0, note="0 = never")  # evaluate every N optimizer steps and after the last
+    batches: int = num(1, ge=1)  # global batches (train.global_batch_size sequences each) per evaluation
 
 
 @dataclass
@@ -325,6 +342,7 @@ class QuintetConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)

@@ -35,7 +35,7 @@ from parallel.parallelize import parallelize
 from runtime.accounting import MemoryMeter, StepAccounting, format_flops, peak_flops
 from runtime.checkpoint import CheckpointError, CheckpointWriteError, build_checkpointer, resume
 from runtime.host_memory import keep_freed_memory
-from runtime.data import BatchLoader, load_tokens
+from runtime.data import BatchLoader, build_datasets, load_tokenizer
 from runtime.flops import flops_per_token
 from runtime.metrics import MetricsSink
 from runtime.model import ModelArgs, Transformer, num_params
@@ -161,9 +161,7 @@ def setup(cfg: DictConfig) -> TrainingRun:
     # 6. Optimizer, schedule, data, checkpoints; resume when a checkpoint exists.
     optimizer = build_optimizer(par.parameters(), cfg.optim, cfg.train.lr, device)
     schedule = Schedule(cfg.train.lr, cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio)
-    tokens = load_tokens(cfg.data.name, cfg.data.path, args.vocab_size, cfg.seed)
-    loader = BatchLoader(tokens, cfg.train.seq_len, cfg.train.global_batch_size,
-                         cfg.train.micro_batch_size, groups.index("dp"), topo.dp, cfg.seed)
+    loader, valid_loader = build_loaders(cfg, args.vocab_size, groups.index("dp"), topo.dp)
     checkpointer = build_checkpointer(cfg.checkpoint, rank, cfg.parallel.timeout_s, on_gpu=device.type == "cuda",
                                       model=OmegaConf.to_container(cfg.model, resolve=True, enum_to_str=True))
     init_optimizer_state(optimizer)  # resume fills it; checkpoints store it
@@ -195,9 +193,24 @@ def setup(cfg: DictConfig) -> TrainingRun:
         autocast_dtype=autocast_dtype(cfg),
         tokens_per_step=tokens_per_step, state=state, any_rank=functools.partial(any_rank, device=device),
         skip_nonfinite=cfg.train.skip_nonfinite, monitor=monitor,
+        valid_loader=valid_loader, eval_every=cfg.eval.every, eval_batches=cfg.eval.batches,
         accounting=build_accounting(cfg, args, device, launch.local_world_size, tokens_per_step, monitor, metrics,
                                     start_step))
     return TrainingRun(cfg, groups, par, optimizer, trainer, metrics, start_step)
+
+
+def build_loaders(cfg, vocab_size: int, dp_rank: int, dp_size: int):
+    """The training loader and the validation loader (None without validation data) of this
+    data-parallel rank: the same datasets (runtime/data/dataset.py) on every rank."""
+    d, t = cfg.data, cfg.train
+    tokenizer = load_tokenizer(str(d.tokenizer))
+    datasets = build_datasets(d, tokenizer, vocab_size, t.seq_len, cfg.seed)
+
+    def loader(sequences):
+        return BatchLoader(sequences, t.global_batch_size, t.micro_batch_size, dp_rank, dp_size, tokenizer.eod_id,
+                           d.document_mask, d.mask_eod_loss)
+
+    return loader(datasets.train), None if datasets.valid is None else loader(datasets.valid)
 
 
 def resume_from_checkpoint(cfg, checkpointer, blocks: list, rank: int):

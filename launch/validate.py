@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 
 import torch
@@ -19,8 +20,7 @@ from launch import schema
 from parallel.compile import CUDA_GRAPH_MODES
 from parallel.mesh import Topology, TopologyError
 from parallel.pipeline.partition import PartitionError, stage_layers
-from runtime.data.sources import source_config_problems
-
+from runtime.data.tokenizer import TokenizerError, load_tokenizer
 
 
 class ConfigError(ValueError):
@@ -110,8 +110,33 @@ def _unused_option_problems(cfg) -> list[str]:
     return out
 
 
+def tokenizer_problems(cfg) -> list[str]:
+    """The tokenizer loads (the only file validation reads: a preset's vocabulary may be the
+    tokenizer's), the model's vocabulary holds its ids, and it has the end-of-document token
+    that document masking needs."""
+    d = cfg.data
+    try:
+        tok = load_tokenizer(str(d.tokenizer))
+    except TokenizerError as e:
+        return [str(e)]
+    out = []
+    if d.name != "synthetic" and cfg.model.vocab_size < tok.vocab_size:
+        out.append(f"model.vocab_size={cfg.model.vocab_size} is smaller than the vocabulary of data.tokenizer="
+                   f"{d.tokenizer} ({tok.vocab_size} ids): set model.vocab_size={tok.vocab_size} (or more)")
+    if tok.eod_id is None:
+        for key in ("document_mask", "mask_eod_loss"):
+            if d[key]:
+                out.append(f"data.{key}=true needs an end-of-document token, but data.tokenizer={d.tokenizer} has "
+                           "none (no eos_token in tokenizer_config.json and none of the usual names)")
+    return out
+
+
 def schema_problems(cfg) -> list[str]:
-    """The schema's own rules (first phase): unknown keys, required keys, ranges, unused options."""
+    """The schema's own rules (first phase): the tokenizer, unknown keys, required keys, ranges,
+    unused options."""
+    out = tokenizer_problems(cfg)
+    if out:
+        return out
     out = _unknown_key_problems(cfg)
     out += [f"{k} is required" for k in ("run_dir",) if OmegaConf.is_missing(cfg, k)]
     out += _range_problems(cfg)
@@ -220,6 +245,54 @@ def _train_problems(cfg, topo: Topology | None) -> list[str]:
     if m.enabled and m.hang_timeout_s >= cfg.parallel.timeout_s:
         out.append(f"monitor.hang_timeout_s={m.hang_timeout_s} must be below parallel.timeout_s="
                    f"{cfg.parallel.timeout_s}, or the backend's own timeout fires first")
+    return out
+
+
+def _blend_problems(key: str, blend) -> list[str]:
+    """data.blend / data.valid_blend: [[WEIGHT, PATH], ...] with weights ≥ 0 that sum above 0."""
+    if blend is None:
+        return []
+    entries = list(blend) if isinstance(blend, (list, ListConfig)) else None
+    pairs = [e for e in entries or [] if isinstance(e, (list, ListConfig)) and len(e) == 2]
+    if not entries or len(pairs) != len(entries) or not all(isinstance(p, str) and p for _, p in pairs):
+        return [f"data.{key}={OmegaConf.to_container(blend) if isinstance(blend, ListConfig) else blend} must be a "
+                "non-empty list of [WEIGHT, PATH] pairs, e.g. data.{key}=[[0.7,web],[0.3,code]]".replace("{key}", key)]
+    out = []
+    for w, path in pairs:
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            out.append(f"data.{key}: the weight {w!r} of {path} must be a finite number ≥ 0")
+    if not out and sum(w for w, _ in pairs) <= 0:
+        out.append(f"data.{key}: the weights sum to 0; at least one must be positive")
+    return out
+
+
+def _data_problems(cfg) -> list[str]:
+    """Which data keys go together (the files themselves are launch/preflight.py's)."""
+    d, out = cfg.data, []
+    files = d.name in ("tokens", "indexed")
+    if files and bool(d.path) == bool(d.blend):
+        out.append(f"data={d.name} needs exactly one of data.path=PATH and data.blend=[[WEIGHT,PATH],...] "
+                   f"(now path={d.path}, blend={d.blend}); write one with python -m launch.tokenize --out PREFIX FILES...")
+    if not files:
+        for key in ("path", "blend", "dtype"):
+            if d[key] is not None:
+                out.append(f"data.{key}={d[key]} only applies with data=tokens or data=indexed (now data={d.name})")
+    if d.name == "indexed" and d.dtype is not None:
+        out.append(f"data.dtype={d.dtype} does not apply to an indexed dataset: its .idx names the dtype")
+    out += _blend_problems("blend", d.blend) + _blend_problems("valid_blend", d.valid_blend)
+    own = [k for k in ("valid_path", "valid_blend") if d[k]]
+    if len(own) + (d.valid_fraction > 0) > 1:
+        given = own + (["valid_fraction"] if d.valid_fraction > 0 else [])
+        out.append(f"{' and '.join('data.' + k for k in given)} each choose the validation data; give one")
+    if d.name == "synthetic" and (d.document_mask or d.mask_eod_loss):
+        out.append("data=synthetic has no documents; data.document_mask and data.mask_eod_loss need a corpus")
+    validates = bool(own) or d.valid_fraction > 0
+    if cfg.eval.every and not validates:
+        out.append(f"eval.every={cfg.eval.every} needs validation data: data.valid_fraction=F (held out from the "
+                   "training data), data.valid_path=PATH or data.valid_blend=[[WEIGHT,PATH],...]")
+    if validates and not cfg.eval.every:
+        out.append("validation data is set (data.valid_fraction, valid_path or valid_blend) but eval.every=0: set "
+                   "eval.every=N to evaluate it every N steps, or drop it")
     return out
 
 
@@ -372,7 +445,7 @@ def validate(cfg, world_size: int) -> Topology:
     problems += _context_problems(cfg)
     problems += _ladder_problems(cfg)
     problems += _device_problems(cfg)
-    problems += source_config_problems(cfg.data.name, cfg.data.path, cfg.model.vocab_size)
+    problems += _data_problems(cfg)
     if problems:
         raise ConfigError(problems)
     return topo

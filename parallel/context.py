@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from runtime.model import causal_attention
+from runtime.model import causal_attention, document_mask
 
 
 def chunk_ids(rank: int, cp: int) -> tuple[int, int]:
@@ -42,17 +42,18 @@ def local_positions(seq_len: int, cp: int, rank: int) -> torch.Tensor:
 
 # --- ring attention ------------------------------------------------------------------------------
 
-def _flash(q, k, v, causal: bool):
+def _flash(q, k, v, causal: bool, mask=None):
     """One block of attention with PyTorch's fused CPU flash kernel: q [b, hq, cq, d],
-    k/v [b, hkv, ck, d] (grouped-query attention built in) -> (out, log-sum-exp [b, hq, cq])."""
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)
+    k/v [b, hkv, ck, d] (grouped-query attention built in), `mask` additive [b, 1, cq, ck] or None
+    -> (out, log-sum-exp [b, hq, cq])."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask)
 
 
-def _flash_backward(grad_out, q, k, v, out, lse, causal: bool):
+def _flash_backward(grad_out, q, k, v, out, lse, causal: bool, mask=None):
     """The block's (dq, dk, dv) given the *merged* output and log-sum-exp of its queries, so its
     probabilities are the true ones (FlashAttention's backward, block by block)."""
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        grad_out, q, k, v, out, lse, 0.0, causal)
+        grad_out, q, k, v, out, lse, 0.0, causal, attn_mask=mask)
 
 
 def ring_exchange(t: torch.Tensor, group, ranks: list[int], rank: int):
@@ -64,13 +65,37 @@ def ring_exchange(t: torch.Tensor, group, ranks: list[int], rank: int):
     return buf, dist.batch_isend_irecv(ops)
 
 
-def _blocks(rank: int, owner: int, cp: int, c: int):
-    """(query slice, key slice, causal) of every block this rank computes against `owner`'s KV:
-    its two query chunks against the owner's two key chunks, skipping keys after the query."""
+def _blocks(rank: int, owner: int, cp: int, c: int, documents, dtype):
+    """(query slice, key slice, causal, mask) of every block this rank computes against `owner`'s
+    KV: its two query chunks against the owner's two key chunks, skipping keys after the query.
+    With `documents` ([b, 2·cp·c], the whole sequence), `mask` is the block's additive document
+    mask [b, 1, c, c] (causal inside it on the diagonal), and blocks where no query shares a
+    document with any key are skipped; rows of a block whose keys are all masked are handled by
+    the merge (their log-sum-exp is −inf)."""
     for qa, a in enumerate(chunk_ids(rank, cp)):
         for kb, b in enumerate(chunk_ids(owner, cp)):
-            if b <= a:
-                yield slice(qa * c, (qa + 1) * c), slice(kb * c, (kb + 1) * c), b == a
+            if b > a:
+                continue
+            qs, ks = slice(qa * c, (qa + 1) * c), slice(kb * c, (kb + 1) * c)
+            if documents is None:
+                yield qs, ks, b == a, None
+                continue
+            allowed = document_mask(documents[:, a * c:(a + 1) * c], documents[:, b * c:(b + 1) * c], causal=b == a)
+            if allowed.any():
+                mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+                yield qs, ks, False, mask[:, None]
+
+
+def _merge(out, lse, blk_out, blk_lse, qs, mask) -> None:
+    """Online softmax: fold one block's (output, log-sum-exp) into the running ones of queries `qs`."""
+    if mask is not None:  # a query row with no key in this block contributes nothing
+        blk_lse = blk_lse.masked_fill(torch.isinf(mask).all(-1), float("-inf"))  # mask [b, 1, cq, ck]
+    new = torch.logaddexp(lse[..., qs], blk_lse)
+    safe = torch.where(torch.isinf(new), torch.zeros_like(new), new)  # −inf only where both are
+    w_old = (lse[..., qs] - safe).exp().transpose(1, 2).unsqueeze(-1)  # [b, c, hq, 1]
+    w_new = (blk_lse - safe).exp().transpose(1, 2).unsqueeze(-1)
+    out[:, qs] = out[:, qs] * w_old + blk_out.transpose(1, 2).to(out.dtype) * w_new
+    lse[..., qs] = new
 
 
 class RingAttention(torch.autograd.Function):
@@ -84,7 +109,7 @@ class RingAttention(torch.autograd.Function):
     that travels with its KV block and reaches the block's owner after cp steps."""
 
     @staticmethod
-    def forward(ctx, q, k, v, group, ranks, rank):
+    def forward(ctx, q, k, v, group, ranks, rank, documents):
         cp = len(ranks)
         c = q.shape[1] // 2
         acc = torch.promote_types(q.dtype, torch.float32)
@@ -95,20 +120,16 @@ class RingAttention(torch.autograd.Function):
         lse = torch.full(qt.shape[:3], float("-inf"), dtype=acc, device=q.device)  # [b, hq, s]
         for t in range(cp):
             pending = ring_exchange(kv, group, ranks, rank) if t < cp - 1 else None
-            for qs, ks, causal in _blocks(rank, (rank - t) % cp, cp, c):
-                blk_out, blk_lse = _flash(qt[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], causal)
-                new = torch.logaddexp(lse[..., qs], blk_lse)
-                w_old = (lse[..., qs] - new).exp().transpose(1, 2).unsqueeze(-1)  # [b, c, hq, 1]
-                w_new = (blk_lse - new).exp().transpose(1, 2).unsqueeze(-1)
-                out[:, qs] = out[:, qs] * w_old + blk_out.transpose(1, 2).to(acc) * w_new
-                lse[..., qs] = new
+            for qs, ks, causal, mask in _blocks(rank, (rank - t) % cp, cp, c, documents, q.dtype):
+                blk_out, blk_lse = _flash(qt[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], causal, mask)
+                _merge(out, lse, blk_out, blk_lse.to(acc), qs, mask)
             if pending is not None:
                 kv, works = pending
                 for w in works:
                     w.wait()
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.group, ctx.ranks, ctx.rank = group, ranks, rank
+        ctx.group, ctx.ranks, ctx.rank, ctx.documents = group, ranks, rank, documents
         return out
 
     @staticmethod
@@ -123,9 +144,9 @@ class RingAttention(torch.autograd.Function):
         dkv = torch.zeros(kv.shape, dtype=acc, device=q.device)  # travels with its KV block
         for t in range(cp):
             pending = ring_exchange(kv, group, ranks, rank) if t < cp - 1 else None
-            for qs, ks, causal in _blocks(rank, (rank - t) % cp, cp, c):
+            for qs, ks, causal, mask in _blocks(rank, (rank - t) % cp, cp, c, ctx.documents, q.dtype):
                 bq, bk, bv = _flash_backward(dot[:, :, qs], qt[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks],
-                                             ot[:, :, qs], lse[..., qs], causal)
+                                             ot[:, :, qs], lse[..., qs], causal, mask)
                 dq[:, :, qs] += bq
                 dkv[0][:, :, ks] += bk
                 dkv[1][:, :, ks] += bv
@@ -138,7 +159,7 @@ class RingAttention(torch.autograd.Function):
                 for w in works:
                     w.wait()
         return (dq.to(q.dtype).transpose(1, 2), dkv[0].to(k.dtype).transpose(1, 2),
-                dkv[1].to(v.dtype).transpose(1, 2), None, None, None)
+                dkv[1].to(v.dtype).transpose(1, 2), None, None, None, None)
 
 
 class RingAttentionCore:
@@ -147,8 +168,8 @@ class RingAttentionCore:
     def __init__(self, group, ranks: list[int], rank: int):
         self.group, self.ranks, self.rank = group, ranks, rank
 
-    def __call__(self, q, k, v):
-        return RingAttention.apply(q, k, v, self.group, self.ranks, self.rank)
+    def __call__(self, q, k, v, documents=None):
+        return RingAttention.apply(q, k, v, self.group, self.ranks, self.rank, documents)
 
 
 # --- Ulysses -------------------------------------------------------------------------------------
@@ -187,12 +208,12 @@ class UlyssesAttentionCore:
         self.back = torch.argsort(self.order)
         self.cp = cp
 
-    def __call__(self, q, k, v):
+    def __call__(self, q, k, v, documents=None):
         if k.shape[2] % self.cp:  # fewer KV heads than CP ranks: give each query head its own
             k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
             v = v.repeat_interleave(q.shape[2] // v.shape[2], dim=2)
         q, k, v = (SeqToHeadAllToAll.apply(t, 2, 1, self.group)[:, self.order.to(t.device)] for t in (q, k, v))
-        out = causal_attention(q, k, v)[:, self.back.to(q.device)]  # [b, s, h/cp, d]
+        out = causal_attention(q, k, v, documents)[:, self.back.to(q.device)]  # [b, s, h/cp, d]
         return SeqToHeadAllToAll.apply(out.contiguous(), 1, 2, self.group)
 
 

@@ -80,11 +80,12 @@ class ParallelModel:
 
     def local_batches(self, batches):
         """This rank's tokens of each microbatch: under context parallelism, its positions of
-        each sequence (and their targets); otherwise the microbatches as they are."""
+        each sequence (and their targets; the document index stays whole, as attention masks
+        keys from every rank); otherwise the microbatches as they are."""
         if self.groups.size("cp") == 1:
             return batches
         pos = self.positions.cpu()
-        return [type(b)(b.tokens[:, pos], b.labels[:, pos]) for b in batches]
+        return [type(b)(b.tokens[:, pos], b.labels[:, pos], b.documents) for b in batches]
 
     def gradient_sync(self, enabled: bool):
         """Reduce data-parallel gradients in this backward (`enabled`) or only accumulate them."""

@@ -57,13 +57,14 @@ class Progress:
         step = m["step"]
         eta = (self.total - step) * m["step_time_s"]
         mfu = f"  mfu {m['mfu']:.1%}" if "mfu" in m else ""
-        text = (f"step {step}/{self.total}  loss {m['loss']:.4f}  grad_norm {m['grad_norm']:.3f}  "
+        val = f"  val_loss {m['val_loss']:.4f}  val_ppl {m['val_ppl']:,.2f}" if "val_loss" in m else ""
+        text = (f"step {step}/{self.total}  loss {m['loss']:.4f}{val}  grad_norm {m['grad_norm']:.3f}  "
                 f"lr {m['lr']:.2e}  {m['tokens_per_s']:,.0f} tok/s{mfu}  eta {eta:,.0f}s")
         if self.tty:
-            end = "\n" if step == self.total else ""
+            end = "\n" if step == self.total or val else ""  # an evaluation's line stays on screen
             self.stream.write("\r\033[K" + text + end)
             self.stream.flush()
-        elif step % self.every == 0 or step == self.total or step == 1:
+        elif step % self.every == 0 or step == self.total or step == 1 or val:
             log.info(text)
 
 

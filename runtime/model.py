@@ -103,7 +103,8 @@ class RMSNorm(nn.Module):
 
 
 def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos and sin of the rotary angles, [seq, head_dim/2], for the given token positions.
+    """cos and sin of the rotary angles, [seq, head_dim/2] (or [batch, seq, head_dim/2] for
+    positions per sequence), for the given token positions.
 
     Computed from positions on every call rather than cached in a buffer, so a model built on
     the meta device needs no re-initialisation and context parallelism can pass the original
@@ -111,23 +112,56 @@ def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: t
     """
     exponent = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim
     inv_freq = theta**-exponent  # [head_dim/2]
-    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]
+    angles = positions.to(torch.float64)[..., None] * inv_freq
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (x[2i], x[2i+1]) of x: [batch, seq, heads, head_dim]."""
     x1, x2 = x[..., 0::2], x[..., 1::2]  # [b, s, h, head_dim/2] each
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    cos, sin = (t[None, :, None, :] if t.dim() == 2 else t[:, :, None, :] for t in (cos, sin))
     rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return rotated.flatten(-2).type_as(x)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal scaled-dot-product attention; q: [b, s, hq, d], k/v: [b, s, hkv, d], hkv | hq."""
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     documents: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal scaled-dot-product attention; q: [b, s, hq, d], k/v: [b, s, hkv, d], hkv | hq.
+    `documents` [b, s] (the document index of each token): a query sees only earlier keys of its
+    own document. Both run PyTorch's fused kernel (flash attention on CPU takes the mask too)."""
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, h, s, d]
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
-    return out.transpose(1, 2)  # [b, s, hq, d]
+    mask = None if documents is None else document_mask(documents, documents, causal=True)[:, None]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                         enable_gqa=k.shape[1] != q.shape[1])
+    return out.transpose(1, 2)
+
+
+def document_mask(q_docs: torch.Tensor, k_docs: torch.Tensor, causal: bool) -> torch.Tensor:
+    """[b, sq, sk] True where query i may attend to key j: the same document, and j ≤ i when the
+    two spans are the same tokens (`causal`)."""
+    allowed = q_docs[:, :, None] == k_docs[:, None, :]
+    if causal:
+        allowed &= torch.ones(allowed.shape[1:], dtype=torch.bool, device=allowed.device).tril()
+    return allowed
+
+
+def document_positions(documents: torch.Tensor) -> torch.Tensor:
+    """[b, s] the position of each token within its document (Megatron's reset_position_ids)."""
+    idx = torch.arange(documents.shape[1], device=documents.device).expand_as(documents)
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    return idx - torch.where(starts, idx, 0).cummax(dim=1).values
+
+
+@dataclass
+class AttentionInputs:
+    """What every attention layer of one forward needs besides its input: the rotary tables of
+    the tokens' positions, and the document index of every token of the whole sequence (None:
+    one document per sequence), which attention cores turn into their masks."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    documents: torch.Tensor | None = None  # [b, s, hq, d]
 
 
 def attention_after(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
@@ -175,7 +209,7 @@ class Attention(nn.Module):
         # Replaceable by parallel code (context parallelism swaps in ring attention).
         self.core = causal_attention
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs, cache=None) -> torch.Tensor:
         """`cache` (runtime.generate.LayerCache) keeps earlier positions' keys and values for
         generation; new queries attend to them and to themselves causally."""
         b, s, _ = x.shape
@@ -183,7 +217,7 @@ class Attention(nn.Module):
         q = self.wq(x).view(b, s, -1, self.head_dim)
         k = self.wk(x).view(b, s, -1, self.head_dim)
         v = self.wv(x).view(b, s, -1, self.head_dim)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        q, k = apply_rotary(q, inputs.cos, inputs.sin), apply_rotary(k, inputs.cos, inputs.sin)
         if cache is not None and cache.length:
             past = cache.length
             k, v = cache.append(k, v)
@@ -191,7 +225,7 @@ class Attention(nn.Module):
         else:
             if cache is not None:
                 cache.append(k, v)
-            out = self.core(q, k, v)  # [b, s, hq, d]
+            out = self.core(q, k, v, inputs.documents)  # [b, s, hq, d]
         return self.wo(out.reshape(b, s, -1))
 
 
@@ -226,18 +260,18 @@ class Block(nn.Module):
         else:
             self.feed_forward = FeedForward(args.dim, args.ffn_dim)
 
-    def forward(self, x: torch.Tensor, rope, branch: str | None = None, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs, branch: str | None = None, cache=None) -> torch.Tensor:
         """The block, or one of its two residual branches alone (`branch="attention"` or
         `"mlp"`: the branch's output, not added to x), which the ladder wiring adds later."""
         if branch == "attention":
-            return self.attention(self.attention_norm(x), rope, cache)
+            return self.attention(self.attention_norm(x), inputs, cache)
         if branch == "mlp":
             return self.feed_forward(self.ffn_norm(x))
-        h = x + self.attention(self.attention_norm(x), rope, cache)
+        h = x + self.attention(self.attention_norm(x), inputs, cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-def ladder_blocks(blocks, x, pending_attention, pending_mlp, rope, cache=None):
+def ladder_blocks(blocks, x, pending_attention, pending_mlp, inputs, cache=None):
     """Ladder residual (Zhang, Mishra et al., 2025) over consecutive blocks: each branch reads the
     stream without the previous branch's output, which is added only afterwards —
     r_j = r_{j−1} + h_j(r_{j−2}). Per block: add the previous attention output, run attention,
@@ -247,10 +281,10 @@ def ladder_blocks(blocks, x, pending_attention, pending_mlp, rope, cache=None):
     for block in blocks:
         if pending_attention is not None:
             x = x + pending_attention
-        pending_attention = block(x, rope, branch="attention", cache=cache.layer(block) if cache else None)
+        pending_attention = block(x, inputs, branch="attention", cache=cache.layer(block) if cache else None)
         if pending_mlp is not None:
             x = x + pending_mlp
-        pending_mlp = block(x, rope, branch="mlp")
+        pending_mlp = block(x, inputs, branch="mlp")
     return x, pending_attention, pending_mlp
 
 
@@ -270,12 +304,15 @@ class Transformer(nn.Module):
         # Runs the ladder blocks; tensor parallelism swaps in one that overlaps the all-reduces.
         self.ladder = ladder_blocks
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                documents: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         """tokens: [b, s] ids, or this pipeline part's input activations: [b, s, dim], or, for a
         ladder model, [3, b, s, dim] (the stream and the two branch outputs still to be added).
 
         positions: [s] original token positions (default 0..s-1 for the s positions of `tokens`;
-        a part whose input activations are sequence-sharded must pass them). `cache`
+        a part whose input activations are sequence-sharded must pass them). `documents` [b, S]:
+        the document index of every token of the whole sequence (data.document_mask): positions
+        restart at each document and attention stays inside it. `cache`
         (runtime.generate.KVCache) holds earlier positions during generation. Returns
         [b, s, vocab] logits, or the activations to pass on when this part has no head.
         """
@@ -288,14 +325,17 @@ class Transformer(nn.Module):
             h, pending_attention, pending_mlp = tokens.unbind(0)
         else:
             h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        rope = rotary_tables(positions, self.args.head_dim, self.args.rope_theta, h.dtype)
+        if documents is not None:
+            positions = document_positions(documents)[:, positions]
+        inputs = AttentionInputs(*rotary_tables(positions, self.args.head_dim, self.args.rope_theta, h.dtype),
+                                 documents)
         start = self.args.ladder_start
         standard = [b for i, b in self.layers.items() if int(i) < start]
         ladder = [b for i, b in self.layers.items() if int(i) >= start]
         for block in standard:
-            h = block(h, rope, cache=cache.layer(block) if cache else None)
+            h = block(h, inputs, cache=cache.layer(block) if cache else None)
         if ladder:
-            h, pending_attention, pending_mlp = self.ladder(ladder, h, pending_attention, pending_mlp, rope, cache)
+            h, pending_attention, pending_mlp = self.ladder(ladder, h, pending_attention, pending_mlp, inputs, cache)
         if self.output is None and self.args.residual == "ladder":
             zero = torch.zeros_like(h)  # a part ending before any ladder block has nothing pending
             return torch.stack([h, zero if pending_attention is None else pending_attention,

@@ -175,7 +175,8 @@ class MoE(nn.Module):
         out = self.dispatcher(x, self.experts, idx, weights, keep).to(x.dtype)
         if self.shared is not None:
             out = out + self.shared(x)
-        out = self._balance(out, logits, probs, idx)
+        if self.training:  # evaluation neither adds balancing losses nor counts toward the step's loads
+            out = self._balance(out, logits, probs, idx)
         return out.view(shape)
 
     def _balance(self, out, logits, probs, idx):

@@ -21,13 +21,16 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def losses(records: list[dict]) -> Figure | None:
-    """Language-model loss; the MoE balancing losses beside it; the learning rate."""
+    """Language-model loss (and the validation loss where it was evaluated); the MoE balancing
+    losses beside it; the learning rate."""
     if not records:
         return None
     aux = [k for k in ("aux_loss", "z_loss") if any(k in r for r in records)]
     fig = Figure(figsize=(11, 3.6))
     axes = fig.subplots(1, 3 if aux else 2)
     axes[0].plot(*_series(records, "loss"), color="#4C72B0", label="language model")
+    if any("val_loss" in r for r in records):
+        axes[0].plot(*_series(records, "val_loss"), color="#937860", marker="o", ms=3, label="validation")
     if aux:
         axes[0].plot(*_series(records, "total_loss"), color="#C44E52", lw=0.8, alpha=0.7, label="total (with balancing)")
         for key, color in zip(aux, ("#DD8452", "#8172B3")):

@@ -19,7 +19,7 @@ from runtime.trace import read_trace
 
 # file stem → (title, what the figure shows)
 FIGURES = {
-    "loss": ("Loss and learning rate", "language-model loss, the MoE balancing losses, the schedule"),
+    "loss": ("Loss and learning rate", "language-model and validation loss, the MoE balancing losses, the schedule"),
     "throughput": ("Throughput, MFU, memory, step time", "tokens/s and MFU against the devices' peak; "
                    "peak memory per rank; communication and data-loading time per step"),
     "timeline": ("Pipeline timeline", "one step on every rank, from the trace (trace=true)"),
@@ -76,8 +76,12 @@ def summary(records: list[dict], events: list[dict]) -> list[tuple[str, str]]:
         return [("steps", "none yet")]
     last = records[-1]
     steady = records[len(records) // 5:] or records  # without the first steps' warm-up
-    rows = [("steps done", str(last["step"])), ("last loss", f"{last['loss']:.4f}"),
-            ("tokens/s (median)", f"{statistics.median(r['tokens_per_s'] for r in steady):,.0f}")]
+    rows = [("steps done", str(last["step"])), ("last loss", f"{last['loss']:.4f}")]
+    evaluated = [r for r in records if "val_loss" in r]
+    if evaluated:
+        rows.append(("last validation loss", f"{evaluated[-1]['val_loss']:.4f} (perplexity "
+                                             f"{evaluated[-1]['val_ppl']:,.2f}, step {evaluated[-1]['step']})"))
+    rows += [("tokens/s (median)", f"{statistics.median(r['tokens_per_s'] for r in steady):,.0f}")]
     accounted = [r for r in steady if "mfu" in r]  # steps of a launch before issue 14's metrics have none
     if accounted:
         rows += [("MFU (median)", f"{statistics.median(r['mfu'] for r in accounted):.1%}"),

@@ -4,7 +4,8 @@
     pipelining, the schedule's executor running the same over stages) → gradient completion →
     clipping → checkpoint wait → optimizer step → the strategies' end-of-step hooks → metrics
 
-then `fit` logs, agrees with the other ranks on stopping, and requests checkpoints.
+then `fit` evaluates the validation loss when due, logs, agrees with the other ranks on stopping,
+and requests checkpoints.
 
 The loss of a step is the sum of token losses over every target token of the global batch,
 divided by the global number of target tokens. Each microbatch's backward uses that global
@@ -51,7 +52,8 @@ class Trainer:
     def __init__(self, *, parallel, optimizer, schedule: Schedule, loader, checkpointer, metrics,
                  tracer, device: torch.device, steps: int, grad_clip: float,
                  autocast_dtype: torch.dtype | None, tokens_per_step: int, accounting, state, any_rank,
-                 skip_nonfinite: int = 3, monitor=None):
+                 skip_nonfinite: int = 3, monitor=None, valid_loader=None, eval_every: int = 0,
+                 eval_batches: int = 1):
         """`parallel`: this rank's parallelised model (parallel.parallelize.ParallelModel).
         `accounting`: runtime.accounting.StepAccounting, the step's efficiency metrics.
         `state()`: this rank's training state as checkpoint blocks (parallel/state.py).
@@ -63,25 +65,36 @@ class Trainer:
         self.autocast_dtype, self.tokens_per_step, self.accounting = autocast_dtype, tokens_per_step, accounting
         self.skip_nonfinite, self.nonfinite_in_a_row = skip_nonfinite, 0
         self.monitor = monitor  # parallel.monitor.CollectiveMonitor, installed during fit()
+        # Validation: every `eval_every` steps and after the last, `eval_batches` global batches.
+        self.valid_loader, self.eval_every, self.eval_batches = valid_loader, eval_every, eval_batches
 
     def _autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
+    def _on_device(self, batch):
+        documents = None if batch.documents is None else batch.documents.to(self.device)
+        return batch.tokens.to(self.device), batch.labels.to(self.device), documents
+
     def forward_backward(self, batches, n_targets: float) -> torch.Tensor:
         """Forward, loss and backward of each microbatch in turn; data-parallel gradients are
         reduced in the last one's backward only. Returns this rank's loss sum."""
         par, loss_sum = self.parallel, torch.zeros((), device=self.device)
         for i, batch in enumerate(batches):
-            tokens, labels = batch.tokens.to(self.device), batch.labels.to(self.device)
+            tokens, labels, documents = self._on_device(batch)
             with par.gradient_sync(i == len(batches) - 1):
                 with self.tracer.span(f"F mb{i}", "forward", mb=i), self._autocast():
-                    loss = par.loss_fn(par.model(tokens, par.positions), labels)  # the sum of token losses
+                    loss = par.loss_fn(par.model(tokens, par.positions, documents), labels)  # the sum of token losses
                 with self.tracer.span(f"B mb{i}", "backward", mb=i):
                     (loss / n_targets).backward()
             loss_sum = loss_sum + loss.detach()
         return loss_sum
+
+    def _global_targets(self, batches) -> float:
+        """The number of target tokens of these microbatches over every rank: the loss's normaliser."""
+        local = sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches)
+        return float(self.parallel.reduce_tokens(torch.tensor(local, dtype=torch.int64, device=self.device)).item())
 
     def train_step(self, step: int) -> dict:
         """Optimizer step `step` (0-based); returns its metrics."""
@@ -89,8 +102,7 @@ class Trainer:
         self.accounting.begin_step()
         with self.accounting.waiting_for_data():
             batches = par.local_batches(self.loader.step(step))
-        local_targets = sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches)
-        n_targets = float(par.reduce_tokens(torch.tensor(local_targets, dtype=torch.int64, device=self.device)).item())
+        n_targets = self._global_targets(batches)
         with self.tracer.pipeline_step(step):
             if par.pipeline is not None:
                 # The schedule interleaves this rank's stages and microbatches; each microbatch
@@ -131,6 +143,31 @@ class Trainer:
             metrics.update(hook(step + 1, self.optimizer, metrics))
         return metrics
 
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """The validation loss: `eval_batches` global batches of the validation data (the same
+        sequences at every evaluation and in every layout), forward only, the sum of their token
+        losses over their global number of targets, as the training loss is normalised."""
+        par, loss_sum, n_targets = self.parallel, torch.zeros((), dtype=torch.float64, device=self.device), 0.0
+        for chunk in par.chunks:
+            chunk.eval()
+        try:
+            for k in range(self.eval_batches):
+                batches = par.local_batches(self.valid_loader.step(k))
+                n_targets += self._global_targets(batches)
+                if par.pipeline is not None:
+                    loss_sum += par.pipeline.forward_only(batches, self._autocast).double()
+                    continue
+                for batch in batches:
+                    tokens, labels, documents = self._on_device(batch)
+                    with self._autocast():
+                        loss_sum += par.loss_fn(par.model(tokens, par.positions, documents), labels).double()
+        finally:
+            for chunk in par.chunks:
+                chunk.train()
+        loss = (par.reduce_loss(loss_sum) / n_targets).item()
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0))}
+
     def fit(self, start_step: int, stop_at_step: int = 0) -> None:
         """Train from `start_step` to the end of the schedule, or to `stop_at_step` (>0), or until
         SIGTERM or SIGINT (then with a final checkpoint); every requested checkpoint is
@@ -167,6 +204,9 @@ class Trainer:
             elapsed = timer.lap()
             metrics.update(time=time.time(), tokens=(step + 1) * self.tokens_per_step, step_time_s=elapsed,
                            **self.accounting.metrics(elapsed))
+            if self.eval_every and ((step + 1) % self.eval_every == 0 or step + 1 == self.steps):
+                metrics.update(self.evaluate())
+                timer.lap()  # evaluation is not training time
             slow = self.monitor.end_step(step + 1) if self.monitor is not None else []
             if slow:
                 metrics["slow_ranks"] = slow

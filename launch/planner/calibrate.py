@@ -28,7 +28,7 @@ import torch.utils.checkpoint
 
 from parallel.materialize import materialize
 from launch.planner.estimate import Calibration
-from runtime.model import ModelArgs, Transformer, rotary_tables
+from runtime.model import AttentionInputs, ModelArgs, Transformer, rotary_tables
 
 CPU = torch.device("cpu")
 PROBE_TOKENS = (4, 256)  # microbatch × sequence of the heap probe
@@ -74,7 +74,8 @@ def block_activations(args: ModelArgs, dtype: torch.dtype, tokens: int = 1024,
         layer = next(i for i in range(args.n_layers) if args.is_moe(i) == moe)
         block = lone_block(args, layer, device, dtype)
         x = torch.randn(1, tokens, args.dim, device=device, dtype=dtype, requires_grad=True)
-        rope = rotary_tables(torch.arange(tokens, device=device), args.head_dim, args.rope_theta, dtype)
+        rope = AttentionInputs(*rotary_tables(torch.arange(tokens, device=device), args.head_dim, args.rope_theta,
+                                              dtype))
         full = _saved_bytes(block, x, rope)
         core = block.attention.core
         block.attention.core = functools.partial(torch.utils.checkpoint.checkpoint, core, use_reentrant=False)

@@ -171,11 +171,12 @@ def block_overhead(args, device: torch.device, flops_rate: float, tokens: int = 
     handful of tokens: the per-block, per-microbatch fixed cost."""
     from launch.planner.calibrate import lone_block
     from launch.planner.steptime import block_forward_flops
-    from runtime.model import rotary_tables
+    from runtime.model import AttentionInputs, rotary_tables
 
     block = lone_block(args, 0, device)
     x = torch.randn(1, tokens, args.dim, device=device, requires_grad=True)
-    rope = rotary_tables(torch.arange(tokens, device=device), args.head_dim, args.rope_theta, torch.float32)
+    rope = AttentionInputs(*rotary_tables(torch.arange(tokens, device=device), args.head_dim, args.rope_theta,
+                                          torch.float32))
     times = []
     for _ in range(repeats + 2):
         start = time.perf_counter()
@@ -200,14 +201,15 @@ def fsdp_costs(a: int, b: int, args, device: torch.device, bandwidth: float, cos
     from torch.distributed.fsdp import fully_shard
 
     from launch.planner.calibrate import lone_block
-    from runtime.model import rotary_tables
+    from runtime.model import AttentionInputs, rotary_tables
 
     def measure(group):
         bare, block = lone_block(args, 0, device), lone_block(args, 0, device)
         elements = sum(p.numel() for p in block.parameters())
         fully_shard(block, mesh=DeviceMesh.from_group(group, device.type), reshard_after_forward=False)
         x = torch.randn(1, tokens, args.dim, device=device, requires_grad=True)
-        rope = rotary_tables(torch.arange(tokens, device=device), args.head_dim, args.rope_theta, torch.float32)
+        rope = AttentionInputs(*rotary_tables(torch.arange(tokens, device=device), args.head_dim, args.rope_theta,
+                                          torch.float32))
 
         def step(module, sync=False, reshard=False):
             if module is block:

@@ -50,6 +50,36 @@ class PipelineExecutor:
         t = t.contiguous()
         self._sends.append((dist.isend(t, dst=self._peer(stage), group=group), t))
 
+    def _documents(self, batch):
+        return None if batch.documents is None else batch.documents.to(self.device)
+
+    def _wait_sends(self) -> None:
+        with self.tracer.span("wait sends", "comm"):
+            for work, _ in self._sends:
+                work.wait()
+        self._sends.clear()
+
+    @torch.no_grad()
+    def forward_only(self, batches, autocast) -> torch.Tensor:
+        """Every microbatch forward through the stages, no backward (validation); returns this
+        rank's loss sum (zero unless it holds the last stage). Each rank runs its chunks in
+        (microbatch, stage) order; every forward depends only on the previous stage's forward of
+        the same microbatch, earlier in that order on its rank, so this cannot deadlock."""
+        loss_sum = torch.zeros((), dtype=torch.promote_types(self.act_dtype, torch.float32), device=self.device)
+        order = sorted(range(len(self.chunks)), key=lambda c: self.stages[c])
+        for mb, batch in enumerate(batches):
+            for c in order:
+                stage, a = self.stages[c], schedules.Action("F", c, mb)
+                x = batch.tokens.to(self.device) if stage == 0 else self._recv(stage - 1, self.pp, "activation", a)
+                with autocast():
+                    out = self.chunks[c](x, self.positions, self._documents(batch))
+                if stage == self.n_stages - 1:
+                    loss_sum += self.loss_fn(out, batch.labels.to(self.device))
+                else:
+                    self._send(out, stage + 1, self.pp)
+        self._wait_sends()
+        return loss_sum
+
     def forward_backward(self, batches, normalizer: float, autocast) -> torch.Tensor:
         """Run the step; returns this rank's loss sum (zero unless it holds the last stage)."""
         m = len(batches)
@@ -65,7 +95,7 @@ class PipelineExecutor:
                 else:
                     x = self._recv(stage - 1, self.pp, "activation", a).requires_grad_()
                 with self.tracer.span(f"F{a.chunk} mb{a.mb}", "forward", chunk=a.chunk, mb=a.mb), autocast():
-                    out = chunk(x, self.positions)
+                    out = chunk(x, self.positions, self._documents(batches[a.mb]))
                     if stage == self.n_stages - 1:
                         loss = self.loss_fn(out, batches[a.mb].labels.to(self.device))
                         loss_sum += loss.detach()
@@ -91,10 +121,7 @@ class PipelineExecutor:
             else:
                 with self.tracer.span(f"W{a.chunk} mb{a.mb}", "weight", chunk=a.chunk, mb=a.mb):
                     chunk.weight_grads.run((a.chunk, a.mb))
-        with self.tracer.span("wait sends", "comm"):
-            for work, _ in self._sends:
-                work.wait()
-        self._sends.clear()
+        self._wait_sends()
         return loss_sum
 
 

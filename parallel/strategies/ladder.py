@@ -60,33 +60,33 @@ class TPLadderRunner:
     def reduce(self, t: torch.Tensor) -> Pending:
         return Pending(t, self.group, self.sp)
 
-    def __call__(self, blocks, x, pending_attention, pending_mlp, rope, cache=None):
+    def __call__(self, blocks, x, pending_attention, pending_mlp, inputs, cache=None):
         zero = torch.zeros_like(x)
         pa = zero if pending_attention is None else pending_attention
         pm = zero if pending_mlp is None else pending_mlp
         if torch.is_grad_enabled():
-            return LadderFunction.apply(x, pa, pm, self, blocks, rope)
-        return self._forward(blocks, x, pa, pm, rope, cache, records=None)
+            return LadderFunction.apply(x, pa, pm, self, blocks, inputs)
+        return self._forward(blocks, x, pa, pm, inputs, cache, records=None)
 
-    def _forward(self, blocks, x, pa, pm, rope, cache, records):
+    def _forward(self, blocks, x, pa, pm, inputs, cache, records):
         """The ladder over `blocks` with overlapped reductions; `records` (if a list) receives
         each branch's (input leaf, output) for the backward."""
         pending_a = pending_m = None
         for block in blocks:
             x = x + (pending_a.wait() if pending_a is not None else pa)
-            pending_a = self._branch(block, x, "attention", rope, cache, records)
+            pending_a = self._branch(block, x, "attention", inputs, cache, records)
             x = x + (pending_m.wait() if pending_m is not None else pm)
-            pending_m = self._branch(block, x, "mlp", rope, None, records)
+            pending_m = self._branch(block, x, "mlp", inputs, None, records)
         return x, pending_a.wait(), pending_m.wait()
 
-    def _branch(self, block, x, kind, rope, cache, records) -> Pending:
+    def _branch(self, block, x, kind, inputs, cache, records) -> Pending:
         inp = self.branch_input(x)
         if records is None:
-            out = block(inp, rope, branch=kind, cache=cache.layer(block) if cache else None)
+            out = block(inp, inputs, branch=kind, cache=cache.layer(block) if cache else None)
         else:
             inp = inp.detach().requires_grad_()
             with torch.enable_grad():
-                out = block(inp, rope, branch=kind)
+                out = block(inp, inputs, branch=kind)
             records.append((inp, out))
         return self.reduce(out.detach())
 
@@ -105,9 +105,9 @@ class LadderFunction(torch.autograd.Function):
     input-gradient reduction overlapping the next branch's backward (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, x, pa, pm, runner, blocks, rope):
+    def forward(ctx, x, pa, pm, runner, blocks, inputs):
         records = []
-        out = runner._forward(blocks, x, pa, pm, rope, None, records)
+        out = runner._forward(blocks, x, pa, pm, inputs, None, records)
         ctx.runner, ctx.records = runner, records
         return out
 

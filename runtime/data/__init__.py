@@ -1,5 +1,9 @@
-"""Token sources and the deterministic, resumable, data-parallel batch loader."""
+"""Tokenizers, token sources, the run's datasets, and the deterministic, resumable,
+data-parallel batch loader."""
+from runtime.data.dataset import Datasets, build_datasets
 from runtime.data.loader import Batch, BatchLoader
-from runtime.data.sources import SAMPLE_PATH, DataError, load_tokens, write_tokens
+from runtime.data.sources import SAMPLE_PATH, DataError
+from runtime.data.tokenizer import TokenizerError, load_tokenizer
 
-__all__ = ["Batch", "BatchLoader", "SAMPLE_PATH", "DataError", "load_tokens", "write_tokens"]
+__all__ = ["Batch", "BatchLoader", "Datasets", "DataError", "SAMPLE_PATH", "TokenizerError", "build_datasets",
+           "load_tokenizer"]

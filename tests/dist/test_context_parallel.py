@@ -21,7 +21,7 @@ def _attention(rank, world, impl, seq_len, n_heads, n_kv_heads):
     from parallel.context import apply_cp, local_positions
     from parallel.groups import build_groups
     from parallel.mesh import Topology
-    from runtime.model import Attention, ModelArgs, rotary_tables
+    from runtime.model import Attention, AttentionInputs, ModelArgs, rotary_tables
 
     topo = Topology.from_config(SimpleNamespace(tp=1, cp=world, pp=1, ep=1, etp=-1, dp=-1, order="tp-cp-ep-dp-pp"), world)
     groups = build_groups(topo, "cpu", timeout_s=30)
@@ -39,10 +39,10 @@ def _attention(rank, world, impl, seq_len, n_heads, n_kv_heads):
     x = torch.randn(2, seq_len, args.dim, generator=g, dtype=torch.float64)
     grad_out = torch.randn(2, seq_len, args.dim, generator=g, dtype=torch.float64)
     xf = x.clone().requires_grad_()
-    out_f = full(xf, rotary_tables(torch.arange(seq_len), args.head_dim, 1e4, torch.float64))
+    out_f = full(xf, AttentionInputs(*rotary_tables(torch.arange(seq_len), args.head_dim, 1e4, torch.float64)))
     out_f.backward(grad_out)
     xl = x[:, positions].clone().requires_grad_()
-    out_l = local(xl, rotary_tables(positions, args.head_dim, 1e4, torch.float64))
+    out_l = local(xl, AttentionInputs(*rotary_tables(positions, args.head_dim, 1e4, torch.float64)))
     out_l.backward(grad_out[:, positions])
     torch.testing.assert_close(out_l, out_f[:, positions], **TOL)
     torch.testing.assert_close(xl.grad, xf.grad[:, positions], **TOL)
@@ -74,7 +74,7 @@ def _attention_activation_bytes(rank, world, seq_len):
     from parallel.context import apply_cp
     from parallel.groups import build_groups
     from parallel.mesh import Topology
-    from runtime.model import Attention, ModelArgs, rotary_tables
+    from runtime.model import Attention, AttentionInputs, ModelArgs, rotary_tables
 
     args = ModelArgs(n_layers=1, dim=64, n_heads=8, n_kv_heads=4, ffn_dim=8, vocab_size=8)
     attn = Attention(args)
@@ -92,7 +92,7 @@ def _attention_activation_bytes(rank, world, seq_len):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = attn(x, rotary_tables(positions, args.head_dim, 1e4, torch.float32))
+        out = attn(x, AttentionInputs(*rotary_tables(positions, args.head_dim, 1e4, torch.float32)))
     out.sum().backward()
     return sum(storages.values())
 

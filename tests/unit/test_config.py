@@ -63,11 +63,24 @@ def test_batch_must_split_over_data_parallel_microbatches():
                           "data-parallel size = 8 × 4 = 32")
 
 
-def test_data_config_problems_need_no_file():
-    (msg,) = problems(["run_dir=/x", "data=tokens"])
-    assert "data=tokens needs data.path=<file.npy>" in msg
-    (msg,) = problems(["run_dir=/x", "model.vocab_size=100"])
-    assert "data=sample is byte-level (ids 0..255) but model.vocab_size=100" in msg
+@pytest.mark.parametrize("overrides, expected", [
+    (["data=tokens"], "data=tokens needs exactly one of data.path=PATH and data.blend=[[WEIGHT,PATH],...]"),
+    (["data=indexed", "data.path=a", "data.blend=[[1,b]]"], "needs exactly one of data.path=PATH and data.blend"),
+    (["model.vocab_size=100"], "model.vocab_size=100 is smaller than the vocabulary of data.tokenizer=sample (1024 ids)"),
+    (["data.tokenizer=nowhere/tok.json"], "data.tokenizer=nowhere/tok.json does not exist"),
+    (["data=indexed", "data.blend=[[0.5,a],[-1,b]]"], "data.blend: the weight -1 of b must be a finite number ≥ 0"),
+    (["data=indexed", "data.blend=[[0,a],[0,b]]"], "data.blend: the weights sum to 0; at least one must be positive"),
+    (["data=indexed", "data.blend=[a,b]"], "must be a non-empty list of [WEIGHT, PATH] pairs"),
+    (["data=sample", "data.path=x"], "data.path=x only applies with data=tokens or data=indexed"),
+    (["data=indexed", "data.path=x", "data.dtype=uint16"], "does not apply to an indexed dataset"),
+    (["eval.every=5"], "eval.every=5 needs validation data"),
+    (["data.valid_fraction=0.1"], "but eval.every=0: set eval.every=N"),
+    (["data.valid_fraction=0.1", "data.valid_path=v", "eval.every=1"], "each choose the validation data; give one"),
+    (["data=synthetic", "data.document_mask=true"], "data=synthetic has no documents"),
+])
+def test_data_config_problems_need_no_data_file(overrides, expected):
+    (msg,) = problems(["run_dir=/x", *overrides])
+    assert expected in msg
 
 
 def test_odd_head_size_is_rejected_for_rotary():

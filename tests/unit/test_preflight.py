@@ -6,6 +6,7 @@ import json
 import multiprocessing as mp
 import os
 import typing
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,7 +15,9 @@ from launch import run_lock, schema
 from launch.config import compose
 from launch.preflight import io_problems, wandb_key_problem, writable_dir_problem
 from launch.validate import ConfigError, validate
-from runtime.data.sources import check_source, write_tokens
+from runtime.data.dataset import dataset_problems
+from runtime.data.sources import write_sidecar
+from runtime.data.tokenizer import load_tokenizer
 
 
 def _numeric(tp) -> bool:
@@ -91,23 +94,28 @@ def test_an_online_wandb_run_needs_a_key(tmp_path):
 
 def test_token_ids_are_checked_by_a_scan_unless_a_sidecar_vouches_for_the_file(tmp_path):
     path = tmp_path / "corpus.npy"
-    write_tokens(path, [b"hello world"])
-    assert check_source("tokens", str(path), 256, 4) == []
+    data = SimpleNamespace(name="tokens", path=str(path), blend=None, dtype=None, valid_fraction=0.0, valid_path=None,
+                           valid_blend=None)
+
+    def check():
+        return dataset_problems(data, load_tokenizer("bytes"), 256, 4, 0)
+
+    np.save(path, np.frombuffer(b"hello world", dtype=np.uint8))
+    write_sidecar(path, 11, 32, 119, "bytes")
+    assert check() == []
     # The file changes under its sidecar (a stale .npy.json): the scan finds the id.
     np.save(path, np.array([1, 2, 3, 900, 4, 5], dtype=np.int32))
-    (problem,) = check_source("tokens", str(path), 256, 4)
+    (problem,) = check()
     assert "holds token id 900 but ids must be in [0, model.vocab_size=256)" in problem
     np.save(path, np.array([1, 2, -3, 4, 5, 6], dtype=np.int64))
-    (problem,) = check_source("tokens", str(path), 256, 4)
+    (problem,) = check()
     assert "holds token id -3" in problem
     os.remove(str(path) + ".json")
-    (problem,) = check_source("tokens", str(path), 256, 4)
+    (problem,) = check()
     assert "holds token id -3" in problem
     # A sidecar that matches the file is believed: no scan.
-    meta = json.loads(json.dumps({"tokens": 6, "min_id": 0, "max_id": 9, "file_bytes": path.stat().st_size,
-                                  "file_mtime_ns": path.stat().st_mtime_ns}))
-    (tmp_path / "corpus.npy.json").write_text(json.dumps(meta))
-    assert check_source("tokens", str(path), 256, 4) == []
+    write_sidecar(path, 6, 0, 9, "bytes")
+    assert check() == []
 
 
 def _hold_lock(directory, job, ready, done):
