@@ -28,7 +28,7 @@ def emit(name: str, results: dict) -> None:
 
 def measure_training(rank: int, world: int, overrides: list[str], steps: int, threads: int) -> dict:
     """On one local rank: train `steps` steps through `launch.train`'s code path and measure
-    step times, the bytes of parameters + gradients + optimizer state this rank holds, the
+    step times and waits for data, the bytes of parameters + gradients + optimizer state this rank holds, the
     bytes of activations autograd keeps for backward in one step, and peak resident memory."""
     import logging
     import resource
@@ -41,11 +41,12 @@ def measure_training(rank: int, world: int, overrides: list[str], steps: int, th
     torch.set_num_threads(threads)
     logging.getLogger("quintet").setLevel(logging.WARNING)
     run = setup(compose(overrides))
-    times = []
+    times, waits = [], []
     for step in range(steps):
         start = time.perf_counter()
         run.trainer.train_step(step)
         times.append(time.perf_counter() - start)
+        waits.append(run.trainer.accounting.data_wait_s)  # this step's wait for its batch
     storages: dict[int, int] = {}
 
     def pack(t):
@@ -58,7 +59,7 @@ def measure_training(rank: int, world: int, overrides: list[str], steps: int, th
     params = run.parallel.parameters()
     state = params + [p.grad for p in params if p.grad is not None]
     state += [v for p in params for v in run.optimizer.state[p].values() if torch.is_tensor(v) and v.dim() > 0]
-    return {"times": times, "state_bytes": sum(local(t).numel() * local(t).element_size() for t in state),
+    return {"times": times, "data_wait": waits, "state_bytes": sum(local(t).numel() * local(t).element_size() for t in state),
             "activation_bytes": sum(storages.values()),
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 

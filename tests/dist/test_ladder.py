@@ -13,7 +13,8 @@ def test_ladder_is_not_the_standard_residual(tmp_path):
     standard = losses(train(tmp_path / "standard", ["train.dtype=float64", "model.n_layers=4"]))
     ladder = losses(train(tmp_path / "ladder", ["train.dtype=float64", "model.n_layers=4", "model.residual=ladder"]))
     assert ladder[0] == pytest.approx(standard[0], rel=1e-6)  # the same initial weights...
-    assert max(abs(a - b) / a for a, b in zip(ladder, standard)) > 1e-3  # ...a different function
+    # ...a different function (the same one would agree to ~1e-15 in fp64)
+    assert max(abs(a - b) / a for a, b in zip(ladder, standard)) > 1e-6
 
 
 def _build(world, residual, n_layers=4, dim=64, extra=()):

@@ -54,8 +54,8 @@ def _primitives(rank, world, sp, kv_heads):
     x = torch.randn(2, 8, 64, generator=g, dtype=torch.float64)
     grad_out = torch.randn(2, 8, 64, generator=g, dtype=torch.float64)
     shard = (lambda t: t.chunk(world, dim=1)[rank]) if sp else (lambda t: t)
-    from runtime.model import rotary_tables
-    rope = rotary_tables(torch.arange(8), 16, 10000.0, torch.float64)
+    from runtime.model import AttentionInputs, rotary_tables
+    rope = AttentionInputs(*rotary_tables(torch.arange(8), 16, 10000.0, torch.float64))
 
     # Attention and feed-forward regions: column-parallel in, row-parallel out, f/g or SP.
     for attr in ("attention", "feed_forward"):
@@ -82,7 +82,8 @@ def _primitives(rank, world, sp, kv_heads):
     torch.testing.assert_close(tp_norm.weight.grad, full.layers["0"].attention_norm.weight.grad, **TOL)
 
     # Vocabulary-parallel embedding (with SP it leaves sequence shards).
-    tokens = torch.randint(0, 256, (2, 8), generator=g)
+    vocab = full.args.vocab_size
+    tokens = torch.randint(0, vocab, (2, 8), generator=g)
     emb_f, emb_t = full.tok_embeddings(tokens), tp_model.tok_embeddings(tokens)
     torch.testing.assert_close(emb_t, shard(emb_f), **TOL)
     emb_f.backward(grad_out)
@@ -90,8 +91,8 @@ def _primitives(rank, world, sp, kv_heads):
     assert_grads_are_blocks(full.tok_embeddings, tp_model.tok_embeddings, par.plan, "tok_embeddings")
 
     # Vocabulary-parallel cross-entropy, with ignored targets; never the full logits.
-    logits = torch.randn(2, 8, 256, generator=g, dtype=torch.float64, requires_grad=True)
-    labels = torch.randint(0, 256, (2, 8), generator=g)
+    logits = torch.randn(2, 8, vocab, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, vocab, (2, 8), generator=g)
     labels[0, :3] = -100
     local = logits.detach().chunk(world, dim=-1)[rank].clone().requires_grad_()
     loss_t = par.loss_fn(local, labels)

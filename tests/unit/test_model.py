@@ -141,3 +141,25 @@ def test_generation_with_the_kv_cache_equals_recomputing_the_whole_sequence(resi
         for _ in range(6):
             tokens = torch.cat([tokens, model(tokens)[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(cached, tokens)
+
+
+def test_a_document_mask_keeps_each_document_to_itself():
+    """Packed documents under the mask: changing one document changes no other document's logits,
+    and each document gets the logits it has alone (positions restart, no earlier key is seen)."""
+    from runtime.data.loader import document_ids
+
+    model = build()
+    tokens = torch.randint(1, ARGS.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    tokens[:, [7, 15]] = 0  # end of document: three documents, [0, 8), [8, 16), [16, 24)
+    other = tokens.clone()
+    other[:, 8:15] = torch.randint(1, ARGS.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        packed = model(tokens, documents=document_ids(tokens, 0))
+        changed = model(other, documents=document_ids(other, 0))
+        alone = model(tokens[:, 16:])
+        unmasked, unmasked_changed = model(tokens), model(other)
+    for docs in (slice(0, 8), slice(16, 24)):
+        torch.testing.assert_close(changed[:, docs], packed[:, docs], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(packed[:, 16:], alone, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(changed[:, 8:16], packed[:, 8:16])
+    assert not torch.allclose(unmasked_changed[:, 16:], unmasked[:, 16:])  # without the mask it leaks
