@@ -26,7 +26,7 @@ from benchmarks.common import emit, median
 from launch.config import compose
 from launch.spawn import run_ranks
 from parallel.materialize import materialize
-from runtime.data import BatchLoader, load_tokens
+from runtime.data import BatchLoader, build_datasets, load_tokenizer
 from runtime.metrics import read_metrics
 from runtime.model import ModelArgs, Transformer
 from runtime.optim import build_optimizer, lr_at, set_lr
@@ -92,8 +92,8 @@ def hand_written_steps(cfg, steps: int) -> tuple[list[float], list[float]]:
     materialize(model, model.init_full, torch.device("cpu"), cfg.seed)  # the same initial values
     optimizer = build_optimizer(model.parameters(), cfg.optim, cfg.train.lr)
     t = cfg.train
-    loader = BatchLoader(load_tokens("sample", None, 256, cfg.seed), t.seq_len, t.global_batch_size,
-                         t.micro_batch_size, seed=cfg.seed)
+    sequences = build_datasets(cfg.data, load_tokenizer(cfg.data.tokenizer), args.vocab_size, t.seq_len, cfg.seed).train
+    loader = BatchLoader(sequences, t.global_batch_size, t.micro_batch_size)
     n_targets = t.global_batch_size * t.seq_len
     times, losses = [], []
     for step in range(steps):

@@ -119,6 +119,9 @@ def open_corpus(path: str, dtype: str | None = None, key: str | None = None) -> 
     if not p.exists():
         raise DataError(f"{path} does not exist (cwd {os.getcwd()}): give an indexed dataset's PREFIX (PREFIX.bin + "
                         f"PREFIX.idx), a .npy file, or a raw token file with data.dtype; {TOKENIZE_HINT}")
+    if dtype is not None and p.suffix == ".npy":
+        raise DataError(f"{path} is a .npy file, which records its own dtype; data.dtype={dtype} is for headerless "
+                        "token files: drop it")
     if dtype is not None:
         item = np.dtype(dtype).itemsize
         size = p.stat().st_size

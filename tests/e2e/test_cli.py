@@ -117,6 +117,21 @@ def test_bad_input_stops_every_rank_with_one_message_and_exit_code_2(tmp_path, c
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
+def test_a_truncated_dataset_stops_both_torchrun_ranks_before_training(tmp_path):
+    """A file problem (found by reading the data, not the config) stops every rank with exit 2."""
+    from launch.tokenize import tokenize
+
+    (tmp_path / "a.txt").write_text("some text " * 500)
+    tokenize([str(tmp_path / "a.txt")], "sample", str(tmp_path / "data"), progress=False)
+    data = (tmp_path / "data.bin").read_bytes()
+    (tmp_path / "data.bin").write_bytes(data[:-100])
+    run_dir = tmp_path / "run"
+    code, out, _ = launch(["data=indexed", f"data.path={tmp_path / 'data'}", f"run_dir={run_dir}"], nproc=2, timeout=120)
+    assert code != 0 and out.count("exitcode  : 2") == 2, out
+    assert "data.path=" in out and "data.bin is" in out and "truncated, or the two files do not belong together" in out
+    assert not (run_dir / "metrics.jsonl").exists()
+
+
 def test_wandb_offline_records_losses_figures_config_and_no_secret(tmp_path):
     secret = "0123456789abcdef-not-a-real-key-5f3a"
     code, out, _ = launch([*SMALL, "train.steps=5", "logging.wandb.mode=offline", f"run_dir={tmp_path}"],

@@ -136,6 +136,8 @@ def test_a_raw_token_file_needs_its_dtype_and_then_reads_like_nanogpt(tmp_path):
 def test_a_npy_token_file_must_be_a_1d_integer_array(tmp_path):
     np.save(tmp_path / "ok.npy", np.arange(50, dtype=np.int32))
     assert len(open_corpus(str(tmp_path / "ok.npy"))) == 50
+    with pytest.raises(DataError, match="records its own dtype; data.dtype=uint16 is for headerless token files"):
+        open_corpus(str(tmp_path / "ok.npy"), "uint16")
     np.save(tmp_path / "x.npy", np.zeros((3, 3), dtype=np.float32))
     with pytest.raises(DataError, match="holds a 2-D float32 array; expected a 1-D array of integer token ids"):
         open_corpus(str(tmp_path / "x.npy"))
