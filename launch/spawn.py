@@ -25,8 +25,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 # Imported once by the forkserver, inherited by every rank: megatron-core alone takes seconds
-# to import, which 8 ranks on 2 cores would otherwise pay in every launch.
-_PRELOAD = ["torch", "torch.distributed", "torch.distributed.fsdp", "launch.train",
+# to import, which 8 ranks on 2 cores would otherwise pay in every launch, and building a model
+# on the meta device imports torch._dynamo (0.7 s) through torch's reference ops.
+_PRELOAD = ["torch", "torch.distributed", "torch.distributed.fsdp", "torch._dynamo", "launch.train",
             "megatron.core.parallel_state"]
 _ctx = None
 

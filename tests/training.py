@@ -11,11 +11,17 @@ import pytest
 from runtime.metrics import read_metrics
 from launch.spawn import run_ranks
 
-# A model and batch small enough that 20 steps take well under a second per rank.
+# A model and batch small enough that 20 steps take well under a second per rank, on generated
+# data with 256 ids: the parity of layouts does not depend on the data, and a head over the
+# sample tokenizer's 1,024 ids would cost this model more than its layers. The real data path has
+# tests of its own (tests/dist/test_data_parity.py, tests/unit/test_data.py).
 SMALL = [
     "model.n_layers=2", "model.dim=64", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=96",
+    "model.vocab_size=256", "data=synthetic",
     "train.seq_len=32", "train.global_batch_size=8", "train.micro_batch_size=4", "train.steps=20",
     "optim.warmup_steps=5", "logging.every=1000", "checkpoint.pool_mb=8",
+    # A configured peak for MFU: no rank spends half a second probing its matrix-multiply rate.
+    "logging.peak_tflops=1",
 ]
 
 # For tests that call launch.train.setup() without a run of their own: rank 0 writes config.yaml

@@ -43,7 +43,7 @@ def write_documents(prefix, n_docs: int, seed: int, builder=None) -> str:
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     a, b = write_documents(root / "web", 400, 1), write_documents(root / "code", 300, 2)
-    return ["data=indexed", f"data.blend=[[0.7,'{a}'],[0.3,'{b}']]", "data.document_mask=true",
+    return ["data=indexed", "model.vocab_size=1024", f"data.blend=[[0.7,'{a}'],[0.3,'{b}']]", "data.document_mask=true",
             "data.mask_eod_loss=true", "data.valid_fraction=0.2", "eval.every=5"]
 
 
@@ -87,5 +87,6 @@ def test_megatron_core_written_documents_train(tmp_path):
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     prefix = write_documents(tmp_path / "mg", 200, 3, IndexedDatasetBuilder(str(tmp_path / "mg.bin"), dtype=np.uint16))
-    got = train(tmp_path / "run", ["data=indexed", f"data.path='{prefix}'", "data.document_mask=true"])
+    got = train(tmp_path / "run", ["data=indexed", "model.vocab_size=1024", f"data.path='{prefix}'",
+                                   "data.document_mask=true"])
     assert len(got) == 20 and got[-1]["loss"] < got[0]["loss"]

@@ -64,14 +64,15 @@ def test_one_process_and_two_torchrun_ranks_write_the_same_losses(tmp_path):
     assert "dp_impl: fsdp" in (tmp_path / "B/config.yaml").read_text()
 
 
-def test_the_main_job_lowers_the_loss_by_40_percent(tmp_path):
-    """The README's main job (default config, 2 ranks): its first 10 of 200 steps already do
-    (on this machine step 10 is at 0.54 of step 1)."""
+def test_the_main_job_learns(tmp_path):
+    """The README's main job (default config: the sample corpus in the shipped BPE, 2 ranks): its
+    first 10 of 200 steps, still in the learning-rate warm-up, already lower the loss (on this
+    machine step 10 is at 0.88 of step 1)."""
     code, out, _ = launch([f"run_dir={tmp_path}", "train.stop_at_step=10"], nproc=2)
     assert code == 0, out
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == list(range(1, 11))
-    assert records[-1]["loss"] <= 0.6 * records[0]["loss"], [r["loss"] for r in records]
+    assert records[-1]["loss"] <= 0.93 * records[0]["loss"], [r["loss"] for r in records]
 
 
 BAD = {
