@@ -143,6 +143,20 @@ class MoEConfig:
     capacity_factor: float = num(0.0, ge=0, note="0 = dropless")  # each expert keeps factor·tokens·top_k/experts
 
 
+RopeType = choice("RopeType", "none llama3", "rotary frequency scaling")
+
+
+@dataclass
+class RopeScalingConfig:
+    """Rotary frequency scaling, as Hugging Face's `rope_scaling` (type llama3: Llama 3.1)."""
+
+    type: RopeType = RopeType["none"]  # none, or llama3
+    factor: float = num(8.0, gt=0)  # how much the longest wavelengths are stretched
+    low_freq_factor: float = num(1.0, gt=0)  # wavelengths above original_max_position_embeddings / this are scaled
+    high_freq_factor: float = num(4.0, gt=0)  # wavelengths below original_max_position_embeddings / this are kept
+    original_max_position_embeddings: int = num(8192, ge=1)  # the context the model was first trained at
+
+
 @dataclass
 class ModelConfig:
     """A Llama-style decoder: RMSNorm, rotary embeddings, SwiGLU, grouped-query attention."""
@@ -156,6 +170,11 @@ class ModelConfig:
     vocab_size: int = num(MISSING, ge=1)  # embedding and output rows
     norm_eps: float = num(1e-5, gt=0)  # RMSNorm epsilon
     rope_theta: float = num(10000.0, gt=0)  # rotary embedding base
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    head_dim: int = num(0, ge=0, note="0 = dim / n_heads")  # size of each attention head
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys before the rotation (Qwen3)
+    qkv_bias: bool = False  # biases on the query, key and value projections (Qwen2)
+    tie_embeddings: bool = False  # the output head is the embedding matrix
     residual: Residual = Residual["standard"]  # ladder: each branch's TP all-reduce overlaps the next branch
     ladder_layers: int = num(0, ge=0, note="0 = all")  # with residual=ladder: how many of the last layers are ladder
     moe: MoEConfig = field(default_factory=MoEConfig)

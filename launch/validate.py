@@ -103,6 +103,11 @@ def _unused_option_problems(cfg) -> list[str]:
         if fssdp:
             out.append(f"{', '.join(fssdp)} only apply with parallel.moe_backend=fssdp (now "
                        f"{cfg.parallel.moe_backend!r})")
+    if cfg.model.rope_scaling.type == "none":
+        scaling = [c for c in changed(cfg.model.rope_scaling, schema.RopeScalingConfig, "model.rope_scaling.")
+                   if not c.startswith("model.rope_scaling.type")]
+        if scaling:
+            out.append(f"{', '.join(scaling)} only apply with model.rope_scaling.type=llama3")
     if cfg.model.residual == "standard" and cfg.model.ladder_layers:
         out.append(f"model.ladder_layers={cfg.model.ladder_layers} only applies with model.residual=ladder")
     if cfg.parallel.pp == 1 and cfg.parallel.pp_layers is not None:
@@ -202,11 +207,18 @@ def _ladder_problems(cfg) -> list[str]:
 
 def _model_problems(m) -> list[str]:
     out = []
-    if m.dim % m.n_heads:
-        out.append(f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}")
+    if m.head_dim:
+        if m.head_dim % 2:
+            out.append(f"model.head_dim={m.head_dim} is odd; rotary embeddings need an even head size")
+    elif m.dim % m.n_heads:
+        out.append(f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads} (or set model.head_dim)")
     elif (m.dim // m.n_heads) % 2:
         out.append(f"head size model.dim/model.n_heads = {m.dim}/{m.n_heads} = {m.dim // m.n_heads} "
                    "is odd; rotary embeddings need an even head size")
+    r = m.rope_scaling
+    if r.type == "llama3" and r.high_freq_factor <= r.low_freq_factor:
+        out.append(f"model.rope_scaling.high_freq_factor={r.high_freq_factor} must exceed "
+                   f"model.rope_scaling.low_freq_factor={r.low_freq_factor}")
     if m.n_heads % m.n_kv_heads:
         out.append(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads} "
                    "(grouped-query attention shares each KV head among n_heads/n_kv_heads query heads)")
@@ -320,6 +332,9 @@ def _pipeline_problems(cfg, topo: Topology | None) -> list[str]:
             out.append(f"parallel.vpp={p.vpp} needs pipeline parallelism (parallel.pp > 1): virtual stages "
                        f"interleave chunks over pipeline ranks")
         return out
+    if cfg.model.tie_embeddings:
+        out.append("model.tie_embeddings=true with parallel.pp > 1 is not supported yet: the embedding and the head "
+                   "live on different pipeline stages")
     pp_layers = p.pp_layers
     if pp_layers == "auto":
         if cfg.model.n_layers < p.pp * p.vpp:

@@ -36,7 +36,17 @@ def materialize(model: nn.Module, init_full, device: torch.device, seed: int,
     which this rank keeps the block the sharding plan and FSDP assign it.
     """
     plan = plan or ShardingPlan()
+    # A parameter held by two modules (tied embeddings) must stay one parameter: to_empty makes
+    # a new one per module, so each is pointed back at the first.
+    sites: dict[int, list] = {}
+    for module in model.modules():
+        for attr, p in module._parameters.items():
+            if p is not None:
+                sites.setdefault(id(p), []).append((module, attr))
     model.to_empty(device=device)
+    for (first, first_attr), *others in sites.values():
+        for module, attr in others:
+            setattr(module, attr, getattr(first, first_attr))
     with torch.no_grad():
         for name, param in model.named_parameters():
             name = canonical_name(name)

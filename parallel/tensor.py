@@ -51,11 +51,11 @@ class ReplicatedHeadLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, rows: slice):
         super().__init__()
-        self.weight = linear.weight
+        self.weight, self.bias = linear.weight, linear.bias
         self.rows = rows
 
     def forward(self, x):
-        return F.linear(x, self.weight[self.rows])
+        return F.linear(x, self.weight[self.rows], None if self.bias is None else self.bias[self.rows])
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -144,7 +144,9 @@ def _region(module: nn.Module, group, sequence_parallel: bool, exit_reduce: bool
 
 
 def _linear(cls, full: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
-    return cls(in_features, out_features, bias=False, device="meta", dtype=full.weight.dtype)
+    # A column-parallel bias is split with the output features (launch/validate.py refuses a
+    # row-parallel one: it would be added once per rank).
+    return cls(in_features, out_features, bias=full.bias is not None, device="meta", dtype=full.weight.dtype)
 
 
 def apply_tp(model: nn.Module, groups, cfg) -> None:
@@ -168,7 +170,8 @@ def apply_tp(model: nn.Module, groups, cfg) -> None:
             kv_head = (rank * (args.n_heads // size)) // (args.n_heads // args.n_kv_heads)
             rows = slice(kv_head * args.head_dim, (kv_head + 1) * args.head_dim)
             setattr(parent, attr, ReplicatedHeadLinear(full, rows))
-            plan[f"{name}.weight"] = split(full.weight.shape, partial_grad="tp")
+            for n, p in full.named_parameters():
+                plan[f"{name}.{n}"] = split(p.shape, partial_grad="tp")
             return
         column = style in ("column", "kv_column", "vocab")
         cls = ColumnParallelLinear if column else RowParallelLinear
@@ -176,6 +179,8 @@ def apply_tp(model: nn.Module, groups, cfg) -> None:
                  else (full.in_features // size, full.out_features))
         setattr(parent, attr, _linear(cls, full, *shape))
         plan[f"{name}.weight"] = split(full.weight.shape, Split(0 if column else 1, rank, size, "tp"))
+        if full.bias is not None:
+            plan[f"{name}.bias"] = split(full.bias.shape, Split(0, rank, size, "tp"))
 
     def rewrite(module: nn.Module, prefix: str, ladder: bool) -> None:
         declared = getattr(type(module), "tp_plan", {})
@@ -214,6 +219,8 @@ def apply_tp(model: nn.Module, groups, cfg) -> None:
                 rewrite(child, f"{prefix}{attr}.", layer_ladder)
 
     rewrite(model, "", False)
+    if args.tie_embeddings and model.tok_embeddings is not None and model.output is not None:
+        model.output.weight = model.tok_embeddings.weight  # the same vocabulary rows on this rank
     if args.ladder_start < args.n_layers:
         model.ladder = TPLadderRunner(group, sp)
 

@@ -45,3 +45,14 @@ def attention_flops_per_token(args: ModelArgs, seq_len: int) -> int:
 def flops_per_token(args: ModelArgs, seq_len: int) -> int:
     """Model FLOPs of one token's forward and backward, at sequence length `seq_len`."""
     return 6 * matmul_params_per_token(args) + attention_flops_per_token(args, seq_len)
+
+
+def active_params(args: ModelArgs, total: int) -> int:
+    """Parameters one token uses: all of them but the experts it is not routed to (`total` is
+    the model's parameter count; embedding included, as published counts do)."""
+    if args.moe is None:
+        return total
+    m = args.moe
+    per_expert = 3 * args.dim * m.expert_ffn_dim
+    moe_layers = sum(args.is_moe(i) for i in range(args.n_layers))
+    return total - moe_layers * (m.num_experts - m.top_k) * per_expert

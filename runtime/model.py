@@ -40,6 +40,18 @@ from runtime.moe import MoE, MoEArgs
 
 
 @dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1's rotary frequency scaling (`rope_type: llama3`): wavelengths beyond
+    original_max_positions / low_freq_factor are stretched by `factor`, those below
+    original_max_positions / high_freq_factor kept, and those between interpolated."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_positions: int
+
+
+@dataclass(frozen=True)
 class ModelArgs:
     n_layers: int
     dim: int
@@ -49,14 +61,19 @@ class ModelArgs:
     vocab_size: int
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    head_dim: int = 0  # per attention head; 0 = dim // n_heads
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys before the rotation (Qwen3)
+    qkv_bias: bool = False  # biases on the query, key and value projections (Qwen2)
+    tie_embeddings: bool = False  # the output head is the embedding matrix
+    rope_scaling: RopeScaling | None = None
     moe: MoEArgs | None = None  # Mixture-of-Experts feed-forward blocks
     moe_every: int = 1  # layer i is MoE when i % moe_every == 0
     residual: str = "standard"  # standard | ladder
     ladder_layers: int = 0  # with residual=ladder: how many of the last layers are ladder (0 = all)
 
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
+    def __post_init__(self):
+        if not self.head_dim:
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
 
     def is_moe(self, layer: int) -> bool:
         return self.moe is not None and layer % self.moe_every == 0
@@ -70,8 +87,12 @@ class ModelArgs:
 
     @classmethod
     def from_config(cls, cfg) -> "ModelArgs":
-        base = {f: getattr(cfg, f) for f in cls.__dataclass_fields__ if f not in ("moe", "moe_every")}
+        base = {f: getattr(cfg, f) for f in cls.__dataclass_fields__ if f not in ("moe", "moe_every", "rope_scaling")}
         base["residual"] = str(base["residual"])
+        r = cfg.rope_scaling
+        if r.type == "llama3":
+            base["rope_scaling"] = RopeScaling(r.factor, r.low_freq_factor, r.high_freq_factor,
+                                               r.original_max_position_embeddings)
         m = cfg.moe
         if m.num_experts == 0:
             return cls(**base)
@@ -102,7 +123,23 @@ class RMSNorm(nn.Module):
         return y.to(x.dtype) * self.weight
 
 
-def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+def rotary_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None,
+                       device=None) -> torch.Tensor:
+    """The rotation rate of each pair of a head, [head_dim/2] (fp64), with Llama 3.1's scaling."""
+    exponent = torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim
+    inv_freq = theta**-exponent
+    if scaling is None:
+        return inv_freq
+    s = scaling
+    wavelen = 2 * math.pi / inv_freq
+    low, high = s.original_max_positions / s.low_freq_factor, s.original_max_positions / s.high_freq_factor
+    smooth = (s.original_max_positions / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    mid = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
+    return torch.where(wavelen > low, inv_freq / s.factor, torch.where(wavelen < high, inv_freq, mid))
+
+
+def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype,
+                  scaling: RopeScaling | None = None):
     """cos and sin of the rotary angles, [seq, head_dim/2] (or [batch, seq, head_dim/2] for
     positions per sequence), for the given token positions.
 
@@ -110,8 +147,7 @@ def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: t
     the meta device needs no re-initialisation and context parallelism can pass the original
     (non-contiguous) positions of its sequence shard.
     """
-    exponent = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim
-    inv_freq = theta**-exponent  # [head_dim/2]
+    inv_freq = rotary_frequencies(head_dim, theta, scaling, positions.device)  # [head_dim/2]
     angles = positions.to(torch.float64)[..., None] * inv_freq
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -196,16 +232,22 @@ def declared(root: nn.Module, name: str, table: str, innermost: bool) -> str:
 
 
 class Attention(nn.Module):
-    tp_plan = {"wq": "column", "wk": "kv_column", "wv": "kv_column", "wo": "row"}
-    init_plan = {"wq": "normal", "wk": "normal", "wv": "normal", "wo": "residual"}
+    # q_norm / k_norm: one weight per head dimension, shared by the heads; under TP each rank's
+    # heads give part of its gradient.
+    tp_plan = {"wq": "column", "wk": "kv_column", "wv": "kv_column", "wo": "row", "q_norm": "partial",
+               "k_norm": "partial"}
+    init_plan = {"wq": "normal", "wk": "normal", "wv": "normal", "wo": "residual", "wq.bias": "zeros",
+                 "wk.bias": "zeros", "wv.bias": "zeros"}
 
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.head_dim = args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.q_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
+        self.k_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
         # Replaceable by parallel code (context parallelism swaps in ring attention).
         self.core = causal_attention
 
@@ -217,6 +259,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(b, s, -1, self.head_dim)
         k = self.wk(x).view(b, s, -1, self.head_dim)
         v = self.wv(x).view(b, s, -1, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, inputs.cos, inputs.sin), apply_rotary(k, inputs.cos, inputs.sin)
         if cache is not None and cache.length:
             past = cache.length
@@ -301,6 +345,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): Block(args, i) for i in range(args.n_layers)})
         self.norm: RMSNorm | None = RMSNorm(args.dim, args.norm_eps)
         self.output: nn.Linear | None = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:  # one parameter, named tok_embeddings.weight
+            self.output.weight = self.tok_embeddings.weight
         # Runs the ladder blocks; tensor parallelism swaps in one that overlaps the all-reduces.
         self.ladder = ladder_blocks
 
@@ -327,8 +373,8 @@ class Transformer(nn.Module):
             h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         if documents is not None:
             positions = document_positions(documents)[:, positions]
-        inputs = AttentionInputs(*rotary_tables(positions, self.args.head_dim, self.args.rope_theta, h.dtype),
-                                 documents)
+        inputs = AttentionInputs(*rotary_tables(positions, self.args.head_dim, self.args.rope_theta, h.dtype,
+                                                self.args.rope_scaling), documents)
         start = self.args.ladder_start
         standard = [b for i, b in self.layers.items() if int(i) < start]
         ladder = [b for i, b in self.layers.items() if int(i) >= start]
@@ -359,6 +405,8 @@ class Transformer(nn.Module):
         keeps the slice its rank holds. Drawn in fp32 so fp32 and fp64 runs start equal.
         """
         style = declared(self, name, "init_plan", innermost=True)
+        if style == "embedding" and self.args.tie_embeddings:
+            style = "head"  # the shared matrix also makes the logits: the head's scale
         if style in ("ones", "zeros"):
             return torch.ones(shape) if style == "ones" else torch.zeros(shape)
         t = torch.empty(shape)

@@ -27,6 +27,10 @@ FAMILIES = {
     "moe": Family(MOE, moe=True),
     "fssdp": Family([*MOE, *MB1], ["parallel.moe_backend=fssdp"], moe=True),
     "ladder": Family(["model.residual=ladder", *L4]),
+    # What published architectures add (configs/model/): heads of their own size, QK-norm, QKV
+    # biases, the embedding as the head, Llama 3.1's RoPE scaling (reaching these 32 positions).
+    "features": Family(["model.head_dim=32", "model.qk_norm=true", "model.qkv_bias=true", "model.tie_embeddings=true",
+                        "model.rope_scaling.type=llama3", "model.rope_scaling.original_max_position_embeddings=16"]),
 }
 
 # name: (family, world size, overrides)
@@ -95,6 +99,13 @@ LAYOUTS = {
     "ladder-tp2-dp2": ("ladder", 4, ["parallel.tp=2", *MB2]),
     "ladder-pp2": ("ladder", 2, ["parallel.pp=2"]),
     "ladder-tp2-last-2-layers": ("ladder", 2, ["parallel.tp=2", "model.ladder_layers=2"]),
+    # published architectures' features
+    "features-tp2": ("features", 2, ["parallel.tp=2"]),
+    "features-tp4-kv-replicated": ("features", 4, ["parallel.tp=4"]),
+    "features-tp2-sp": ("features", 2, ["parallel.tp=2", "parallel.sp=true"]),
+    "features-fsdp-2": ("features", 2, ["parallel.dp_impl=fsdp"]),
+    "features-cp2": ("features", 2, ["parallel.cp=2"]),
+    "features-pp2-untied": ("features", 2, ["model.tie_embeddings=false", "parallel.pp=2"]),
 }
 
 
