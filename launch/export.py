@@ -80,8 +80,9 @@ def hf_permute(w: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def hf_state(full: dict[str, torch.Tensor], m) -> dict[str, torch.Tensor]:
-    out = {"model.embed_tokens.weight": full["tok_embeddings.weight"], "model.norm.weight": full["norm.weight"],
-           "lm_head.weight": full["output.weight"]}
+    out = {"model.embed_tokens.weight": full["tok_embeddings.weight"], "model.norm.weight": full["norm.weight"]}
+    if not m.get("tie_embeddings"):  # tied: transformers makes lm_head the embedding (tie_word_embeddings)
+        out["lm_head.weight"] = full["output.weight"]
     names = {"attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
              "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w3.weight": "mlp.up_proj.weight",
              "feed_forward.w2.weight": "mlp.down_proj.weight", "attention_norm.weight": "input_layernorm.weight",
@@ -96,12 +97,18 @@ def hf_state(full: dict[str, torch.Tensor], m) -> dict[str, torch.Tensor]:
 
 
 def hf_config(m, dtype: torch.dtype) -> dict:
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": m.dim,
-            "intermediate_size": m.ffn_dim, "num_hidden_layers": m.n_layers, "num_attention_heads": m.n_heads,
-            "num_key_value_heads": m.n_kv_heads, "head_dim": m.dim // m.n_heads, "vocab_size": m.vocab_size,
-            "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_theta, "hidden_act": "silu",
-            "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
-            "torch_dtype": str(dtype).removeprefix("torch.")}
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": m.dim,
+              "intermediate_size": m.ffn_dim, "num_hidden_layers": m.n_layers, "num_attention_heads": m.n_heads,
+              "num_key_value_heads": m.n_kv_heads, "head_dim": m.get("head_dim") or m.dim // m.n_heads,
+              "vocab_size": m.vocab_size, "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_theta, "hidden_act": "silu",
+              "tie_word_embeddings": bool(m.get("tie_embeddings")), "attention_bias": False, "mlp_bias": False,
+              "torch_dtype": str(dtype).removeprefix("torch.")}
+    r = m.get("rope_scaling")
+    if r is not None and str(r.type) == "llama3":
+        config["rope_scaling"] = {"rope_type": "llama3", "factor": r.factor, "low_freq_factor": r.low_freq_factor,
+                                  "high_freq_factor": r.high_freq_factor,
+                                  "original_max_position_embeddings": r.original_max_position_embeddings}
+    return config
 
 
 def export(checkpoint: Path, out: Path, config: Path | None = None) -> Path:
@@ -111,9 +118,10 @@ def export(checkpoint: Path, out: Path, config: Path | None = None) -> Path:
     trainer_state = read_trainer_state(step_dir)
     verify_index_files(step_dir, trainer_state.get("index_crc32"))
     m = run_config(step_dir, config, trainer_state)
-    if m.moe.num_experts or str(m.residual) != "standard":
+    if m.moe.num_experts or str(m.residual) != "standard" or m.get("qk_norm") or m.get("qkv_bias"):
         raise CheckpointError(f"model {m.name!r} is not a dense Llama (num_experts={m.moe.num_experts}, residual="
-                              f"{m.residual}); only dense models with the standard residual export to Llama names")
+                              f"{m.residual}, qk_norm={m.get('qk_norm', False)}, qkv_bias={m.get('qkv_bias', False)}); "
+                              "only dense Llama-style models with the standard residual export to Llama names")
     blocks = [FullBlock(key, torch.zeros(shape, dtype=dtype)) for key, (shape, dtype) in stored_tensors(step_dir).items()
               if key.startswith("model/")]
     if is_dcp_checkpoint(step_dir):

@@ -89,3 +89,31 @@ def test_export_refuses_what_has_no_llama_equivalent(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "launch.export", str(tmp_path / "nothing"), str(tmp_path / "y")],
                           cwd=REPO, capture_output=True, text=True, timeout=scaled(120))
     assert proc.returncode == 2 and "neither a checkpoint" in proc.stderr
+
+
+def test_a_tied_llama_3_2_shaped_model_exports_to_transformers(tmp_path):
+    """Tied embeddings, a head size of its own and Llama 3.1's RoPE scaling, read by transformers'
+    own LlamaForCausalLM: the same logits as quintet's, to fp32's precision (transformers computes
+    the rotary angles in fp32 even for an fp64 model; the exact fp64 check is the test above)."""
+    from transformers import LlamaForCausalLM
+
+    features = ["model.head_dim=32", "model.tie_embeddings=true", "model.rope_scaling.type=llama3",
+                "model.rope_scaling.original_max_position_embeddings=16", "model.rope_theta=500000"]
+    run = tmp_path / "run"
+    train(run, [*features, "train.steps=3", "checkpoint.every=3"])
+    out = tmp_path / "hf"
+    proc = subprocess.run([sys.executable, "-m", "launch.export", str(run), str(out)], cwd=REPO, capture_output=True,
+                          text=True, timeout=scaled(120))
+    assert proc.returncode == 0, proc.stderr
+    assert "lm_head.weight" not in load_file(out / "model.safetensors")
+    step = run / "checkpoints/step_00000003"
+    blocks = [FullBlock(k, torch.zeros(shape, dtype=dtype)) for k, (shape, dtype) in stored_tensors(step).items()
+              if k.startswith("model/")]
+    load_blocks(step, blocks)
+    model = Transformer(ModelArgs.from_config(compose([*SMALL, *features, "run_dir=unused"]).model)).double()
+    loaded = model.load_state_dict({b.key.removeprefix("model/"): b.local.double() for b in blocks}, strict=False)
+    assert loaded.missing_keys == ["output.weight"] and not loaded.unexpected_keys  # the tied head is the embedding
+    hf = LlamaForCausalLM.from_pretrained(out, torch_dtype=torch.float64).eval()
+    tokens = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), hf(tokens).logits, rtol=1e-5, atol=1e-5)
