@@ -57,15 +57,16 @@ def assert_same_losses(ref: list[dict], got: list[dict], rtol: float) -> None:
                            f"reference {losses(ref)}\ngot       {losses(got)}")
 
 
-def parity_cases(layouts: dict[str, tuple[int, list[str]]], fp32_default=None) -> list:
+def parity_cases(layouts: dict[str, tuple[int, list[str]]], fp32_default=None, slow=()) -> list:
     """(layout, dtype) parameters of a parity test: float64 (bound 1e-9, where summation order
     cannot hide a bug) for every layout, float32 (1e-5, the production path) for the layouts of
     two ranks. The fp32 run of a bigger layout checks nothing its fp64 run and the small fp32
     runs do not, and costs seconds each on two cores. `fp32_default`: the layouts whose fp32 run
-    is in the default suite (None: all); the other fp32 runs are `slow` (QUINTET_SLOW=1)."""
+    is in the default suite (None: all); the other fp32 runs are `slow` (QUINTET_SLOW=1), as are
+    both runs of the layouts in `slow`."""
     def case(name, dtype):
-        slow = dtype == "float32" and fp32_default is not None and name not in fp32_default
-        return pytest.param(name, dtype, id=f"{name}-{dtype}", marks=[pytest.mark.slow] if slow else [])
+        is_slow = name in slow or (dtype == "float32" and fp32_default is not None and name not in fp32_default)
+        return pytest.param(name, dtype, id=f"{name}-{dtype}", marks=[pytest.mark.slow] if is_slow else [])
 
     return [case(name, dtype) for name, (world, _) in layouts.items()
             for dtype in ("float32", "float64") if dtype == "float64" or world <= 2]

@@ -56,7 +56,7 @@ def _val(records):
     return [{"step": r["step"], "loss": r["val_loss"]} for r in records if "val_loss" in r]
 
 
-@pytest.mark.parametrize("layout, dtype", parity_cases(LAYOUTS))
+@pytest.mark.parametrize("layout, dtype", parity_cases(LAYOUTS, fp32_default={"dp2", "cp2-ring"}))
 def test_documents_blends_and_validation_match_one_process(layout, dtype, data, reference, tmp_path):
     world, overrides = LAYOUTS[layout]
     same = [o for o in overrides if o.startswith(("train.", "model."))]

@@ -119,10 +119,11 @@ def reference(tmp_path_factory):
 # others with QUINTET_SLOW=1): fp64 holds every layout to 1e-9 already.
 FP32_DEFAULT = {"fsdp-2", "tp2-sp", "pp2-vpp2", "pp2-zero-bubble", "cp2", "cp2-ulysses", "ep2", "fssdp2",
                 "ladder-tp2-sp", "features-tp2-sp"}
+SLOW = {"fssdp8"}  # fssdp8-remat runs the same world in the default suite
 
 
 @pytest.mark.parametrize("layout, dtype", parity_cases({name: (w, o) for name, (_, w, o) in LAYOUTS.items()},
-                                                       FP32_DEFAULT))
+                                                       FP32_DEFAULT, SLOW))
 def test_every_layout_matches_one_process(layout, dtype, reference, tmp_path):
     family, world, overrides = LAYOUTS[layout]
     f = FAMILIES[family]
