@@ -49,11 +49,13 @@ def launch(args, nproc=1, timeout=600, env=None):
 
 
 def test_one_process_and_two_torchrun_ranks_write_the_same_losses(tmp_path):
-    """The default model and data, seed 1, 8 steps, 1 process vs torchrun with dp=2: the same
-    losses (every layout's 20 steps of the small model are in tests/dist/test_parity.py)."""
-    code_a, out_a, _ = launch(["train.steps=8", "seed=1", f"run_dir={tmp_path}/A"])
+    """The default data (the sample corpus in the shipped BPE), seed 1, 8 steps of a 2-layer
+    model, 1 process vs torchrun with dp=2: the same losses (every layout's 20 steps are in
+    tests/dist/test_parity.py, the default model's training in test_the_main_job_learns)."""
+    model = ["model.n_layers=2", "model.dim=64", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=96"]
+    code_a, out_a, _ = launch([*model, "train.steps=8", "seed=1", f"run_dir={tmp_path}/A"])
     assert code_a == 0, out_a
-    code_b, out_b, _ = launch(["parallel.dp=2", "train.steps=8", "seed=1", f"run_dir={tmp_path}/B"], nproc=2)
+    code_b, out_b, _ = launch([*model, "parallel.dp=2", "train.steps=8", "seed=1", f"run_dir={tmp_path}/B"], nproc=2)
     assert code_b == 0, out_b
     a, b = read_metrics(tmp_path / "A"), read_metrics(tmp_path / "B")
     assert len(a) == 8
