@@ -25,7 +25,7 @@ import launch.train
 from benchmarks.common import emit, median
 from launch.config import compose
 from launch.spawn import run_ranks
-from parallel.materialize import materialize
+from parallel.materialize import initial_values, materialize
 from runtime.data import BatchLoader, build_datasets, load_tokenizer
 from runtime.metrics import read_metrics
 from runtime.model import ModelArgs, Transformer
@@ -89,7 +89,7 @@ def hand_written_steps(cfg, steps: int) -> tuple[list[float], list[float]]:
 
     args = ModelArgs.from_config(cfg.model)
     model = Transformer(args)
-    materialize(model, model.init_full, torch.device("cpu"), cfg.seed)  # the same initial values
+    materialize(model, initial_values(model.init_full, cfg.seed), torch.device("cpu"))  # the same initial values
     optimizer = build_optimizer(model.parameters(), cfg.optim, cfg.train.lr)
     t = cfg.train
     sequences = build_datasets(cfg.data, load_tokenizer(cfg.data.tokenizer), args.vocab_size, t.seq_len, cfg.seed).train

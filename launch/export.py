@@ -1,157 +1,170 @@
-"""Export a checkpoint's model as one safetensors file with Hugging Face Llama names.
+"""Export a checkpoint's model as a Hugging Face model folder that transformers loads.
 
-    python -m launch.export runs/myrun/checkpoints/step_00001000 out/   # or runs/myrun (its latest)
+    python -m launch.export runs/myrun out/                  # its latest checkpoint
+    python -m launch.export runs/myrun/checkpoints/step_00001000 out/ --shard-size 2GB --dtype bfloat16
 
-Reads either engine's files in any layout (the blocks are reassembled into full tensors), and
-writes `out/model.safetensors` and `out/config.json` (a LlamaConfig). quintet rotates
-interleaved pairs (x[2i], x[2i+1]) of each head, Meta's convention; Hugging Face's Llama rotates
-the two halves, so the rows of q_proj and k_proj are permuted per head to match (the same
-permutation Hugging Face's own Llama conversion applies). Dense models with the standard
-residual only: an MoE or ladder model has no Llama equivalent.
+Reads either engine's files in any layout and writes `out/`: `config.json` of the matching
+architecture (Llama, Qwen2, Qwen3, Qwen3-MoE or Mixtral: runtime/hf/config.py), with the context
+length, RoPE settings and bos/eos ids; `generation_config.json`; the weights as safetensors
+shards of at most --shard-size with `model.safetensors.index.json` (one `model.safetensors`
+when they fit in one); and the run's tokenizer files. It streams: one tensor is read whole, turned
+into Hugging Face's layout (runtime/hf/weights.py), and each shard is written as soon as it is
+full, so memory is one shard plus one tensor, never the model. Everything goes to a temporary
+folder beside OUT, renamed to OUT at the end; an existing non-empty OUT is refused.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import shutil
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from runtime.checkpoint.dcp_format import dcp_index, is_dcp_checkpoint, load_dcp_blocks
-from runtime.checkpoint.format import CheckpointError, dtype_named, load_blocks, read_index, verify_index_files
-from runtime.checkpoint.resume import candidates, read_trainer_state
+from launch.load import Checkpoint
+from runtime.checkpoint.format import CheckpointError
+from runtime.data.tokenizer import SAMPLE_TOKENIZER, TokenizerError, load_tokenizer
+from runtime.hf.config import HFConfigError, hf_config
+from runtime.hf.files import Writer
+from runtime.hf.weights import Zeros, sources, to_hf
+from runtime.model import ModelArgs
 
 EXIT_BAD_INPUT = 2
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
-@dataclass
-class FullBlock:
-    """A block that is the whole tensor: loading it reassembles the tensor from any layout."""
-
-    key: str
-    local: torch.Tensor
-
-    @property
-    def full_shape(self):
-        return list(self.local.shape)
-
-    def coords(self):
-        return [[0, n] for n in self.local.shape]
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '1024' (bytes) -> bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: a number of bytes, or one with KB, MB, GB or TB")
+    scale = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}[(match.group(2) or "b").lower()]
+    return int(float(match.group(1)) * scale)
 
 
-def checkpoint_dir(path: Path) -> Path:
-    """A step directory, or the one `latest` names under a run or checkpoints directory (a
-    marker naming anything but a step directory beside it is refused)."""
-    for candidate in (path, path / "checkpoints"):
-        if (candidate / "latest").exists():
-            paths, problems = candidates(candidate)
-            if problems:
-                raise CheckpointError(problems[0][1])
-            return paths[0]
-    if (path / "trainer.json").exists():
-        return path
-    raise CheckpointError(f"{path} is neither a checkpoint (no trainer.json) nor a directory with a `latest` marker")
+def token_ids(ckpt: Checkpoint) -> tuple[int | None, int | None]:
+    """(bos, eos): a Hugging Face import's own, where its config.json names them; the end of
+    document of the run's tokenizer as eos otherwise."""
+    bos = eos = None
+    hf_path = ckpt.model.get("hf_path")
+    if hf_path and (Path(hf_path) / "config.json").exists():
+        original = json.loads((Path(hf_path) / "config.json").read_text())
+        bos, eos = original.get("bos_token_id"), original.get("eos_token_id")
+    if eos is None and ckpt.run_config is not None:
+        try:
+            eos = load_tokenizer(str(ckpt.run_config.data.tokenizer)).eod_id
+        except TokenizerError:
+            pass
+    return bos, eos
 
 
-def stored_tensors(step_dir: Path) -> dict[str, tuple[list[int], torch.dtype]]:
-    """Every stored tensor's full shape and dtype, from either engine's index."""
-    if is_dcp_checkpoint(step_dir):
-        return {key: (e[0]["full_shape"], e[0]["dtype"]) for key, e in dcp_index(step_dir).items()}
-    return {key: (e[0]["full_shape"], dtype_named(e[0]["dtype"])) for key, e in read_index(step_dir).items()}
+def copy_tokenizer(ckpt: Checkpoint, out: Path) -> list[str]:
+    """The run's tokenizer files into `out` (none for the byte tokenizer or a tiktoken file)."""
+    if ckpt.run_config is None:
+        return []
+    spec = str(ckpt.run_config.data.tokenizer)
+    path = SAMPLE_TOKENIZER if spec == "sample" else Path(spec)
+    copied = []
+    if path.is_dir():
+        for name in TOKENIZER_FILES:
+            if (path / name).exists():
+                shutil.copyfile(path / name, out / name)
+                copied.append(name)
+    elif path.suffix == ".json" and path.exists():
+        shutil.copyfile(path, out / "tokenizer.json")
+        copied.append("tokenizer.json")
+    elif path.suffix == ".model" and path.exists() and type(load_tokenizer(str(path))).__name__ == "SentencePieceTokenizer":
+        shutil.copyfile(path, out / "tokenizer.model")
+        copied.append("tokenizer.model")
+    if copied and "tokenizer_config.json" not in copied:
+        eod = load_tokenizer(spec).eod_id
+        config = {"tokenizer_class": "PreTrainedTokenizerFast" if "tokenizer.json" in copied else "LlamaTokenizer"}
+        if eod is not None and "tokenizer.json" in copied:
+            from tokenizers import Tokenizer
+
+            config["eos_token"] = Tokenizer.from_file(str(out / "tokenizer.json")).id_to_token(eod)
+        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        copied.append("tokenizer_config.json")
+    return copied
 
 
-def run_config(step_dir: Path, explicit: Path | None, trainer_state: dict):
-    """The model config: --config's, else the one the checkpoint recorded, else the run's."""
-    if explicit is None and isinstance(trainer_state.get("model"), dict):
-        return OmegaConf.create(trainer_state["model"])
-    path = explicit or step_dir.parent.parent / "config.yaml"
-    if not path.exists():
-        raise CheckpointError(f"no run config at {path}: pass --config <run_dir>/config.yaml")
-    return OmegaConf.load(path).model
+def max_positions(ckpt: Checkpoint) -> int:
+    try:
+        return int(ckpt.model.max_position_embeddings)
+    except OmegaConfBaseException:  # recorded before the key existed: the run's sequence length
+        if ckpt.run_config is None:
+            raise CheckpointError("the checkpoint records no model.max_position_embeddings and no run config is "
+                                  "beside it: pass --config <run_dir>/config.yaml") from None
+        return int(ckpt.run_config.train.seq_len)
 
 
-def hf_permute(w: torch.Tensor, heads: int) -> torch.Tensor:
-    """Rows of each head from interleaved pairs (0,1),(2,3),… to halves (0,2,…),(1,3,…)."""
-    rows, cols = w.shape
-    return w.view(heads, rows // heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
-def hf_state(full: dict[str, torch.Tensor], m) -> dict[str, torch.Tensor]:
-    out = {"model.embed_tokens.weight": full["tok_embeddings.weight"], "model.norm.weight": full["norm.weight"]}
-    if not m.get("tie_embeddings"):  # tied: transformers makes lm_head the embedding (tie_word_embeddings)
-        out["lm_head.weight"] = full["output.weight"]
-    names = {"attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
-             "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w3.weight": "mlp.up_proj.weight",
-             "feed_forward.w2.weight": "mlp.down_proj.weight", "attention_norm.weight": "input_layernorm.weight",
-             "ffn_norm.weight": "post_attention_layernorm.weight"}
-    for i in range(m.n_layers):
-        ours, theirs = f"layers.{i}.", f"model.layers.{i}."
-        out[theirs + "self_attn.q_proj.weight"] = hf_permute(full[ours + "attention.wq.weight"], m.n_heads)
-        out[theirs + "self_attn.k_proj.weight"] = hf_permute(full[ours + "attention.wk.weight"], m.n_kv_heads)
-        for a, b in names.items():
-            out[theirs + b] = full[ours + a]
-    return {k: v.contiguous() for k, v in out.items()}
-
-
-def hf_config(m, dtype: torch.dtype) -> dict:
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": m.dim,
-              "intermediate_size": m.ffn_dim, "num_hidden_layers": m.n_layers, "num_attention_heads": m.n_heads,
-              "num_key_value_heads": m.n_kv_heads, "head_dim": m.get("head_dim") or m.dim // m.n_heads,
-              "vocab_size": m.vocab_size, "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_theta, "hidden_act": "silu",
-              "tie_word_embeddings": bool(m.get("tie_embeddings")), "attention_bias": False, "mlp_bias": False,
-              "torch_dtype": str(dtype).removeprefix("torch.")}
-    r = m.get("rope_scaling")
-    if r is not None and str(r.type) == "llama3":
-        config["rope_scaling"] = {"rope_type": "llama3", "factor": r.factor, "low_freq_factor": r.low_freq_factor,
-                                  "high_freq_factor": r.high_freq_factor,
-                                  "original_max_position_embeddings": r.original_max_position_embeddings}
-    return config
-
-
-def export(checkpoint: Path, out: Path, config: Path | None = None) -> Path:
-    from safetensors.torch import save_file
-
-    step_dir = checkpoint_dir(checkpoint)
-    trainer_state = read_trainer_state(step_dir)
-    verify_index_files(step_dir, trainer_state.get("index_crc32"))
-    m = run_config(step_dir, config, trainer_state)
-    if m.moe.num_experts or str(m.residual) != "standard" or m.get("qk_norm") or m.get("qkv_bias"):
-        raise CheckpointError(f"model {m.name!r} is not a dense Llama (num_experts={m.moe.num_experts}, residual="
-                              f"{m.residual}, qk_norm={m.get('qk_norm', False)}, qkv_bias={m.get('qkv_bias', False)}); "
-                              "only dense Llama-style models with the standard residual export to Llama names")
-    blocks = [FullBlock(key, torch.zeros(shape, dtype=dtype)) for key, (shape, dtype) in stored_tensors(step_dir).items()
-              if key.startswith("model/")]
-    if is_dcp_checkpoint(step_dir):
-        load_dcp_blocks(step_dir, blocks)
-    else:
-        load_blocks(step_dir, blocks)
-    full = {b.key.removeprefix("model/"): b.local for b in blocks}
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = hf_state(full, m)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt", "source": str(step_dir)})
-    dtype = next(iter(tensors.values())).dtype
-    (out / "config.json").write_text(json.dumps(hf_config(m, dtype), indent=2) + "\n")
-    return out / "model.safetensors"
+def export(checkpoint: Path, out: Path, config: Path | None = None, shard_bytes: int = 5 * 10**9,
+           dtype: torch.dtype | None = None) -> list[Path]:
+    """Write the Hugging Face folder `out` for a checkpoint; returns its safetensors files."""
+    ckpt = Checkpoint(checkpoint, config)
+    m = ckpt.model
+    config_json = hf_config(m, "float32", 1, None, None)  # refuses what has no architecture, before any work
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"{out} exists and is not empty: export into a new folder")
+    args = ModelArgs.from_config(m)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        writer = Writer(tmp, shard_bytes, metadata={"source": str(ckpt.dir)})
+        stored = None
+        for name, src in sources(args, config_json["model_type"]).items():
+            if isinstance(src, Zeros):  # quintet-only state: exportable only while it is still zero
+                bias = ckpt.read(f"buffer/{name}")
+                if bool(bias.any()):
+                    raise CheckpointError(f"buffer/{name} is not zero (model.moe.bias_update_rate moved the routing "
+                                          "bias): transformers' Mixtral and Qwen3-MoE have no such bias")
+                continue
+            full = ckpt.read(f"model/{name}")
+            stored = stored or full.dtype
+            for hf_name, tensor in to_hf(src, full.to(dtype or full.dtype)):
+                writer.add(hf_name, tensor)
+            del full
+        files = writer.close()
+        bos, eos = token_ids(ckpt)
+        dtype_name = str(dtype or stored).removeprefix("torch.")
+        config_json = hf_config(m, dtype_name, max_positions(ckpt), bos, eos)
+        (tmp / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
+        generation = {"bos_token_id": bos, "eos_token_id": eos, "do_sample": False}
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        copy_tokenizer(ckpt, tmp)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return [out / f.name for f in files]
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", type=Path, help="a step directory, or a run/checkpoints directory (its latest)")
-    parser.add_argument("out", type=Path, help="output directory for model.safetensors and config.json")
+    parser.add_argument("out", type=Path, help="the Hugging Face folder to write (new, or empty)")
     parser.add_argument("--config", type=Path, default=None, help="the run's config.yaml (default: beside the run)")
+    parser.add_argument("--shard-size", type=parse_size, default=parse_size("5GB"),
+                        help="largest safetensors shard (default 5GB, as save_pretrained)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weights' dtype (default: as saved)")
     args = parser.parse_args(argv)
     try:
-        path = export(args.checkpoint, args.out, args.config)
-    except (CheckpointError, KeyError) as e:
+        files = export(args.checkpoint, args.out, args.config, args.shard_size, DTYPES.get(args.dtype))
+    except (CheckpointError, HFConfigError, KeyError) as e:
         print(f"quintet: cannot export {args.checkpoint}: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     except OSError as e:
         print(f"quintet: cannot export {args.checkpoint} to {args.out}: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
-    print(path)
+    print("\n".join(str(f) for f in files))
 
 
 if __name__ == "__main__":

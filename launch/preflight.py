@@ -34,6 +34,9 @@ from launch import run_lock
 from launch.validate import ConfigError, validate
 from runtime.checkpoint.resume import STEP_DIR
 from runtime.data.dataset import dataset_problems
+from runtime.hf.checkpoint import HFFolder
+from runtime.hf.files import HFFilesError
+from runtime.model import ModelArgs
 from runtime.data.tokenizer import load_tokenizer
 
 log = logging.getLogger("quintet")
@@ -126,7 +129,19 @@ def io_problems(cfg, local_world_size: int = 1) -> list[str]:
                 wandb_key_problem(cfg.logging.wandb.mode.value)]
     problems += dataset_problems(cfg.data, load_tokenizer(str(cfg.data.tokenizer)), cfg.model.vocab_size,
                                  cfg.train.seq_len, cfg.seed)
+    problems += hf_tensor_problems(cfg.model)
     return [p for p in problems if p]
+
+
+def hf_tensor_problems(m) -> list[str]:
+    """model=hf: every tensor the model needs is in model.hf_path with its shape and a float
+    dtype, and nothing else is (read from the safetensors headers, no tensor data)."""
+    if not m.get("hf_path"):
+        return []
+    try:
+        return HFFolder(m.hf_path, ModelArgs.from_config(m)).problems()
+    except HFFilesError as e:
+        return [f"model.hf_path={m.hf_path}: {e}"]
 
 
 def _locked_dirs(cfg) -> list[tuple[str, str]]:

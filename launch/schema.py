@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import II, MISSING
 
 
 @dataclass(frozen=True)
@@ -167,7 +167,10 @@ class ModelConfig:
     n_heads: int = num(MISSING, ge=1)  # query heads
     n_kv_heads: int = num(MISSING, ge=1)  # key/value heads (grouped-query attention); divides n_heads
     ffn_dim: int = num(MISSING, ge=1)  # SwiGLU inner size
-    vocab_size: int = num(MISSING, ge=1)  # embedding and output rows
+    vocab_size: int = num(MISSING, ge=1)  # token ids the model knows (the tokenizer's, or more)
+    pad_vocab_to_multiple_of: int = num(128, ge=1)  # embedding and head rows: vocab_size rounded up to a multiple of this × parallel.tp (Megatron-Core's padding)
+    max_position_embeddings: int = num(II("train.seq_len"), ge=1)  # the longest context the model is meant for (exported to config.json)
+    hf_path: Optional[str] = None  # model=hf: a Hugging Face model folder (config.json + safetensors) to start from
     norm_eps: float = num(1e-5, gt=0)  # RMSNorm epsilon
     rope_theta: float = num(10000.0, gt=0)  # rotary embedding base
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)

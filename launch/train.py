@@ -142,7 +142,7 @@ def setup(cfg: DictConfig) -> TrainingRun:
 
     # 4-5. The model on the meta device, parallelised in parallelize's fixed order, then real
     # storage with the same initial values as one process.
-    args = ModelArgs.from_config(cfg.model)
+    args = ModelArgs.from_config(cfg.model, tp=cfg.parallel.tp)  # the vocabulary padded for tp
     with torch.device("meta"):
         model = Transformer(args).to(param_dtype(cfg))
     n_params = num_params(model)

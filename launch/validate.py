@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import json
 import os
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -21,6 +23,7 @@ from parallel.compile import CUDA_GRAPH_MODES
 from parallel.mesh import Topology, TopologyError
 from parallel.pipeline.partition import PartitionError, stage_layers
 from runtime.data.tokenizer import TokenizerError, load_tokenizer
+from runtime.hf.config import model_fields
 
 
 class ConfigError(ValueError):
@@ -74,7 +77,10 @@ def _range_problems(cfg) -> list[str]:
     for prefix, cls, node in _schema_nodes(cfg, schema.QuintetConfig):
         for f in dataclasses.fields(cls):
             allowed = f.metadata.get("range")
-            if allowed is None or OmegaConf.is_missing(node, f.name):
+            # A default that copies another key (model.max_position_embeddings = train.seq_len) is
+            # that key's value, judged there once.
+            if (allowed is None or OmegaConf.is_missing(node, f.name)
+                    or OmegaConf.is_interpolation(node, f.name) and node._get_node(f.name)._value() == f.default):
                 continue
             value = node.get(f.name)
             if not allowed.accepts(value):
@@ -136,10 +142,28 @@ def tokenizer_problems(cfg) -> list[str]:
     return out
 
 
+def hf_config_problems(cfg) -> list[str]:
+    """model=hf: model.hf_path names a folder whose config.json is an architecture quintet runs
+    (configs/model/hf.yaml reads the model's sizes from it)."""
+    m = cfg.model
+    if OmegaConf.is_missing(m, "hf_path"):
+        return ["model=hf needs model.hf_path=DIR: a Hugging Face model folder (config.json, safetensors, tokenizer)"]
+    if not m.hf_path:
+        return []
+    path = Path(str(m.hf_path)) / "config.json"
+    try:
+        model_fields(json.loads(path.read_text()))
+    except OSError as e:
+        return [f"model.hf_path={m.hf_path}: cannot read {path} ({e.strerror})"]
+    except ValueError as e:  # not JSON, or HFConfigError
+        return [f"model.hf_path={m.hf_path}: {path}: {e}"]
+    return []
+
+
 def schema_problems(cfg) -> list[str]:
-    """The schema's own rules (first phase): the tokenizer, unknown keys, required keys, ranges,
-    unused options."""
-    out = tokenizer_problems(cfg)
+    """The schema's own rules (first phase): a Hugging Face model's config, the tokenizer,
+    unknown keys, required keys, ranges, unused options."""
+    out = hf_config_problems(cfg) or tokenizer_problems(cfg)
     if out:
         return out
     out = _unknown_key_problems(cfg)
@@ -184,9 +208,6 @@ def _tp_problems(m, tp: int) -> list[str]:
     if m.n_kv_heads % tp and tp % m.n_kv_heads:
         out.append(f"model.n_kv_heads={m.n_kv_heads} and parallel.tp={tp}: KV heads are split over TP "
                    f"ranks when tp divides them, or replicated when they divide tp; neither holds")
-    if m.vocab_size % tp:
-        out.append(f"model.vocab_size={m.vocab_size} is not divisible by parallel.tp={tp}: the embedding "
-                   f"and head are split by vocabulary rows (pad the vocabulary to a multiple of {tp})")
     if m.ffn_dim % tp:
         out.append(f"model.ffn_dim={m.ffn_dim} (the MLP hidden size) is not divisible by parallel.tp={tp}")
     return out

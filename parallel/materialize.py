@@ -27,13 +27,22 @@ def name_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def materialize(model: nn.Module, init_full, device: torch.device, seed: int,
-                plan: ShardingPlan | None = None) -> None:
-    """Allocate `model` on `device` and set every parameter from `init_full(name, shape, gen)`.
+def initial_values(init_full, seed: int):
+    """The model's own initial values as a `materialize` source: each full tensor drawn by
+    `init_full(name, shape, generator)` (runtime.model.Transformer.init_full) from a generator
+    seeded by (seed, name), of which the rank keeps its blocks."""
+    def values(name: str, full_shape, blocks):
+        full = init_full(name, torch.Size(full_shape), torch.Generator().manual_seed(name_seed(seed, name)))
+        return [full[block] for block in blocks]
 
-    `init_full` is the model's own initialiser (runtime.model.Transformer.init_full); it gets
-    the full shape of the parameter (before any parallelism) and returns its full value, of
-    which this rank keeps the block the sharding plan and FSDP assign it.
+    return values
+
+
+def materialize(model: nn.Module, values, device: torch.device, plan: ShardingPlan | None = None) -> None:
+    """Allocate `model` on `device` and fill every parameter and buffer from `values(name,
+    full_shape, blocks)`, which returns the given rectangles of the full tensor `name` (the full
+    shape before any parallelism): the blocks the sharding plan and FSDP assign this rank.
+    `initial_values` draws them; runtime/hf/checkpoint.py reads them from a Hugging Face folder.
     """
     plan = plan or ShardingPlan()
     # A parameter held by two modules (tied embeddings) must stay one parameter: to_empty makes
@@ -50,10 +59,10 @@ def materialize(model: nn.Module, init_full, device: torch.device, seed: int,
     with torch.no_grad():
         for name, param in model.named_parameters():
             name = canonical_name(name)
-            generator = torch.Generator().manual_seed(name_seed(seed, name))
-            full = init_full(name, torch.Size(plan.full_shape(name, param)), generator)
-            for view, block in local_blocks(plan, name, param):
-                view.copy_(full[block])
+            if plan.padded_rows.get(name):
+                param.zero_()  # padding rows: never looked up, never scored, so they stay zero
+            pieces = local_blocks(plan, name, param)
+            for (view, _), value in zip(pieces, values(name, plan.full_shape(name, param), [b for _, b in pieces])):
+                view.copy_(value)
         for name, buf in model.named_buffers():  # whole on every rank (e.g. MoE routing biases)
-            name = canonical_name(name)
-            buf.copy_(init_full(name, buf.shape, torch.Generator().manual_seed(name_seed(seed, name))))
+            buf.copy_(values(canonical_name(name), buf.shape, [tuple(slice(0, n) for n in buf.shape)])[0])

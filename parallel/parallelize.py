@@ -31,7 +31,7 @@ from parallel.data_parallel import apply_ddp, apply_fsdp, gradient_sync
 from parallel.expert import apply_ep, moe_step
 from parallel.grad_norm import clip_grad_norm_
 from parallel.groups import Groups
-from parallel.materialize import canonical_name, materialize
+from parallel.materialize import canonical_name, initial_values, materialize
 from parallel.pipeline.executor import PipelineExecutor, bubble_hook
 from parallel.pipeline.partition import rank_stages, stage_layers
 from parallel.pipeline.zero_bubble import apply_zero_bubble
@@ -39,6 +39,7 @@ from parallel.reduce import DataReducer
 from parallel.sharding import ShardingPlan
 from parallel.strategies.fssdp.layer import FSSDPExperts, apply_fssdp, fssdp_step
 from parallel.tensor import apply_tp
+from runtime.hf.checkpoint import HFFolder
 from runtime.moe import MoE
 
 # The order matters: tensor parallelism rewrites the dense modules, expert parallelism or FSSDP
@@ -159,10 +160,15 @@ def parallelize(model: nn.Module, groups: Groups, cfg, device: torch.device, tra
     """Rewrite the meta-device `model` into this rank's chunks (run config `cfg`), give them real
     storage on `device` with the values one process would have (seed `cfg.seed`), and build
     what the step needs. `tracer`: runtime.trace.Tracer (the pipeline's timeline)."""
-    topo, plan, p = groups.topology, ShardingPlan(), cfg.parallel
-    # Initial values as the model declares them, by its own modules, not the parallel ones
-    # that replace them (a meta-device copy costs no storage).
-    init_full = copy.deepcopy(model).init_full
+    topo, p = groups.topology, cfg.parallel
+    padding = model.args.padded_vocab - model.args.vocab_size
+    plan = ShardingPlan(padded_rows={"tok_embeddings.weight": padding, "output.weight": padding} if padding else {})
+    # Initial values: a Hugging Face folder's (model=hf), or as the model declares them, by its
+    # own modules, not the parallel ones that replace them (a meta-device copy costs no storage).
+    if cfg.model.get("hf_path"):
+        values = HFFolder(cfg.model.hf_path, model.args).values
+    else:
+        values = initial_values(copy.deepcopy(model).init_full, cfg.seed)
     chunks, stages = pipeline_chunks(model, groups, p)
     for chunk in chunks:
         chunk.sharding = plan
@@ -177,7 +183,7 @@ def parallelize(model: nn.Module, groups: Groups, cfg, device: torch.device, tra
     # Real storage; DDP wraps a materialised model, or is done by hand after the step when the
     # model is pipelined or holds experts (which reduce over EDP, not the dense group).
     for chunk in chunks:
-        materialize(chunk, init_full, device, cfg.seed, plan)
+        materialize(chunk, values, device, plan)
     ddp = p.dp_impl.value == "ddp" and groups["dp_cp"] is not None
     manual_ddp = ddp and (topo.pp > 1 or bool(moe_layers))
     if ddp and not manual_ddp:

@@ -60,12 +60,17 @@ class ShardingPlan:
     """Specs by canonical parameter name; parameters not listed are whole on every rank."""
 
     specs: dict[str, ParamSpec] = field(default_factory=dict)
+    # Trailing dim-0 rows of a parameter that are padding (a padded vocabulary): no part of the
+    # tensor that initialisation, checkpoints and exports see, whose full shape lacks them.
+    padded_rows: dict[str, int] = field(default_factory=dict)
 
     def __setitem__(self, name: str, spec: ParamSpec) -> None:
         self.specs[name] = spec
 
     def full_shape(self, name: str, param: torch.Tensor) -> tuple[int, ...]:
-        return self.specs[name].full_shape if name in self.specs else tuple(param.shape)
+        """The shape of the whole tensor, without padding rows."""
+        shape = self.specs[name].full_shape if name in self.specs else tuple(param.shape)
+        return (shape[0] - self.padded_rows.get(name, 0), *shape[1:])
 
     def split_groups(self, name: str) -> tuple[str, ...]:
         """The groups this parameter's pieces are spread over (each piece counted once)."""
@@ -113,4 +118,10 @@ def local_blocks(plan: ShardingPlan, name: str, param: torch.Tensor, like: torch
     if spec is not None and spec.rows is not None:
         rest = tuple(slice(0, n) for n in spec.full_shape[1:])
         return [(local[i:i + 1], (slice(e, e + 1), *rest)) for i, e in enumerate(spec.rows)]
-    return [(local, local_block(plan, name, param))]
+    block = local_block(plan, name, param)
+    rows = plan.full_shape(name, param)[0] if plan.padded_rows.get(name) else None
+    if rows is not None and block[0].stop > rows:  # this rank holds padding rows: not part of the tensor
+        if block[0].start >= rows:
+            return []
+        return [(local[:rows - block[0].start], (slice(block[0].start, rows), *block[1:]))]
+    return [(local, block)]

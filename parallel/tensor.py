@@ -117,12 +117,18 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
 
 
 class VocabParallelLoss:
-    """loss_fn(logits [b, s, V/tp], labels [b, s]) → sum of token losses (same on every TP rank)."""
+    """loss_fn(logits [b, s, V/tp], labels [b, s]) → sum of token losses (same on every TP rank).
+    The columns of ids ≥ vocab_size (a padded vocabulary's) are set to the dtype's lowest value
+    first: they add exp(−huge) = 0 and get no gradient."""
 
-    def __init__(self, vocab_start: int, group):
-        self.vocab_start, self.group = vocab_start, group
+    def __init__(self, vocab_start: int, group, vocab_size: int):
+        self.vocab_start, self.group, self.vocab_size = vocab_start, group, vocab_size
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        real = self.vocab_size - self.vocab_start  # this rank's columns that are real ids
+        if real < logits.shape[-1]:
+            padding = torch.arange(logits.shape[-1], device=logits.device) >= real
+            logits = logits.masked_fill(padding, torch.finfo(logits.dtype).min)
         losses = VocabParallelCrossEntropy.apply(logits.flatten(0, 1), labels.flatten(), self.vocab_start, self.group)
         return losses.sum()
 
@@ -161,7 +167,7 @@ def apply_tp(model: nn.Module, groups, cfg) -> None:
     args, plan = model.args, model.sharding
     for name, _ in model.named_parameters():
         declared(model, name, "tp_plan", innermost=False)  # a parameter nobody declared: an error naming it
-    vocab_local = args.vocab_size // size
+    vocab_local = args.padded_vocab // size
 
     def linear(parent: nn.Module, attr: str, name: str, style: str) -> None:
         full = getattr(parent, attr)
@@ -197,7 +203,7 @@ def apply_tp(model: nn.Module, groups, cfg) -> None:
             elif style == "vocab":  # the head: logits split by vocabulary, never gathered
                 linear(module, attr, name, style)
                 _region(getattr(module, attr), group, sp, exit_reduce=False)
-                model.loss_fn = VocabParallelLoss(rank * vocab_local, group)
+                model.loss_fn = VocabParallelLoss(rank * vocab_local, group, args.vocab_size)
             elif style == "norm" and (sp or ladder):
                 # With sequence parallelism a norm sees a shard of the tokens; in a ladder branch
                 # (whose f/g the runner does around the whole branch) the gradient reaching the

@@ -42,7 +42,7 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, gather_logits=lam
     tokens = prompt
     logits = gather_logits(model(prompt, torch.arange(prompt.shape[1]), cache=cache))
     for step in range(max_new_tokens):
-        next_token = logits[:, -1].argmax(dim=-1, keepdim=True)
+        next_token = logits[:, -1, :model.args.vocab_size].argmax(dim=-1, keepdim=True)  # never a padded row
         tokens = torch.cat([tokens, next_token], dim=1)
         if step + 1 == max_new_tokens:
             break

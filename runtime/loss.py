@@ -9,8 +9,11 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100  # a target that does not count
 
 
-def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of token cross-entropies, in at least fp32; targets equal to IGNORE_INDEX count 0."""
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:
+    """Sum of token cross-entropies, in at least fp32; targets equal to IGNORE_INDEX count 0. The
+    logit columns from `vocab_size` on (a padded vocabulary's) take no part."""
+    if vocab_size is not None:
+        logits = logits[..., :vocab_size]
     dtype = torch.promote_types(logits.dtype, torch.float32)
     return F.cross_entropy(logits.flatten(0, 1).to(dtype), labels.flatten(),
                            reduction="sum", ignore_index=IGNORE_INDEX)

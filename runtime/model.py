@@ -28,6 +28,7 @@ A parameter nobody declared is an error naming it, never a silent default.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -59,6 +60,7 @@ class ModelArgs:
     n_kv_heads: int
     ffn_dim: int
     vocab_size: int
+    padded_vocab: int = 0  # embedding and head rows, ≥ vocab_size (0 = vocab_size); the rest never score
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     head_dim: int = 0  # per attention head; 0 = dim // n_heads
@@ -74,6 +76,7 @@ class ModelArgs:
     def __post_init__(self):
         if not self.head_dim:
             object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+        object.__setattr__(self, "padded_vocab", max(self.padded_vocab, self.vocab_size))
 
     def is_moe(self, layer: int) -> bool:
         return self.moe is not None and layer % self.moe_every == 0
@@ -86,8 +89,14 @@ class ModelArgs:
         return self.n_layers - (self.ladder_layers or self.n_layers)
 
     @classmethod
-    def from_config(cls, cfg) -> "ModelArgs":
-        base = {f: getattr(cfg, f) for f in cls.__dataclass_fields__ if f not in ("moe", "moe_every", "rope_scaling")}
+    def from_config(cls, cfg, tp: int = 0) -> "ModelArgs":
+        """The model of config `cfg`; with `tp`, its vocabulary padded for that tensor-parallel
+        size (a multiple of model.pad_vocab_to_multiple_of × tp, as Megatron-Core pads)."""
+        base = {f: getattr(cfg, f) for f in cls.__dataclass_fields__
+                if f not in ("moe", "moe_every", "rope_scaling", "padded_vocab")}
+        if tp:
+            multiple = cfg.pad_vocab_to_multiple_of * tp
+            base["padded_vocab"] = -(-cfg.vocab_size // multiple) * multiple
         base["residual"] = str(base["residual"])
         r = cfg.rope_scaling
         if r.type == "llama3":
@@ -340,11 +349,12 @@ class Transformer(nn.Module):
         super().__init__()
         self.args = args
         # The loss of one microbatch from this model's logits; tensor parallelism replaces it.
-        self.loss_fn = cross_entropy_sum
-        self.tok_embeddings: nn.Embedding | None = nn.Embedding(args.vocab_size, args.dim)
+        self.loss_fn = functools.partial(cross_entropy_sum, vocab_size=args.vocab_size)
+        # Padded rows (args.padded_vocab) are never looked up and their logits never score.
+        self.tok_embeddings: nn.Embedding | None = nn.Embedding(args.padded_vocab, args.dim)
         self.layers = nn.ModuleDict({str(i): Block(args, i) for i in range(args.n_layers)})
         self.norm: RMSNorm | None = RMSNorm(args.dim, args.norm_eps)
-        self.output: nn.Linear | None = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output: nn.Linear | None = nn.Linear(args.dim, args.padded_vocab, bias=False)
         if args.tie_embeddings:  # one parameter, named tok_embeddings.weight
             self.output.weight = self.tok_embeddings.weight
         # Runs the ladder blocks; tensor parallelism swaps in one that overlaps the all-reduces.
@@ -360,7 +370,8 @@ class Transformer(nn.Module):
         the document index of every token of the whole sequence (data.document_mask): positions
         restart at each document and attention stays inside it. `cache`
         (runtime.generate.KVCache) holds earlier positions during generation. Returns
-        [b, s, vocab] logits, or the activations to pass on when this part has no head.
+        [b, s, padded_vocab] logits (the columns past vocab_size are padding: loss functions and
+        generation drop them), or the activations to pass on when this part has no head.
         """
         ladder_state = tokens.dim() == 4
         if positions is None:

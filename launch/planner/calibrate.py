@@ -26,7 +26,7 @@ import sys
 import torch
 import torch.utils.checkpoint
 
-from parallel.materialize import materialize
+from parallel.materialize import initial_values, materialize
 from launch.planner.estimate import Calibration
 from runtime.model import AttentionInputs, ModelArgs, Transformer, rotary_tables
 
@@ -60,7 +60,7 @@ def lone_block(args: ModelArgs, layer: int, device: torch.device, dtype: torch.d
         model = Transformer(ModelArgs(**{**args.__dict__, "n_layers": layer + 1}))
     model.layers = torch.nn.ModuleDict({str(layer): model.layers[str(layer)]})
     model.tok_embeddings = model.output = None
-    materialize(model, model.init_full, device, 0)
+    materialize(model, initial_values(model.init_full, 0), device)
     return model.layers[str(layer)].to(dtype)
 
 

@@ -1,6 +1,6 @@
-"""`python -m launch.export`: a checkpoint saved with tp=2 becomes one safetensors file with
-Hugging Face Llama names whose logits, computed the way Hugging Face's Llama computes them
-(rotate-half rotary embedding, q/k/v/o and gate/up/down projections), equal quintet's."""
+"""`python -m launch.export`: a checkpoint saved with tp=2 becomes a Hugging Face Llama folder
+whose logits, computed the way Hugging Face's Llama computes them (rotate-half rotary
+embedding, q/k/v/o and gate/up/down projections), equal quintet's."""
 import json
 import math
 import subprocess
@@ -11,11 +11,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from launch.config import compose
-from launch.export import FullBlock, stored_tensors
-from runtime.checkpoint.format import load_blocks
-from runtime.model import ModelArgs, Transformer
-from tests.training import SMALL, train
+from launch.load import load_checkpoint
+from tests.training import train
 from launch.spawn import scaled
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,12 +62,7 @@ def test_export_matches_hugging_face_llama_semantics(tmp_path):
     weights, config = load_file(out / "model.safetensors"), json.loads((out / "config.json").read_text())
     assert config["model_type"] == "llama" and config["num_key_value_heads"] == 2
 
-    step = run / "checkpoints/step_00000003"
-    blocks = [FullBlock(k, torch.zeros(shape, dtype=dtype)) for k, (shape, dtype) in stored_tensors(step).items()
-              if k.startswith("model/")]
-    load_blocks(step, blocks)
-    model = Transformer(ModelArgs.from_config(compose([*SMALL, "run_dir=unused"]).model)).double()
-    model.load_state_dict({b.key.removeprefix("model/"): b.local.double() for b in blocks})
+    model = load_checkpoint(run / "checkpoints/step_00000003", torch.float64)
     tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours = model(tokens)
@@ -79,13 +71,13 @@ def test_export_matches_hugging_face_llama_semantics(tmp_path):
     assert len(weights) == 3 + 9 * 2  # nothing but the model's weights
 
 
-def test_export_refuses_what_has_no_llama_equivalent(tmp_path):
-    run = tmp_path / "moe"
-    train(run, ["model=tiny_moe", "model.n_layers=2", "model.dim=64", "train.steps=1", "checkpoint.every=1"],
-          small=False)
+def test_export_refuses_what_has_no_transformers_equivalent(tmp_path):
+    run = tmp_path / "ladder"
+    train(run, ["model.residual=ladder", "train.steps=1", "checkpoint.every=1"])
     proc = subprocess.run([sys.executable, "-m", "launch.export", str(run), str(tmp_path / "x")], cwd=REPO,
                           capture_output=True, text=True, timeout=scaled(120))
-    assert proc.returncode == 2 and "not a dense Llama" in proc.stderr
+    assert proc.returncode == 2 and "the ladder residual has no transformers architecture" in proc.stderr
+    assert not (tmp_path / "x").exists()
     proc = subprocess.run([sys.executable, "-m", "launch.export", str(tmp_path / "nothing"), str(tmp_path / "y")],
                           cwd=REPO, capture_output=True, text=True, timeout=scaled(120))
     assert proc.returncode == 2 and "neither a checkpoint" in proc.stderr
@@ -106,13 +98,8 @@ def test_a_tied_llama_3_2_shaped_model_exports_to_transformers(tmp_path):
                           text=True, timeout=scaled(120))
     assert proc.returncode == 0, proc.stderr
     assert "lm_head.weight" not in load_file(out / "model.safetensors")
-    step = run / "checkpoints/step_00000003"
-    blocks = [FullBlock(k, torch.zeros(shape, dtype=dtype)) for k, (shape, dtype) in stored_tensors(step).items()
-              if k.startswith("model/")]
-    load_blocks(step, blocks)
-    model = Transformer(ModelArgs.from_config(compose([*SMALL, *features, "run_dir=unused"]).model)).double()
-    loaded = model.load_state_dict({b.key.removeprefix("model/"): b.local.double() for b in blocks}, strict=False)
-    assert loaded.missing_keys == ["output.weight"] and not loaded.unexpected_keys  # the tied head is the embedding
+    model = load_checkpoint(run, torch.float64)
+    assert model.output.weight is model.tok_embeddings.weight
     hf = LlamaForCausalLM.from_pretrained(out, torch_dtype=torch.float64).eval()
     tokens = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

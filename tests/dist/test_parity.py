@@ -45,6 +45,9 @@ LAYOUTS = {
     "tp2": ("dense", 2, ["parallel.tp=2"]),
     "tp4": ("dense", 4, ["parallel.tp=4"]),
     "tp2-sp": ("dense", 2, ["parallel.tp=2", "parallel.sp=true"]),
+    # 250 ids padded to 384 rows (a multiple of 64 × 3): rank 1 holds 6 padding rows, rank 2 only padding
+    "tp3-padded-vocab": ("dense", 3, ["parallel.tp=3", "model.n_heads=6", "model.n_kv_heads=3", "model.dim=96",
+                                      "model.vocab_size=250", "model.pad_vocab_to_multiple_of=64"]),
     "tp2-dp2-fsdp": ("dense", 4, ["parallel.tp=2", *MB2]),
     "tp2-dp2-hsdp": ("dense", 4, ["parallel.tp=2", "parallel.dp_replicate=2", *MB2]),
     "tp2-dp2-ddp": ("dense", 4, ["parallel.tp=2", "parallel.dp_impl=ddp", *MB2]),

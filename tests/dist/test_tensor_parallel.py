@@ -19,7 +19,7 @@ def build(rank, world, sp, extra=()):
     from launch.config import compose
     from launch.validate import validate
     from parallel.groups import build_groups
-    from parallel.materialize import materialize
+    from parallel.materialize import initial_values, materialize
     from parallel.parallelize import parallelize
     from runtime.model import ModelArgs, Transformer
     from runtime.trace import Tracer
@@ -30,7 +30,7 @@ def build(rank, world, sp, extra=()):
     args = ModelArgs.from_config(cfg.model)
     with torch.device("meta"):
         full, tp_model = Transformer(args).double(), Transformer(args).double()
-    materialize(full, full.init_full, torch.device("cpu"), seed=0)
+    materialize(full, initial_values(full.init_full, 0), torch.device("cpu"))
     par = parallelize(tp_model, groups, cfg, torch.device("cpu"), Tracer(False))
     return full, par, groups
 

@@ -10,7 +10,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from launch.config import compose
-from parallel.materialize import materialize
+from parallel.materialize import initial_values, materialize
 from runtime import accounting
 from runtime.accounting import MemoryMeter, StepAccounting, datasheet_peak, peak_flops
 from runtime.flops import flops_per_token
@@ -23,7 +23,7 @@ from runtime.model import ModelArgs, Transformer
 def test_flops_per_token_matches_torchs_flop_counter(overrides):
     args = ModelArgs.from_config(compose([*overrides, "run_dir=unused"]).model)
     model = Transformer(args)
-    materialize(model, model.init_full, torch.device("cpu"), 0)
+    materialize(model, initial_values(model.init_full, 0), torch.device("cpu"))
     batch, seq = 2, 256
     tokens = torch.randint(0, args.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
     # The math attention is plain matrix multiplies, which the counter sees (it has no formula

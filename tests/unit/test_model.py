@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from parallel.materialize import canonical_name, materialize, name_seed
+from parallel.materialize import canonical_name, initial_values, materialize, name_seed
 from runtime.model import ModelArgs, Transformer, apply_rotary, causal_attention, rotary_tables
 
 ARGS = ModelArgs(n_layers=3, dim=32, n_heads=4, n_kv_heads=2, ffn_dim=48, vocab_size=50)
@@ -14,7 +14,7 @@ ARGS = ModelArgs(n_layers=3, dim=32, n_heads=4, n_kv_heads=2, ffn_dim=48, vocab_
 def build(args=ARGS, seed=0, dtype=torch.float64):
     with torch.device("meta"):
         model = Transformer(args).to(dtype)
-    materialize(model, model.init_full, torch.device("cpu"), seed)
+    materialize(model, initial_values(model.init_full, seed), torch.device("cpu"))
     return model
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from launch.models import describe, presets
-from parallel.materialize import materialize
+from parallel.materialize import initial_values, materialize
 from runtime.model import ModelArgs, RopeScaling, Transformer, rotary_frequencies
 
 # (total, active) in billions as published (model cards, papers), as written there.
@@ -44,7 +44,7 @@ ARGS = ModelArgs(n_layers=2, dim=32, n_heads=4, n_kv_heads=2, ffn_dim=48, vocab_
 def build(args):
     with torch.device("meta"):
         model = Transformer(args).double()
-    materialize(model, model.init_full, torch.device("cpu"), 0)
+    materialize(model, initial_values(model.init_full, 0), torch.device("cpu"))
     return model
 
 

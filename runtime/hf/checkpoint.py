@@ -1,0 +1,67 @@
+"""A Hugging Face model folder as the initial values of a quintet model, in any layout.
+
+    folder = HFFolder("DIR", args)       # args: the ModelArgs built from DIR/config.json
+    folder.problems()                    # every missing, extra, misshapen or unusable tensor
+    folder.values(name, full_shape, blocks)   # what parallel/materialize.py asks for
+
+`values` reads, for each rectangle of a parameter this rank holds, only those rows and columns
+(runtime/hf/files.py), converted to quintet's layout (runtime/hf/weights.py).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from runtime.hf.config import architecture
+from runtime.hf.files import HFFilesError, Reader
+from runtime.hf.weights import hf_shapes, read_block, sources
+from runtime.model import ModelArgs
+
+# safetensors dtypes a floating-point parameter can be loaded from.
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+class HFFolder:
+    def __init__(self, folder, args: ModelArgs):
+        self.folder, self.args = Path(folder), args
+        self.arch = architecture(json.loads((self.folder / "config.json").read_text()))
+        self.sources = sources(args, self.arch)
+        self.reader = Reader(self.folder)
+
+    def problems(self, limit: int = 8) -> list[str]:
+        """What makes the folder's tensors unusable for this model, each naming the tensor (the
+        first `limit` of each kind)."""
+        expected = hf_shapes(self.args, self.arch)
+        stored = set(self.reader.files)
+        out = []
+        missing = [n for n in expected if n not in stored]
+        extra = sorted(stored - set(expected))
+        if missing:
+            out.append(f"{self.folder} lacks {len(missing)} tensor(s) the {self.arch} model of its config.json has: "
+                       f"{', '.join(missing[:limit])}")
+        if extra:
+            out.append(f"{self.folder} has {len(extra)} tensor(s) its {self.arch} config.json does not explain: "
+                       f"{', '.join(extra[:limit])}")
+        wrong = []
+        for name, shape in expected.items():
+            if name not in stored:
+                continue
+            try:
+                got, dtype = self.reader.info(name)
+            except HFFilesError as e:
+                out.append(str(e))
+                continue
+            if got != shape:
+                wrong.append(f"{name} is {list(got)}, expected {list(shape)}")
+            elif dtype not in FLOAT_DTYPES:
+                wrong.append(f"{name} is stored as {dtype}, not a floating-point type ({', '.join(FLOAT_DTYPES)})")
+        if wrong:
+            out.append(f"{self.folder}: " + "; ".join(wrong[:limit]) + (f" (and {len(wrong) - limit} more)"
+                                                                          if len(wrong) > limit else ""))
+        return out
+
+    def values(self, name: str, full_shape, blocks) -> list[torch.Tensor]:
+        src = self.sources[name]
+        return [read_block(src, self.reader, tuple(full_shape), block) for block in blocks]

@@ -1,0 +1,165 @@
+"""A Hugging Face `config.json` ↔ quintet's model config, for the architectures quintet runs.
+
+    fields = model_fields(json.load(open("DIR/config.json")))   # quintet's model.* values
+    config = hf_config(model_cfg, dtype, ...)                   # a config.json for transformers
+
+Five architectures are Llama-style decoders that differ in a few switches, which is all quintet
+needs to know of them: biases on q/k/v (Qwen2), RMSNorm on each head's queries and keys (Qwen3),
+and Mixture-of-Experts feed-forwards (Mixtral: every layer, top-k renormalised; Qwen3-MoE: the
+layers outside `mlp_only_layers`, renormalised when `norm_topk_prob`). Whatever a config says
+that quintet does not compute (another activation, sliding windows, another RoPE scaling, an
+output-projection bias) is refused by name, never ignored.
+"""
+from __future__ import annotations
+
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+                 "Qwen3MoeForCausalLM": "qwen3_moe", "MixtralForCausalLM": "mixtral"}
+MOE = ("qwen3_moe", "mixtral")
+
+
+class HFConfigError(ValueError):
+    """A config.json quintet cannot run: the message names the key and what would be valid."""
+
+
+def architecture(config: dict) -> str:
+    names = config.get("architectures") or []
+    known = [n for n in names if n in ARCHITECTURES]
+    if not known:
+        raise HFConfigError(f"architectures={names} is not one quintet runs; supported: {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[known[0]]
+
+
+def rope_settings(config: dict) -> tuple[float, dict | None]:
+    """(rope_theta, rope scaling or None) from transformers 5's `rope_parameters` or the older
+    top-level `rope_theta` / `rope_scaling`."""
+    params = dict(config.get("rope_parameters") or {})
+    legacy = config.get("rope_scaling") or {}
+    theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
+    scaling = {**legacy, **params}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind in ("default", None):
+        return float(theta), None
+    if kind != "llama3":
+        raise HFConfigError(f"rope_type={kind!r} is not supported: quintet computes the default rotation and "
+                            "Llama 3.1's scaling (rope_type=llama3)")
+    return float(theta), {"type": "llama3", "factor": scaling["factor"], "low_freq_factor": scaling["low_freq_factor"],
+                          "high_freq_factor": scaling["high_freq_factor"],
+                          "original_max_position_embeddings": scaling["original_max_position_embeddings"]}
+
+
+def _refuse_unsupported(config: dict, arch: str) -> None:
+    if config.get("hidden_act", "silu") != "silu":
+        raise HFConfigError(f"hidden_act={config['hidden_act']!r}: quintet's feed-forward is SwiGLU (silu)")
+    if config.get("mlp_bias"):
+        raise HFConfigError("mlp_bias=true: quintet's feed-forward has no biases")
+    if arch in ("llama", "qwen3", "qwen3_moe") and config.get("attention_bias"):
+        raise HFConfigError(f"attention_bias=true in a {arch} config: its output projection has a bias, which "
+                            "quintet's attention does not (only Qwen2's q/k/v biases are supported)")
+    if config.get("use_sliding_window") or (arch == "mixtral" and config.get("sliding_window")):
+        raise HFConfigError("sliding-window attention (use_sliding_window / sliding_window) is not supported: "
+                            "quintet's attention is full causal")
+    if arch in MOE and config.get("shared_expert_intermediate_size"):
+        raise HFConfigError("shared_expert_intermediate_size: a gated shared expert is not supported")
+
+
+def moe_every(config: dict) -> int:
+    """quintet's `moe.every` for a Qwen3-MoE config (layer i is MoE when i % every == 0), or an
+    error when its sparse layers (`decoder_sparse_step`, `mlp_only_layers`) follow another pattern."""
+    n = config["num_hidden_layers"]
+    step, dense = config.get("decoder_sparse_step", 1), set(config.get("mlp_only_layers") or [])
+    sparse = {i for i in range(n) if i not in dense and (i + 1) % step == 0}
+    for every in range(1, n + 1):
+        if sparse == {i for i in range(n) if i % every == 0}:
+            return every
+    raise HFConfigError(f"the sparse layers {sorted(sparse)} (decoder_sparse_step={step}, mlp_only_layers="
+                        f"{sorted(dense)}) are not every k-th layer from layer 0, the pattern quintet's "
+                        "model.moe.every expresses")
+
+
+def model_fields(config: dict) -> dict:
+    """quintet's model config values (launch/schema.py ModelConfig) for a config.json."""
+    arch = architecture(config)
+    _refuse_unsupported(config, arch)
+    try:
+        theta, scaling = rope_settings(config)
+        heads = config["num_attention_heads"]
+        fields = {"n_layers": config["num_hidden_layers"], "dim": config["hidden_size"], "n_heads": heads,
+                  "n_kv_heads": config.get("num_key_value_heads") or heads, "ffn_dim": config["intermediate_size"],
+                  "vocab_size": config["vocab_size"], "norm_eps": config.get("rms_norm_eps", 1e-6),
+                  "rope_theta": theta, "head_dim": config.get("head_dim") or 0, "qk_norm": arch in ("qwen3", "qwen3_moe"),
+                  "qkv_bias": arch == "qwen2",  # Qwen2 always has q/k/v biases
+                  "tie_embeddings": bool(config.get("tie_word_embeddings", False)),
+                  "max_position_embeddings": config["max_position_embeddings"],
+                  "rope_scaling": scaling or {"type": "none"},
+                  "moe": {"num_experts": 0}}
+        if arch == "mixtral":
+            fields["moe"] = {"num_experts": config["num_local_experts"], "top_k": config["num_experts_per_tok"],
+                             "expert_ffn_dim": config["intermediate_size"], "renormalize": True, "every": 1,
+                             "aux_loss_coef": config.get("router_aux_loss_coef", 0.0), "z_loss_coef": 0.0}
+        elif arch == "qwen3_moe":
+            experts = config["num_experts"] if "num_experts" in config else config["num_local_experts"]  # transformers 5's name
+            fields["moe"] = {"num_experts": experts, "top_k": config["num_experts_per_tok"],
+                             "expert_ffn_dim": config["moe_intermediate_size"],
+                             "renormalize": bool(config.get("norm_topk_prob", False)), "every": moe_every(config),
+                             "aux_loss_coef": config.get("router_aux_loss_coef", 0.0), "z_loss_coef": 0.0}
+    except KeyError as e:
+        raise HFConfigError(f"config.json has no {e.args[0]!r}, which a {arch} config needs") from None
+    return fields
+
+
+def export_architecture(m) -> str:
+    """The transformers architecture of a quintet model config `m`, or HFConfigError saying why
+    none computes the same function."""
+    moe = m.moe.num_experts > 0
+    if str(m.residual) != "standard":
+        raise HFConfigError(f"model.residual={m.residual}: the ladder residual has no transformers architecture")
+    if moe and m.moe.shared_expert:
+        raise HFConfigError("model.moe.shared_expert=true: no supported transformers architecture has an ungated "
+                            "shared expert")
+    if m.qk_norm and m.qkv_bias:
+        raise HFConfigError("model.qk_norm with model.qkv_bias: no supported transformers architecture has both")
+    if moe:
+        if m.qkv_bias:
+            raise HFConfigError("model.qkv_bias with experts: no supported transformers MoE architecture has it")
+        if m.qk_norm:
+            return "qwen3_moe"
+        if not m.moe.renormalize or m.moe.every != 1:
+            raise HFConfigError(f"experts without model.qk_norm export as Mixtral, which routes every layer "
+                                f"(model.moe.every={m.moe.every}) with renormalised weights "
+                                f"(model.moe.renormalize={m.moe.renormalize})")
+        return "mixtral"
+    return "qwen3" if m.qk_norm else "qwen2" if m.qkv_bias else "llama"
+
+
+def hf_config(m, dtype: str, max_positions: int, bos: int | None, eos: int | None) -> dict:
+    """config.json for quintet model config `m` whose weights are stored as `dtype`."""
+    arch = export_architecture(m)
+    name = {v: k for k, v in ARCHITECTURES.items()}[arch]
+    config = {"architectures": [name], "model_type": arch, "hidden_size": m.dim, "intermediate_size": m.ffn_dim,
+              "num_hidden_layers": m.n_layers, "num_attention_heads": m.n_heads, "num_key_value_heads": m.n_kv_heads,
+              "head_dim": m.head_dim or m.dim // m.n_heads, "vocab_size": m.vocab_size, "rms_norm_eps": m.norm_eps,
+              "rope_theta": m.rope_theta, "hidden_act": "silu", "tie_word_embeddings": bool(m.tie_embeddings),
+              "max_position_embeddings": max_positions, "bos_token_id": bos, "eos_token_id": eos,
+              "torch_dtype": dtype, "use_cache": True}
+    if arch in ("llama", "qwen3", "qwen3_moe"):
+        config["attention_bias"] = False
+    if arch == "llama":
+        config["mlp_bias"] = False
+    if arch in ("qwen2", "qwen3", "qwen3_moe"):
+        config["use_sliding_window"] = False
+    if arch == "mixtral":
+        config.update(num_local_experts=m.moe.num_experts, num_experts_per_tok=m.moe.top_k, sliding_window=None,
+                      router_aux_loss_coef=m.moe.aux_loss_coef)
+        config["intermediate_size"] = m.moe.expert_ffn_dim or m.ffn_dim
+    if arch == "qwen3_moe":
+        every = m.moe.every
+        config.update(num_experts=m.moe.num_experts, num_experts_per_tok=m.moe.top_k,
+                      moe_intermediate_size=m.moe.expert_ffn_dim or m.ffn_dim, norm_topk_prob=bool(m.moe.renormalize),
+                      decoder_sparse_step=1, mlp_only_layers=[i for i in range(m.n_layers) if i % every],
+                      router_aux_loss_coef=m.moe.aux_loss_coef)
+    r = m.rope_scaling
+    if str(r.type) == "llama3":
+        config["rope_scaling"] = {"rope_type": "llama3", "factor": r.factor, "low_freq_factor": r.low_freq_factor,
+                                  "high_freq_factor": r.high_freq_factor,
+                                  "original_max_position_embeddings": r.original_max_position_embeddings}
+    return config
