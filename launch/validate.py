@@ -146,7 +146,7 @@ def hf_config_problems(cfg) -> list[str]:
     """model=hf: model.hf_path names a folder whose config.json is an architecture quintet runs
     (configs/model/hf.yaml reads the model's sizes from it)."""
     m = cfg.model
-    if OmegaConf.is_missing(m, "hf_path"):
+    if m.name == "hf" and not m.hf_path:
         return ["model=hf needs model.hf_path=DIR: a Hugging Face model folder (config.json, safetensors, tokenizer)"]
     if not m.hf_path:
         return []
