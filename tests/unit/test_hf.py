@@ -21,40 +21,8 @@ from launch.validate import ConfigError, validate  # noqa: E402
 from runtime.checkpoint.format import StateBlock  # noqa: E402
 from runtime.checkpoint.format import write_shard  # noqa: E402
 from runtime.checkpoint.sync import BaseCheckpointer  # noqa: E402
-from runtime.data.tokenizer import SAMPLE_TOKENIZER  # noqa: E402
 from runtime.generate import generate  # noqa: E402
-
-SIZES = dict(vocab_size=1024, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=128)
-# One configuration per architecture, each with what sets it apart.
-ARCHITECTURES = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM",
-              dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                 "original_max_position_embeddings": 16}, rope_theta=500000.0)),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),  # q/k/v biases, tied head
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32)),  # QK-norm, heads wider than dim / n_heads
-    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",  # experts in layer 0, a dense MLP in layer 1
-                  dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
-                       mlp_only_layers=[1], decoder_sparse_step=1)),
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
-}
-
-
-def save_random(arch: str, folder, seed: int = 0, tokenizer: bool = True, **changes):
-    """A random transformers model of `arch`, saved with save_pretrained (and the sample tokenizer)."""
-    config_cls, model_cls, extra = ARCHITECTURES[arch]
-    config = getattr(transformers, config_cls)(**{**SIZES, **extra, **changes})
-    torch.manual_seed(seed)
-    model = getattr(transformers, model_cls)(config)
-    with torch.no_grad():  # norms away from 1 and biases away from 0, so that a mix-up shows
-        for name, p in model.named_parameters():
-            if name.endswith(("norm.weight", "bias")):
-                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.2)
-    model.save_pretrained(folder)
-    if tokenizer:
-        shutil.copyfile(SAMPLE_TOKENIZER, folder / "tokenizer.json")
-    return folder
-
+from tests.hf_models import ARCHITECTURES, save_random  # noqa: E402
 
 def hf_model(folder, arch: str, dtype: torch.dtype):
     model_cls = getattr(transformers, ARCHITECTURES[arch][1])
