@@ -353,9 +353,6 @@ def _pipeline_problems(cfg, topo: Topology | None) -> list[str]:
             out.append(f"parallel.vpp={p.vpp} needs pipeline parallelism (parallel.pp > 1): virtual stages "
                        f"interleave chunks over pipeline ranks")
         return out
-    if cfg.model.tie_embeddings:
-        out.append("model.tie_embeddings=true with parallel.pp > 1 is not supported yet: the embedding and the head "
-                   "live on different pipeline stages")
     pp_layers = p.pp_layers
     if pp_layers == "auto":
         if cfg.model.n_layers < p.pp * p.vpp:

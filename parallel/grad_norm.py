@@ -44,11 +44,12 @@ def global_grad_norm(entries) -> torch.Tensor:
     return torch.zeros(()) if total is None else total.sqrt()
 
 
-def clip_grad_norm_(entries, max_norm: float) -> torch.Tensor:
+def clip_grad_norm_(entries, max_norm: float, uncounted: set[int] = frozenset()) -> torch.Tensor:
     """Scale gradients so their global norm is at most `max_norm` (0 = no clipping); returns the
-    norm before clipping."""
+    norm before clipping. Parameters whose id is in `uncounted` (a copy of a parameter counted
+    on another rank) are scaled but not counted."""
     entries = [(p, g) for p, g in entries if p.grad is not None]
-    norm = global_grad_norm(entries)
+    norm = global_grad_norm([(p, g) for p, g in entries if id(p) not in uncounted])
     if max_norm > 0 and entries:
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         grads = [_local(p.grad) for p, _ in entries]

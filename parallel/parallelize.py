@@ -120,23 +120,31 @@ class ParallelModel:
                                   ("edp", [p for p in named if id(p) in experts])):
                 if self.groups[group] is not None:
                     all_reduce_grads(params, self.groups[group])
+        if self.groups.handles.get("embedding") is not None:  # tied embeddings: the two stages' copies
+            all_reduce_grads([p for n, p in self.named_parameters() if n == "tok_embeddings.weight"],
+                             self.groups["embedding"])
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip to the global norm over every rank's pieces, each counted once."""
         pp = self.groups["pp"]
         entries = [(p, tuple(self.groups[g] for g in self.plan.split_groups(n)) + (pp,))
                    for n, p in self.named_parameters()]
-        return clip_grad_norm_(entries, max_norm)
+        # The last stage's copy of tied embeddings has the first stage's gradient: scaled, not counted.
+        copies = ({id(p) for n, p in self.named_parameters() if n == "tok_embeddings.weight"}
+                  if self.groups.handles.get("embedding") is not None and 0 not in self.stages else set())
+        return clip_grad_norm_(entries, max_norm, uncounted=copies)
 
 
 def split_for_pipeline(model: nn.Module, layers: range, first: bool, last: bool) -> nn.Module:
     """A copy of the meta-device `model` holding only `layers` (keyed by their global index),
-    the embedding if it is the first stage and the norm and head if it is the last."""
+    the embedding if it is the first stage and the norm and head if it is the last (with tied
+    embeddings, the last stage's head is its own copy of the embedding matrix, kept equal to the
+    first stage's by summing their gradients: `ParallelModel.finish_grads`)."""
     chunk = copy.deepcopy(model)
     for key in list(chunk.layers.keys()):
         if int(key) not in layers:
             del chunk.layers[key]
-    if not first:
+    if not first and not (last and model.args.tie_embeddings):
         chunk.tok_embeddings = None
     if not last:
         chunk.norm = chunk.output = None

@@ -381,7 +381,8 @@ class Transformer(nn.Module):
         if ladder_state:
             h, pending_attention, pending_mlp = tokens.unbind(0)
         else:
-            h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+            # A later pipeline part gets activations (and may hold the embedding as its tied head).
+            h = tokens if tokens.is_floating_point() else self.tok_embeddings(tokens)
         if documents is not None:
             positions = document_positions(documents)[:, positions]
         inputs = AttentionInputs(*rotary_tables(positions, self.args.head_dim, self.args.rope_theta, h.dtype,

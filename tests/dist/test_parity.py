@@ -109,6 +109,10 @@ LAYOUTS = {
     "features-fsdp-2": ("features", 2, ["parallel.dp_impl=fsdp"]),
     "features-cp2": ("features", 2, ["parallel.cp=2"]),
     "features-pp2-untied": ("features", 2, ["model.tie_embeddings=false", "parallel.pp=2"]),
+    # tied: the first and last stage each hold the embedding, their gradients summed
+    "features-pp2-vpp2-tied": ("features", 2, [*L4, *MB2, "parallel.pp=2", *INTERLEAVED]),
+    "features-pp2-tp2-dp2-tied": ("features", 8, [*MB2, "parallel.pp=2", "parallel.tp=2"]),
+    "features-pp2-zero-bubble-tied": ("features", 2, [*MB2, "parallel.pp=2", "parallel.schedule=zero_bubble"]),
 }
 
 
@@ -144,7 +148,12 @@ def test_every_layout_matches_one_process(layout, dtype, reference, tmp_path):
     if family != "fssdp":
         assert_same_losses(ref, got, RTOL[dtype])  # the language-model loss alone
     # The global gradient norm counts every sharded piece once (and clipping is active: > 1).
+    # Tied embeddings over pipeline stages in fp32: one process accumulates the head's and the
+    # embedding's gradient microbatch by microbatch, the stages each their own then the sum, so
+    # the roundings differ; Adam turns those of near-zero gradient elements into whole steps, and
+    # over 20 steps the norm drifts to ~3e-4 while the losses stay within 1e-6 (fp64: 1e-9).
+    bound = 2e-3 if dtype == "float32" and layout.endswith("-tied") else 10 * RTOL[dtype]
     for a, b in zip(ref, got):
-        assert abs(a["grad_norm"] - b["grad_norm"]) <= 10 * RTOL[dtype] * a["grad_norm"]
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= bound * a["grad_norm"]
     # The loss falls: a test that a broken backward or optimizer cannot pass by accident.
     assert got[-1]["loss"] < got[0]["loss"]
