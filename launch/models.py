@@ -18,7 +18,8 @@ from runtime.model import ModelArgs, Transformer, num_params
 
 
 def presets() -> list[str]:
-    return sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
+    """Every model config but `hf`, whose architecture is a folder's (model.hf_path)."""
+    return sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml") if p.stem != "hf")
 
 
 def describe(name: str, seq_len: int) -> dict:

@@ -19,15 +19,18 @@ RUN = ["data=synthetic", "train.seq_len=32", "train.global_batch_size=8", "train
        "train.steps=3", "optim.warmup_steps=1", "logging.every=1000", "checkpoint.pool_mb=8", "logging.peak_tflops=1"]
 LAYOUTS = {
     "tp2-pp2": ("qwen3", 4, ["parallel.tp=2", "parallel.pp=2", "parallel.sp=true"]),
+    "pp2-vpp2": ("qwen3", 2, ["parallel.pp=2", "parallel.vpp=2", "parallel.schedule=interleaved_1f1b"]),
     "cp2": ("qwen3", 2, ["parallel.cp=2"]),
     "fsdp-dp4": ("qwen3", 4, ["parallel.dp_impl=fsdp", "train.micro_batch_size=2"]),
     "ep2": ("mixtral", 2, ["parallel.ep=2"]),
+    "tp2-sp-ep2-etp2": ("mixtral", 4, ["parallel.tp=2", "parallel.sp=true", "parallel.ep=2", "parallel.etp=2"]),
 }
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    return {arch: save_random(arch, tmp_path_factory.mktemp(arch)) for arch in ("qwen3", "mixtral")}
+    return {"qwen3": save_random("qwen3", tmp_path_factory.mktemp("qwen3"), num_hidden_layers=4),
+            "mixtral": save_random("mixtral", tmp_path_factory.mktemp("mixtral"))}
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +64,16 @@ def test_an_import_into_any_layout_trains_as_one_process(layout, folders, refere
                 world_size=world, small=False)
     compared = total_losses if arch == "mixtral" else list  # MoE: the balancing terms too
     assert_same_losses(compared(references[arch]), compared(got), RTOL["float64"])
+
+
+def test_an_imported_run_resumes_from_its_own_checkpoint(folders, tmp_path):
+    """Stopped after step 2 and relaunched, an imported run continues from its checkpoint (not
+    from the folder again): the steps equal the uninterrupted run's."""
+    run = ["model=hf", f"model.hf_path={folders['qwen3']}", *RUN, "train.steps=4", "checkpoint.every=2"]
+    whole = train(tmp_path / "whole", run, small=False)
+    train(tmp_path / "split", [*run, "train.stop_at_step=2"], small=False)
+    resumed = train(tmp_path / "split", run, small=False)
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in whole]
 
 
 def test_import_train_export_loads_in_transformers_with_the_same_loss(folders, tmp_path):

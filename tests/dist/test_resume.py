@@ -94,3 +94,21 @@ def test_a_3d_checkpoint_resumes_exactly_and_in_other_layouts(tmp_path):
         moved = train(tmp_path / name, ckpt + other, world_size=8)
         assert [r["step"] for r in moved] == [5, 6, 7, 8], name
         assert_same_losses(reference[4:], moved, rtol=1e-5)
+
+
+def test_a_padded_vocabulary_moves_between_tensor_parallel_sizes(tmp_path):
+    """250 ids are 384 rows at tp=3 (the last rank holds only padding) and 256 at tp=2: a
+    checkpoint holds the 250 real rows, so tp=3's resumes at tp=2 as the one-process run goes on,
+    and its export has 250 rows."""
+    from launch.export import export
+    from safetensors.torch import load_file
+
+    model = ["model.vocab_size=250", "model.pad_vocab_to_multiple_of=64", "model.n_heads=6", "model.n_kv_heads=6",
+             "model.dim=96"]
+    whole = train(tmp_path / "whole", CKPT + model)
+    train(tmp_path / "split", CKPT + model + ["parallel.tp=3", "train.stop_at_step=10"], world_size=3)
+    [files] = [export(tmp_path / "split", tmp_path / "hf")]
+    assert load_file(files[0])["model.embed_tokens.weight"].shape == (250, 96)
+    moved = train(tmp_path / "split", CKPT + model + ["parallel.tp=2"], world_size=2)
+    assert [r["step"] for r in moved] == list(range(1, 21))
+    assert_same_losses(whole[10:], moved[10:], rtol=1e-5)
