@@ -6,10 +6,20 @@ runs in a fresh process; reported are its seconds and its peak memory:
 
 - import: transformers' `from_pretrained(folder)`, against quintet's `model=hf` path in one
   rank and in four (tp=4): the meta-device model, `parallelize` and its materialisation from the
-  folder, every rank reading only its slices (runtime/hf/). Target: a rank of four peaks at
-  ≤ 0.35× one rank's memory; quintet's time ≤ 1.5× transformers'.
+  folder, every rank reading only its slices (runtime/hf/). transformers 5 leaves the weights
+  memory-mapped, read when first used; it is also timed with that first read (one pass over
+  every weight). Target: a rank of four peaks at ≤ 0.35× one rank's memory; quintet's time
+  ≤ 1.5× transformers'.
 - export: transformers' `save_pretrained` of the model it loaded (its import not timed), against
-  `launch.export` of the checkpoint the four ranks saved (streaming, --shard-size 1GB).
+  `launch.export` of the checkpoint the four ranks saved (streaming, --shard-size 1GB). quintet
+  fsyncs each shard before naming it; save_pretrained does not, so it is also timed with the
+  `os.sync()` that makes its files durable.
+
+Each contender runs three times, each in a fresh process, in rounds (every contender once, then
+again) so that all meet the same moments of a VM whose memory bandwidth varies severalfold from
+one minute to the next; the figures are the medians. The page cache is flushed (`os.sync`)
+before each run and each export's output deleted before it runs again, so the exports start
+alike; the folder's pages stay cached (the machine has room), so imports read from memory.
 
 Memory is the peak of the process's anonymous resident memory (RssAnon, sampled every 5 ms): what
 it allocated. A memory-mapped safetensors file's pages are the kernel's page cache, shared and
@@ -21,6 +31,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,7 +40,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks.common import emit
+from benchmarks.common import emit, median
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -74,8 +86,6 @@ def make_folder(folder: Path) -> float:
     start = time.perf_counter()
     model.save_pretrained(folder)
     seconds = time.perf_counter() - start
-    import shutil
-
     from runtime.data.tokenizer import SAMPLE_TOKENIZER
 
     shutil.copyfile(SAMPLE_TOKENIZER, folder / "tokenizer.json")
@@ -90,8 +100,13 @@ def transformers_import(folder: str) -> dict:
     start = time.perf_counter()
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     seconds = time.perf_counter() - start
+    with torch.no_grad():
+        for p in model.parameters():  # the first use reads the mapped pages
+            p.sum()
+    read_seconds = time.perf_counter() - start
     anon, hwm = memory.stop()
-    return {"seconds": seconds, "peak_anon": anon, "peak_rss": hwm, "params": sum(p.numel() for p in model.parameters())}
+    return {"seconds": seconds, "seconds_with_first_read": read_seconds, "peak_anon": anon, "peak_rss": hwm,
+            "params": sum(p.numel() for p in model.parameters())}
 
 
 def transformers_export(folder: str, out: str) -> dict:
@@ -103,8 +118,10 @@ def transformers_export(folder: str, out: str) -> dict:
     start = time.perf_counter()
     model.save_pretrained(out)
     seconds = time.perf_counter() - start
+    os.sync()
+    synced = time.perf_counter() - start
     anon, hwm = memory.stop()
-    return {"seconds": seconds, "peak_anon": anon, "peak_rss": hwm}
+    return {"seconds": seconds, "seconds_durable": synced, "peak_anon": anon, "peak_rss": hwm}
 
 
 def _import_rank(rank: int, world: int, folder: str, save: str | None) -> dict:
@@ -123,7 +140,7 @@ def _import_rank(rank: int, world: int, folder: str, save: str | None) -> dict:
     from runtime.model import ModelArgs, Transformer
     from runtime.trace import Tracer
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(max(1, os.cpu_count() // world))
     cfg = compose(["model=hf", f"model.hf_path={folder}", f"parallel.tp={world}", "data=synthetic", "run_dir=unused"])
     groups = build_groups(Topology.from_config(cfg.parallel, world), "cpu", timeout_s=600)
     memory = PeakMemory()
@@ -160,11 +177,25 @@ def quintet_export(checkpoint: str, out: str) -> dict:
 
 def child(kind: str, *args) -> dict:
     """Run one contender in a fresh interpreter; its JSON result."""
+    os.sync()  # no contender pays for the previous one's writes
     proc = subprocess.run([sys.executable, "-m", "benchmarks.hf_io", "--child", kind, *args], cwd=REPO,
                           capture_output=True, text=True, timeout=3600)
     if proc.returncode:
         raise RuntimeError(f"{kind} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def rounds(contenders: dict, repeats: int) -> dict:
+    """Each contender `repeats` times, in rounds (A B C, A B C, ...) so that all see the same
+    moments of this VM, whose memory bandwidth varies severalfold from one minute to the next;
+    the median of each figure. A contender is (kind, args, what to clear before it runs)."""
+    runs: dict[str, list] = {key: [] for key in contenders}
+    for _ in range(repeats):
+        for key, (kind, args, clear) in contenders.items():
+            if clear:
+                shutil.rmtree(clear, ignore_errors=True)
+            runs[key].append(child(kind, *args))
+    return {key: {k: median([r[k] for r in rs]) for k in rs[0]} | {"runs": rs} for key, rs in runs.items()}
 
 
 CHILDREN = {"transformers_import": transformers_import, "transformers_export": transformers_export,
@@ -176,6 +207,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--dir", type=Path, default=None, help="working folder (default: a temporary one)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each contender (the median is reported)")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(CHILDREN[args.child[0]](*args.child[1:])))
@@ -184,24 +216,33 @@ def main() -> None:
         tmp = Path(tmp)
         folder = tmp / "llama"
         created_s = make_folder(folder)
+
         r = {"model_bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors")),
-             "transformers_import": child("transformers_import", str(folder)),
-             "quintet_import_1": child("quintet_import", str(folder), "1", ""),
-             "quintet_import_4": child("quintet_import", str(folder), "4", str(tmp / "ckpt")),
-             "transformers_export": child("transformers_export", str(folder), str(tmp / "hf_out")),
-             "quintet_export": child("quintet_export", str(tmp / "ckpt"), str(tmp / "q_out")),
              "first_save_pretrained_s": created_s}
+        ckpt, hf_out, q_out = tmp / "ckpt", tmp / "hf_out", tmp / "q_out"
+        r |= rounds({"transformers_import": ("transformers_import", [str(folder)], None),
+                     "quintet_import_1": ("quintet_import", [str(folder), "1", ""], None),
+                     "quintet_import_4": ("quintet_import", [str(folder), "4", str(ckpt)], ckpt)}, args.repeats)
+        r |= rounds({"transformers_export": ("transformers_export", [str(folder), str(hf_out)], hf_out),
+                     "quintet_export": ("quintet_export", [str(ckpt), str(q_out)], q_out)}, args.repeats)
     gb = 1e9
     print(f"{'contender':34}{'seconds':>9}{'peak anon GB':>14}{'peak RSS GB':>13}")
-    for key in ("transformers_import", "quintet_import_1", "quintet_import_4", "transformers_export", "quintet_export"):
-        x = r[key]
-        print(f"{key:34}{x['seconds']:>9.1f}{x['peak_anon'] / gb:>14.2f}{x['peak_rss'] / gb:>13.2f}")
+    ti, te = r["transformers_import"], r["transformers_export"]
+    rows = [("transformers from_pretrained", ti["seconds"], ti),
+            ("  + first read of every weight", ti["seconds_with_first_read"], ti),
+            ("quintet import, 1 rank", r["quintet_import_1"]["seconds"], r["quintet_import_1"]),
+            ("quintet import, 4 ranks (tp=4)", r["quintet_import_4"]["seconds"], r["quintet_import_4"]),
+            ("transformers save_pretrained", te["seconds"], te), ("  + os.sync (durable)", te["seconds_durable"], te),
+            ("quintet export (durable)", r["quintet_export"]["seconds"], r["quintet_export"])]
+    for name, seconds, x in rows:
+        print(f"{name:34}{seconds:>9.1f}{x['peak_anon'] / gb:>14.2f}{x['peak_rss'] / gb:>13.2f}")
     r["ratios"] = {
         "import_memory_4_over_1": r["quintet_import_4"]["peak_anon"] / r["quintet_import_1"]["peak_anon"],
-        "import_time_1_over_transformers": r["quintet_import_1"]["seconds"] / r["transformers_import"]["seconds"],
-        "import_time_4_over_transformers": r["quintet_import_4"]["seconds"] / r["transformers_import"]["seconds"],
-        "export_time_over_transformers": r["quintet_export"]["seconds"] / r["transformers_export"]["seconds"],
-        "export_memory_over_transformers": r["quintet_export"]["peak_anon"] / r["transformers_export"]["peak_anon"],
+        "import_1_over_transformers_first_read": r["quintet_import_1"]["seconds"] / ti["seconds_with_first_read"],
+        "import_4_over_transformers_first_read": r["quintet_import_4"]["seconds"] / ti["seconds_with_first_read"],
+        "import_1_over_transformers_lazy": r["quintet_import_1"]["seconds"] / ti["seconds"],
+        "export_over_transformers_durable": r["quintet_export"]["seconds"] / te["seconds_durable"],
+        "export_over_transformers": r["quintet_export"]["seconds"] / te["seconds"],
     }
     for k, v in r["ratios"].items():
         print(f"{k:34}{v:>9.2f}")

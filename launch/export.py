@@ -116,21 +116,21 @@ def export(checkpoint: Path, out: Path, config: Path | None = None, shard_bytes:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        writer = Writer(tmp, shard_bytes, metadata={"source": str(ckpt.dir)})
-        stored = None
-        for name, src in sources(args, config_json["model_type"]).items():
-            if isinstance(src, Zeros):  # quintet-only state: exportable only while it is still zero
-                bias = ckpt.read(f"buffer/{name}")
-                if bool(bias.any()):
-                    raise CheckpointError(f"buffer/{name} is not zero (model.moe.bias_update_rate moved the routing "
-                                          "bias): transformers' Mixtral and Qwen3-MoE have no such bias")
-                continue
-            full = ckpt.read(f"model/{name}")
-            stored = stored or full.dtype
-            for hf_name, tensor in to_hf(src, full.to(dtype or full.dtype)):
-                writer.add(hf_name, tensor)
-            del full
-        files = writer.close()
+        with Writer(tmp, shard_bytes, metadata={"source": str(ckpt.dir)}) as writer:
+            stored = None
+            for name, src in sources(args, config_json["model_type"]).items():
+                if isinstance(src, Zeros):  # quintet-only state: exportable only while it is still zero
+                    bias = ckpt.read(f"buffer/{name}")
+                    if bool(bias.any()):
+                        raise CheckpointError(f"buffer/{name} is not zero (model.moe.bias_update_rate moved the "
+                                              "routing bias): transformers' Mixtral and Qwen3-MoE have no such bias")
+                    continue
+                full = ckpt.read(f"model/{name}")
+                stored = stored or full.dtype
+                for hf_name, tensor in to_hf(src, full.to(dtype or full.dtype)):
+                    writer.add(hf_name, tensor)
+                del full  # one tensor at a time
+            files = writer.close()
         bos, eos = token_ids(ckpt)
         dtype_name = str(dtype or stored).removeprefix("torch.")
         config_json = hf_config(m, dtype_name, max_positions(ckpt), bos, eos)

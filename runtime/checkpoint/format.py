@@ -11,6 +11,7 @@ index is JSON and tensor data is raw bytes.
 from __future__ import annotations
 
 import json
+import math
 import os
 import zlib
 from dataclasses import dataclass
@@ -188,20 +189,42 @@ def read_index(directory: Path) -> dict[str, list[dict]]:
     return index
 
 
+def _read_into(entry: dict, out: torch.Tensor) -> None:
+    """Read the stored block into `out` (contiguous, of its shape and dtype) and check its CRC32."""
+    raw = out.detach().view(-1).view(torch.uint8).numpy() if out.numel() else bytearray()
+    try:
+        with open(entry["file"], "rb") as f:
+            f.seek(entry["offset"])
+            got = f.readinto(memoryview(raw)) if len(raw) == entry["nbytes"] and len(raw) else 0
+    except OSError as e:
+        raise CheckpointError(f"{entry['file']} cannot be read ({e.strerror}); the checkpoint cannot be used") from None
+    if len(raw) != entry["nbytes"] or got != len(raw) or zlib.crc32(raw) != entry["crc32"]:
+        raise CheckpointError(f"{entry['file']}: block of {entry['key']} at byte {entry['offset']} is "
+                              f"corrupt (checksum mismatch or short read); the checkpoint cannot be used")
+
+
 def _read_entry(entry: dict, cache: dict) -> torch.Tensor:
+    """The stored block as a new tensor (read once per load)."""
     key = (entry["file"], entry["offset"])
     if key not in cache:
-        try:
-            with open(entry["file"], "rb") as f:
-                f.seek(entry["offset"])
-                raw = f.read(entry["nbytes"])
-        except OSError as e:
-            raise CheckpointError(f"{entry['file']} cannot be read ({e.strerror}); the checkpoint cannot be used") from None
-        if len(raw) != entry["nbytes"] or zlib.crc32(raw) != entry["crc32"]:
-            raise CheckpointError(f"{entry['file']}: block of {entry['key']} at byte {entry['offset']} is "
-                                  f"corrupt (checksum mismatch or short read); the checkpoint cannot be used")
-        cache[key] = from_bytes(raw, entry["dtype"], [stop - start for start, stop in entry["block"]])
+        cache[key] = torch.empty([stop - start for start, stop in entry["block"]], dtype=dtype_named(entry["dtype"]))
+        _read_into(entry, cache[key])
     return cache[key]
+
+
+def _volume(lo, hi) -> int:
+    return math.prod(h - l for l, h in zip(lo, hi))
+
+
+def _covers(want, entries) -> bool:
+    """Whether the parts of `entries` inside `want` tile it, decided without a mask where the
+    entries are few and pairwise disjoint (as every layout writes them): their volumes add up."""
+    if len(entries) > 64 or any(overlaps(a["block"], b["block"]) for i, a in enumerate(entries)
+                                for b in entries[i + 1:]):
+        return False
+    inside = sum(_volume([max(a, c) for (a, _), (c, _) in zip(want, e["block"])],
+                         [min(b, d) for (_, b), (_, d) in zip(want, e["block"])]) for e in entries)
+    return inside == _volume([a for a, _ in want], [b for _, b in want])
 
 
 def overlaps(want, stored) -> bool:
@@ -216,6 +239,7 @@ def load_blocks(directory: Path, blocks, index: dict | None = None, read=None) -
     passes its own."""
     index = read_index(directory) if index is None else index
     cache: dict = {}
+    direct = read is None  # this format's files: a stored block can be read straight into place
     read = read or (lambda entry: _read_entry(entry, cache))
     for b in blocks:
         stored = index.get(b.key)
@@ -225,18 +249,24 @@ def load_blocks(directory: Path, blocks, index: dict | None = None, read=None) -
             raise CheckpointError(f"{b.key} has shape {tuple(stored[0]['full_shape'])} in {directory}, "
                                   f"but {tuple(b.full_shape)} in this model")
         want = b.coords()
-        covered = torch.zeros(b.local.shape, dtype=torch.bool)
-        for entry in stored:
-            if not overlaps(want, entry["block"]):
-                continue
+        hits = [e for e in stored if overlaps(want, e["block"])]
+        whole = [e for e in hits if all(c <= a and d >= z for (a, z), (c, d) in zip(want, e["block"]))]
+        hits = whole[:1] or hits  # one stored block covering this one is all it needs
+        covered = None if whole or _covers(want, hits) else torch.zeros(b.local.shape, dtype=torch.bool)
+        for entry in hits:
             lo = [max(a, c) for (a, _), (c, _) in zip(want, entry["block"])]
             hi = [min(a, c) for (_, a), (_, c) in zip(want, entry["block"])]
-            src = read(entry)
             src_idx = tuple(slice(low - c, high - c) for low, high, (c, _) in zip(lo, hi, entry["block"]))
             dst_idx = tuple(slice(low - a, high - a) for low, high, (a, _) in zip(lo, hi, want))
             with torch.no_grad():
-                b.local[dst_idx].copy_(src[src_idx])
-            covered[dst_idx] = True
-        if not bool(covered.all()):
+                dst = b.local[dst_idx]
+                if (direct and dst.is_contiguous() and str(dst.dtype).removeprefix("torch.") == entry["dtype"]
+                        and [h - l for l, h in zip(lo, hi)] == [d - c for c, d in entry["block"]]):
+                    _read_into(entry, dst)  # the whole stored block, into contiguous memory: no copy
+                else:
+                    dst.copy_(read(entry)[src_idx])
+            if covered is not None:
+                covered[dst_idx] = True
+        if covered is not None and not bool(covered.all()):
             raise CheckpointError(f"{directory}: the stored blocks of {b.key} cover "
                                   f"{int(covered.sum())} of the {b.local.numel()} elements this rank needs")

@@ -12,7 +12,7 @@ stacked expert weight, from one tensor per expert:
   layout) of `names`, transposed.
 - `Zeros()`: no Hugging Face counterpart (the routing-balance bias starts at zero).
 
-`read_block` reads only the rows and columns a rank holds (through the reader's lazy slices);
+`read_block` reads only the rows and columns a rank holds (views of the memory-mapped file);
 `to_hf` turns a full quintet tensor into its Hugging Face tensors for export.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime.model import ModelArgs
+from runtime.model import ModelArgs, Transformer
 
 
 @dataclass(frozen=True)
@@ -81,8 +81,6 @@ def sources(args: ModelArgs, arch: str) -> dict[str, Tensor | Experts | Zeros]:
 
 def hf_shapes(args: ModelArgs, arch: str) -> dict[str, tuple[int, ...]]:
     """The shape every Hugging Face tensor of this model must have."""
-    from runtime.model import Transformer
-
     with torch.device("meta"):
         model = Transformer(args)
     shapes = {n: tuple(t.shape) for n, t in [*model.named_parameters(), *model.named_buffers()]}

@@ -189,6 +189,22 @@ def test_bad_folders_are_refused_naming_the_key_or_tensor(folders, tmp_path):
     assert "model.norm.weight is [65], expected [64]" in shape
     [dtype] = variant("dtype", edit_tensors=lambda t: t.update({"model.norm.weight": torch.ones(64, dtype=torch.int32)}))
     assert "model.norm.weight is stored as I32, not a floating-point type" in dtype
+    # Files that are not what they claim: cut short, or not safetensors at all (only JSON and raw
+    # numbers are ever decoded; nothing is unpickled).
+    def cut(folder):
+        data = (folder / "model.safetensors").read_bytes()
+        (folder / "model.safetensors").write_bytes(data[:len(data) // 2])
+
+    def garbage(folder):
+        (folder / "model.safetensors").write_bytes(b"\x80\x04\x95 not a safetensors file")
+
+    for name, damage, message in (("cut", cut, "is malformed or outside the file"),
+                                  ("garbage", garbage, "is not a safetensors file")):
+        folder = tmp_path / name
+        shutil.copytree(folders["qwen3"], folder)
+        damage(folder)
+        [problem] = problems_of(folder)
+        assert message in problem and "model.safetensors" in problem
     # The tokenizer (1,024 ids) does not fit the vocabulary config.json gives the model.
     [vocab] = variant("vocab", lambda c: c.update(vocab_size=1000), lambda t: t.update(
         {"model.embed_tokens.weight": t["model.embed_tokens.weight"][:1000],
