@@ -125,11 +125,16 @@ def export(checkpoint: Path, out: Path, config: Path | None = None, shard_bytes:
                         raise CheckpointError(f"buffer/{name} is not zero (model.moe.bias_update_rate moved the "
                                               "routing bias): transformers' Mixtral and Qwen3-MoE have no such bias")
                     continue
-                full = ckpt.read(f"model/{name}")
-                stored = stored or full.dtype
-                for hf_name, tensor in to_hf(src, full.to(dtype or full.dtype)):
-                    writer.add(hf_name, tensor)
-                del full  # one tensor at a time
+                # Row slabs straight from the mapped files where the layouts agree; else the
+                # tensor read whole (one at a time).
+                parts = ckpt.row_parts(f"model/{name}")
+                tensors = to_hf(src, [p.to(dtype or p.dtype) for p in parts]) if parts else None
+                if tensors is None:
+                    parts = [ckpt.read(f"model/{name}")]
+                    tensors = to_hf(src, [p.to(dtype or p.dtype) for p in parts])
+                stored = stored or parts[0].dtype
+                for hf_name, slabs in tensors:
+                    writer.add(hf_name, slabs)
             files = writer.close()
         bos, eos = token_ids(ckpt)
         dtype_name = str(dtype or stored).removeprefix("torch.")

@@ -21,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from launch import schema
 from runtime.checkpoint.dcp_format import dcp_index, is_dcp_checkpoint, load_dcp_blocks
-from runtime.checkpoint.format import CheckpointError, StateBlock, dtype_named, load_blocks, read_index, verify_index_files
+from runtime.checkpoint.format import (CheckpointError, MappedBlocks, StateBlock, dtype_named, load_blocks, read_index,
+                                       row_slabs, verify_index_files)
 from runtime.checkpoint.resume import candidates, read_trainer_state
 from runtime.hf.checkpoint import HFFolder
 from runtime.hf.config import model_fields
@@ -59,6 +60,7 @@ class Checkpoint:
         self.dcp = is_dcp_checkpoint(self.dir)
         self.index = dcp_index(self.dir) if self.dcp else read_index(self.dir)
         self.run_config = self._run_config(config)
+        self.mapped: MappedBlocks | None = None
         recorded = self.trainer_state.get("model")
         if config is None and isinstance(recorded, dict):
             self.model = model_config(recorded)
@@ -86,6 +88,17 @@ class Checkpoint:
             load_dcp_blocks(self.dir, blocks, index=self.index)
         else:
             load_blocks(self.dir, blocks, index=self.index)
+
+    def row_parts(self, key: str) -> list[torch.Tensor] | None:
+        """The tensor `key` as CRC-checked views of the memory-mapped shard files, slab by slab,
+        when its stored blocks are row slabs (quintet's format: a dim-0 split or whole); None
+        otherwise (`read` it whole)."""
+        slabs = None if self.dcp else row_slabs(self.index[key])
+        if slabs is None:
+            return None
+        if self.mapped is None:
+            self.mapped = MappedBlocks()
+        return self.mapped.views(slabs)
 
     def read(self, key: str) -> torch.Tensor:
         """The whole tensor `key` ("model/<name>", "buffer/<name>")."""

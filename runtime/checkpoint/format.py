@@ -10,10 +10,14 @@ index is JSON and tensor data is raw bytes.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
+import mmap
 import os
+import warnings
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,6 +207,58 @@ def _read_into(entry: dict, out: torch.Tensor) -> None:
                               f"corrupt (checksum mismatch or short read); the checkpoint cannot be used")
 
 
+class MappedBlocks:
+    """Stored blocks as read-only views of the memory-mapped shard files, each checked against its
+    CRC32 when first asked for: a reader that only streams them on (an export) copies nothing."""
+
+    def __init__(self):
+        self.maps: dict = {}
+
+    def views(self, entries: list[dict]) -> list[torch.Tensor]:
+        """`view` of each entry, their checksums computed on every core at once."""
+        for path in {e["file"] for e in entries}:
+            self._map(path)
+        return list(_readers().map(self.view, entries))
+
+    def _map(self, path):
+        if path not in self.maps:
+            try:
+                with open(path, "rb") as f:
+                    self.maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except (OSError, ValueError) as e:
+                raise CheckpointError(f"{path} cannot be read ({e}); the checkpoint cannot be used") from None
+        return self.maps[path]
+
+    def view(self, entry: dict) -> torch.Tensor:
+        path = entry["file"]
+        data, dtype = self._map(path), dtype_named(entry["dtype"])
+        shape = [stop - start for start, stop in entry["block"]]
+        if entry["offset"] + entry["nbytes"] > len(data) or entry["nbytes"] != math.prod(shape) * dtype.itemsize:
+            raise CheckpointError(f"{path}: block of {entry['key']} at byte {entry['offset']} is corrupt (outside "
+                                  "the file or of the wrong size); the checkpoint cannot be used")
+        raw = memoryview(data)[entry["offset"]:entry["offset"] + entry["nbytes"]]
+        if zlib.crc32(raw) != entry["crc32"]:
+            raise CheckpointError(f"{path}: block of {entry['key']} at byte {entry['offset']} is corrupt "
+                                  "(checksum mismatch); the checkpoint cannot be used")
+        raw.release()
+        with warnings.catch_warnings():  # a read-only mapping: nothing writes through the view
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=entry["offset"]).view(shape)
+
+
+def row_slabs(entries: list[dict]) -> list[dict] | None:
+    """The stored blocks of one tensor in row order, when they are whole rows (full in every other
+    dimension) tiling the first dimension: the tensor's bytes are then theirs, back to back.
+    None for any other split."""
+    full = entries[0]["full_shape"]
+    if not full or any(e["block"][1:] != [[0, n] for n in full[1:]] for e in entries):
+        return None
+    slabs = sorted(entries, key=lambda e: e["block"][0][0])
+    bounds = [0] + [b for e in slabs for b in e["block"][0]] + [full[0]]
+    # consecutive: each slab starts where the previous ended, from 0 to the last row
+    return slabs if all(bounds[i] == bounds[i + 1] for i in range(0, len(bounds), 2)) else None
+
+
 def _read_entry(entry: dict, cache: dict) -> torch.Tensor:
     """The stored block as a new tensor (read once per load)."""
     key = (entry["file"], entry["offset"])
@@ -210,6 +266,12 @@ def _read_entry(entry: dict, cache: dict) -> torch.Tensor:
         cache[key] = torch.empty([stop - start for start, stop in entry["block"]], dtype=dtype_named(entry["dtype"]))
         _read_into(entry, cache[key])
     return cache[key]
+
+
+@functools.cache
+def _readers() -> ThreadPoolExecutor:
+    """Threads reading stored blocks (file reads, CRC32 and copies all release the GIL)."""
+    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="quintet-read")
 
 
 def _volume(lo, hi) -> int:
@@ -253,7 +315,8 @@ def load_blocks(directory: Path, blocks, index: dict | None = None, read=None) -
         whole = [e for e in hits if all(c <= a and d >= z for (a, z), (c, d) in zip(want, e["block"]))]
         hits = whole[:1] or hits  # one stored block covering this one is all it needs
         covered = None if whole or _covers(want, hits) else torch.zeros(b.local.shape, dtype=torch.bool)
-        for entry in hits:
+
+        def fill(entry, b=b, want=want, covered=covered):
             lo = [max(a, c) for (a, _), (c, _) in zip(want, entry["block"])]
             hi = [min(a, c) for (_, a), (_, c) in zip(want, entry["block"])]
             src_idx = tuple(slice(low - c, high - c) for low, high, (c, _) in zip(lo, hi, entry["block"]))
@@ -267,6 +330,12 @@ def load_blocks(directory: Path, blocks, index: dict | None = None, read=None) -
                     dst.copy_(read(entry)[src_idx])
             if covered is not None:
                 covered[dst_idx] = True
+
+        if direct and len(hits) > 1:  # disjoint parts: read and checked on every core at once
+            list(_readers().map(fill, hits))
+        else:
+            for entry in hits:
+                fill(entry)
         if covered is not None and not bool(covered.all()):
             raise CheckpointError(f"{directory}: the stored blocks of {b.key} cover "
                                   f"{int(covered.sum())} of the {b.local.numel()} elements this rank needs")

@@ -119,12 +119,13 @@ class Reader:
 class Writer:
     """Tensors added in order go to shards of at most `shard_bytes` (a larger tensor alone);
     `close` names them model-0000i-of-0000n.safetensors with their index, or model.safetensors
-    when one shard holds everything, as `save_pretrained` does. A full shard is written (and
-    fsynced) by a background thread while the next one fills: at most two shards in memory."""
+    when one shard holds everything, as `save_pretrained` does. A full shard is written by a
+    background thread while the next one fills (at most two shards in memory; a shard of views
+    of mapped files holds none); every shard is fsynced before it is named."""
 
     def __init__(self, folder: Path, shard_bytes: int, metadata: dict | None = None):
         self.folder, self.shard_bytes, self.metadata = Path(folder), shard_bytes, metadata or {}
-        self.pending: dict[str, torch.Tensor] = {}
+        self.pending: dict[str, list[torch.Tensor]] = {}
         self.pending_bytes = 0
         self.shards: list[list[str]] = []
         self.total = 0
@@ -138,11 +139,13 @@ class Writer:
         """Never leave the writing thread behind (an export that failed removes the folder)."""
         self.io.shutdown(wait=True)
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
+    def add(self, name: str, parts: list[torch.Tensor]) -> None:
+        """Tensor `name`, given as row slabs whose concatenation it is (views are written as they
+        are: nothing is copied to assemble it)."""
+        size = sum(p.numel() * p.element_size() for p in parts)
         if self.pending and self.pending_bytes + size > self.shard_bytes:
             self._flush()
-        self.pending[name] = tensor.contiguous()
+        self.pending[name] = [p.contiguous() for p in parts]
         self.pending_bytes += size
         self.total += size
 
@@ -153,21 +156,20 @@ class Writer:
         self.shards.append(list(self.pending))
         self.pending, self.pending_bytes = {}, 0
 
-    def _write(self, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    def _write(self, tensors: dict[str, list[torch.Tensor]], path: Path) -> None:
         header, offset = {"__metadata__": {"format": "pt", **self.metadata}}, 0
-        for name, t in tensors.items():
-            n = t.numel() * t.element_size()
-            header[name] = {"dtype": NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        for name, parts in tensors.items():
+            n = sum(p.numel() * p.element_size() for p in parts)
+            shape = [sum(p.shape[0] for p in parts), *parts[0].shape[1:]]
+            header[name] = {"dtype": NAMES[parts[0].dtype], "shape": shape, "data_offsets": [offset, offset + n]}
             offset += n
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the library writes it
         with open(path, "wb") as f:
             f.write(struct.pack("<Q", len(raw)) + raw)
-            for t in tensors.values():
+            for t in (p for parts in tensors.values() for p in parts):
                 if t.numel():
                     f.write(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
-            f.flush()
-            os.fsync(f.fileno())
 
     def close(self) -> list[Path]:
         """Write what is left, wait for every shard, and give them their final names."""
@@ -180,6 +182,10 @@ class Writer:
         n = len(self.shards)
         names = [SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         for i, name in enumerate(names):
+            # Durable before named: one fsync per shard at the end, so the kernel writes the
+            # earlier shards back while the later ones are produced.
+            with open(self.folder / f"shard-{i}.tmp", "rb+") as f:
+                os.fsync(f.fileno())
             os.replace(self.folder / f"shard-{i}.tmp", self.folder / name)
         if n > 1:
             weight_map = {t: names[i] for i, shard in enumerate(self.shards) for t in shard}

@@ -124,10 +124,18 @@ def read_block(src, reader, full_shape: tuple[int, ...], block: tuple[slice, ...
     return _halves_to_pairs(whole, last - first)[rows.start - first * head:rows.stop - first * head]
 
 
-def to_hf(src, full: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-    """The Hugging Face tensors of one full quintet tensor (none for `Zeros`)."""
+def to_hf(src, parts: list[torch.Tensor]) -> list[tuple[str, list[torch.Tensor]]] | None:
+    """The Hugging Face tensors of one quintet tensor given as row slabs (`parts`, in order; one
+    part: the whole tensor), each as its own row slabs: no copy where the layouts agree. None when
+    a slab cuts through a rotary head (read the tensor whole then); none for `Zeros`."""
     if isinstance(src, Zeros):
         return []
-    if isinstance(src, Experts):
-        return [(name, full[e].T.contiguous()) for e, name in enumerate(src.names)]
-    return [(src.name, (pairs_to_halves(full, src.heads) if src.heads else full).contiguous())]
+    if isinstance(src, Experts):  # one expert per row of the stack
+        stack = [e for part in parts for e in part]
+        return [(name, [stack[e].T.contiguous()]) for e, name in enumerate(src.names)]
+    if not src.heads:
+        return [(src.name, parts)]
+    head = sum(p.shape[0] for p in parts) // src.heads
+    if any(p.shape[0] % head for p in parts):
+        return None
+    return [(src.name, [pairs_to_halves(p, p.shape[0] // head) for p in parts])]
