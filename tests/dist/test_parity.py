@@ -45,9 +45,10 @@ LAYOUTS = {
     "tp2": ("dense", 2, ["parallel.tp=2"]),
     "tp4": ("dense", 4, ["parallel.tp=4"]),
     "tp2-sp": ("dense", 2, ["parallel.tp=2", "parallel.sp=true"]),
-    # 250 ids padded to 384 rows (a multiple of 64 × 3): rank 1 holds 6 padding rows, rank 2 only padding
-    "tp3-padded-vocab": ("dense", 3, ["parallel.tp=3", "model.n_heads=6", "model.n_kv_heads=3", "model.dim=96",
-                                      "model.vocab_size=250", "model.pad_vocab_to_multiple_of=64"]),
+    # 250 ids padded to 384 rows (a multiple of 64 × 3): TP rank 1 holds 6 padding rows, TP rank 2
+    # only padding; FSDP splits rank 1's rows so that one shard ends in padding
+    "tp3-dp2-padded-vocab": ("dense", 6, ["parallel.tp=3", "model.n_heads=6", "model.n_kv_heads=3", "model.dim=96",
+                                          "model.vocab_size=250", "model.pad_vocab_to_multiple_of=64"]),
     "tp2-dp2-fsdp": ("dense", 4, ["parallel.tp=2", *MB2]),
     "tp2-dp2-hsdp": ("dense", 4, ["parallel.tp=2", "parallel.dp_replicate=2", *MB2]),
     "tp2-dp2-ddp": ("dense", 4, ["parallel.tp=2", "parallel.dp_impl=ddp", *MB2]),
@@ -108,7 +109,6 @@ LAYOUTS = {
     "features-tp2-sp": ("features", 2, ["parallel.tp=2", "parallel.sp=true"]),
     "features-fsdp-2": ("features", 2, ["parallel.dp_impl=fsdp"]),
     "features-cp2": ("features", 2, ["parallel.cp=2"]),
-    "features-pp2-untied": ("features", 2, ["model.tie_embeddings=false", "parallel.pp=2"]),
     # tied: the first and last stage each hold the embedding, their gradients summed
     "features-pp2-vpp2-tied": ("features", 2, [*L4, *MB2, "parallel.pp=2", *INTERLEAVED]),
     "features-pp2-tp2-dp2-tied": ("features", 8, [*MB2, "parallel.pp=2", "parallel.tp=2"]),
