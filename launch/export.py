@@ -28,7 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 from launch.load import Checkpoint
 from runtime.checkpoint.format import CheckpointError
 from runtime.data.tokenizer import SAMPLE_TOKENIZER, TokenizerError, load_tokenizer
-from runtime.hf.config import HFConfigError, hf_config
+from runtime.hf.config import HFConfigError, export_architecture, hf_config
 from runtime.hf.files import Writer
 from runtime.hf.weights import Zeros, sources, to_hf
 from runtime.model import ModelArgs
@@ -108,7 +108,7 @@ def export(checkpoint: Path, out: Path, config: Path | None = None, shard_bytes:
     """Write the Hugging Face folder `out` for a checkpoint; returns its safetensors files."""
     ckpt = Checkpoint(checkpoint, config)
     m = ckpt.model
-    config_json = hf_config(m, "float32", 1, None, None)  # refuses what has no architecture, before any work
+    arch = export_architecture(m)  # refuses what has no transformers architecture, before any work
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"{out} exists and is not empty: export into a new folder")
     args = ModelArgs.from_config(m)
@@ -118,7 +118,7 @@ def export(checkpoint: Path, out: Path, config: Path | None = None, shard_bytes:
     try:
         with Writer(tmp, shard_bytes, metadata={"source": str(ckpt.dir)}) as writer:
             stored = None
-            for name, src in sources(args, config_json["model_type"]).items():
+            for name, src in sources(args, arch).items():
                 if isinstance(src, Zeros):  # quintet-only state: exportable only while it is still zero
                     bias = ckpt.read(f"buffer/{name}")
                     if bool(bias.any()):
