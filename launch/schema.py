@@ -127,6 +127,9 @@ Optimizer = choice("Optimizer", "adamw", "the optimizer")
 NcclNet = choice("NcclNet", "IB Socket", "NCCL's network module")
 
 
+RouterScore = choice("RouterScore", "softmax sigmoid", "how the router scores experts")
+
+
 @dataclass
 class MoEConfig:
     """Mixture-of-Experts feed-forward blocks (num_experts = 0: a dense model)."""
@@ -134,10 +137,16 @@ class MoEConfig:
     num_experts: int = num(0, ge=0)  # experts per MoE layer; 0 = no MoE
     top_k: int = num(2, ge=1)  # experts per token
     expert_ffn_dim: int = num(0, ge=0)  # SwiGLU hidden size of each expert; 0 = model.ffn_dim
-    every: int = num(1, ge=1)  # layer i is MoE when i % every == 0 (the others are dense)
-    shared_expert: bool = False  # one more expert, of expert_ffn_dim, that every token goes through
+    every: int = num(1, ge=1)  # layer i is MoE when i % every == 0 and i ≥ first_dense (the others are dense)
+    first_dense: int = num(0, ge=0)  # the first layers are dense (DeepSeek's first_k_dense_replace)
+    shared_experts: int = num(0, ge=0)  # experts every token goes through: one SwiGLU of shared_experts × expert_ffn_dim
+    score: RouterScore = RouterScore["softmax"]  # the router's scores: softmax over experts, or each expert's sigmoid (DeepSeek-V3)
+    n_group: int = num(1, ge=1)  # group-limited routing: experts in n_group groups (DeepSeek's node-limited routing)
+    topk_group: int = num(1, ge=1)  # ... each token chooses among the topk_group groups of highest top-2 score sum
+    routed_scaling_factor: float = num(1.0, gt=0)  # the routed experts' weights are multiplied by this
     renormalize: bool = True  # rescale the top-k routing probabilities to sum to 1
     aux_loss_coef: float = num(0.01, ge=0)  # Switch load-balancing loss
+    sequence_aux_loss: bool = False  # compute it per sequence and average (DeepSeek-V3's sequence-wise balance loss)
     z_loss_coef: float = num(0.001, ge=0)  # router z-loss
     bias_update_rate: float = num(0.0, ge=0)  # aux-loss-free balancing: per-expert bias step per update; 0 = off
     capacity_factor: float = num(0.0, ge=0, note="0 = dropless")  # each expert keeps factor·tokens·top_k/experts

@@ -179,6 +179,19 @@ def _moe_problems(cfg, topo: Topology | None) -> list[str]:
     out = []
     if m.top_k > m.num_experts:
         out.append(f"model.moe.top_k={m.top_k} must be between 1 and model.moe.num_experts={m.num_experts}")
+    if m.n_group > 1:
+        per_group = m.num_experts // m.n_group
+        if m.num_experts % m.n_group or per_group < 2:
+            out.append(f"model.moe.n_group={m.n_group} must divide model.moe.num_experts={m.num_experts} into groups "
+                       "of at least 2 experts (a group's score is the sum of its two best)")
+        elif not 1 <= m.topk_group <= m.n_group or m.top_k > m.topk_group * per_group:
+            out.append(f"model.moe.topk_group={m.topk_group} must be between 1 and model.moe.n_group={m.n_group}, "
+                       f"and its groups must hold model.moe.top_k={m.top_k} experts ({per_group} per group)")
+    elif m.topk_group != 1:
+        out.append(f"model.moe.topk_group={m.topk_group} only applies with model.moe.n_group > 1")
+    if m.first_dense >= cfg.model.n_layers:
+        out.append(f"model.moe.first_dense={m.first_dense} leaves no MoE layer of model.n_layers="
+                   f"{cfg.model.n_layers}")
     if m.num_experts % p.ep:
         out.append(f"model.moe.num_experts={m.num_experts} is not divisible by parallel.ep={p.ep}: each EP rank "
                    f"holds num_experts/ep experts")

@@ -31,7 +31,7 @@ def matmul_params_per_token(args: ModelArgs) -> int:
         if args.is_moe(layer):
             m = args.moe
             expert = 3 * d * m.expert_ffn_dim
-            total += d * m.num_experts + m.top_k * expert + (expert if m.shared_expert else 0)
+            total += d * m.num_experts + m.top_k * expert + expert * m.shared_experts
         else:
             total += dense_mlp
     return total

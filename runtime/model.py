@@ -69,7 +69,8 @@ class ModelArgs:
     tie_embeddings: bool = False  # the output head is the embedding matrix
     rope_scaling: RopeScaling | None = None
     moe: MoEArgs | None = None  # Mixture-of-Experts feed-forward blocks
-    moe_every: int = 1  # layer i is MoE when i % moe_every == 0
+    moe_every: int = 1  # layer i is MoE when i % moe_every == 0 and i ≥ moe_first_dense
+    moe_first_dense: int = 0
     residual: str = "standard"  # standard | ladder
     ladder_layers: int = 0  # with residual=ladder: how many of the last layers are ladder (0 = all)
 
@@ -79,7 +80,7 @@ class ModelArgs:
         object.__setattr__(self, "padded_vocab", max(self.padded_vocab, self.vocab_size))
 
     def is_moe(self, layer: int) -> bool:
-        return self.moe is not None and layer % self.moe_every == 0
+        return self.moe is not None and layer >= self.moe_first_dense and layer % self.moe_every == 0
 
     @property
     def ladder_start(self) -> int:
@@ -93,7 +94,7 @@ class ModelArgs:
         """The model of config `cfg`; with `tp`, its vocabulary padded for that tensor-parallel
         size (a multiple of model.pad_vocab_to_multiple_of × tp, as Megatron-Core pads)."""
         base = {f: getattr(cfg, f) for f in cls.__dataclass_fields__
-                if f not in ("moe", "moe_every", "rope_scaling", "padded_vocab")}
+                if f not in ("moe", "moe_every", "moe_first_dense", "rope_scaling", "padded_vocab")}
         if tp:
             multiple = cfg.pad_vocab_to_multiple_of * tp
             base["padded_vocab"] = -(-cfg.vocab_size // multiple) * multiple
@@ -106,10 +107,13 @@ class ModelArgs:
         if m.num_experts == 0:
             return cls(**base)
         moe = MoEArgs(num_experts=m.num_experts, top_k=m.top_k, expert_ffn_dim=m.expert_ffn_dim or cfg.ffn_dim,
-                      shared_expert=m.shared_expert, renormalize=m.renormalize, aux_loss_coef=m.aux_loss_coef,
+                      shared_experts=m.shared_experts, score=str(m.score), n_group=m.n_group,
+                      topk_group=m.topk_group, routed_scaling_factor=m.routed_scaling_factor,
+                      renormalize=m.renormalize, aux_loss_coef=m.aux_loss_coef,
+                      sequence_aux_loss=m.sequence_aux_loss,
                       z_loss_coef=m.z_loss_coef, bias_update_rate=m.bias_update_rate,
                       capacity_factor=m.capacity_factor)
-        return cls(**base, moe=moe, moe_every=m.every)
+        return cls(**base, moe=moe, moe_every=m.every, moe_first_dense=m.first_dense)
 
     @classmethod
     def tiny(cls) -> "ModelArgs":
@@ -309,7 +313,7 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         if args.is_moe(layer):
             hidden = args.moe.expert_ffn_dim
-            self.feed_forward = MoE(args.dim, args.moe, lambda: FeedForward(args.dim, hidden))
+            self.feed_forward = MoE(args.dim, args.moe, lambda: FeedForward(args.dim, hidden * args.moe.shared_experts))
         else:
             self.feed_forward = FeedForward(args.dim, args.ffn_dim)
 

@@ -34,9 +34,14 @@ class MoEArgs:
     num_experts: int
     top_k: int
     expert_ffn_dim: int
-    shared_expert: bool = False
+    shared_experts: int = 0  # as one SwiGLU of shared_experts × expert_ffn_dim
+    score: str = "softmax"  # softmax | sigmoid
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
     renormalize: bool = True
     aux_loss_coef: float = 0.01
+    sequence_aux_loss: bool = False  # the balance loss per sequence, averaged (DeepSeek-V3)
     z_loss_coef: float = 0.001
     bias_update_rate: float = 0.0
     capacity_factor: float = 0.0  # 0 = dropless
@@ -144,7 +149,7 @@ class MoE(nn.Module):
         self.args = args
         self.router = nn.Linear(dim, args.num_experts, bias=False)
         self.experts = GroupedExperts(args.num_experts, dim, args.expert_ffn_dim)
-        self.shared = ffn_factory() if args.shared_expert else None
+        self.shared = ffn_factory() if args.shared_experts else None
         # Aux-loss-free balancing bias; a buffer: it is moved by the rule above, not by gradients.
         self.register_buffer("expert_bias", torch.zeros(args.num_experts), persistent=True)
         self.dispatcher = LocalDispatcher()
@@ -159,16 +164,32 @@ class MoE(nn.Module):
         self.step_aux = torch.zeros((), dtype=torch.float64, device="cpu")
         self.step_z = torch.zeros((), dtype=torch.float64, device="cpu")
 
+    def route(self, logits: torch.Tensor):
+        """(expert indices [tokens, k], their weights, the scores): softmax or sigmoid scores;
+        the balancing bias added for the choice only; with groups, the choice limited to the
+        topk_group groups whose two best scores sum highest (DeepSeek-V3's node-limited routing);
+        the chosen scores renormalised and scaled by routed_scaling_factor."""
+        a = self.args
+        scores = logits.sigmoid() if a.score == "sigmoid" else logits.softmax(dim=-1)
+        choose = scores + self.expert_bias.to(scores.dtype) if a.bias_update_rate else scores
+        if a.n_group > 1:
+            groups = choose.view(-1, a.n_group, a.num_experts // a.n_group)
+            best = groups.topk(2, dim=-1).values.sum(dim=-1).topk(a.topk_group, dim=-1).indices  # [tokens, topk_group]
+            allowed = torch.zeros_like(groups[..., 0], dtype=torch.bool).scatter_(1, best, True)
+            choose = groups.masked_fill(~allowed[..., None], float("-inf")).view_as(choose)
+        idx = torch.topk(choose, a.top_k, dim=-1).indices  # [tokens, k]
+        weights = scores.gather(-1, idx)
+        if a.renormalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return idx, weights * a.routed_scaling_factor if a.routed_scaling_factor != 1 else weights, scores
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [tokens, dim]
         logits = self.router(x).float() if x.dtype != torch.float64 else self.router(x)
-        probs = logits.softmax(dim=-1)
-        choose = probs + self.expert_bias.to(probs.dtype) if self.args.bias_update_rate else probs
-        idx = torch.topk(choose, self.args.top_k, dim=-1).indices  # [tokens, k]
-        weights = probs.gather(-1, idx)
-        if self.args.renormalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        idx, weights, scores = self.route(logits)
+        # The balancing loss reads probabilities: sigmoid scores normalised per token (DeepSeek-V3).
+        probs = scores / scores.sum(dim=-1, keepdim=True) if self.args.score == "sigmoid" else scores
         keep = None
         if self.args.capacity_factor > 0:
             keep = capacity_keep(weights, idx, self.args.num_experts, self.args.capacity_factor)
@@ -176,19 +197,26 @@ class MoE(nn.Module):
         if self.shared is not None:
             out = out + self.shared(x)
         if self.training:  # evaluation neither adds balancing losses nor counts toward the step's loads
-            out = self._balance(out, logits, probs, idx)
+            out = self._balance(out, logits, probs, idx, shape[0])
         return out.view(shape)
 
-    def _balance(self, out, logits, probs, idx):
+    def _balance(self, out, logits, probs, idx, sequences: int):
         """Add the auxiliary and z losses of this microbatch and record the expert load (routed
-        assignments, before any capacity dropping)."""
-        e = self.args.num_experts
-        counts = self.stats_sum(F.one_hot(idx, e).to(probs.dtype).sum(dim=(0, 1)))
-        stats = self.stats_sum(torch.cat([probs.sum(0), torch.logsumexp(logits, -1).pow(2).sum().unsqueeze(0),
-                                          torch.tensor([probs.shape[0]], dtype=probs.dtype, device=probs.device)]))
-        n_tokens = stats[-1].detach()
-        prob_mean, z = stats[:e] / n_tokens, stats[e] / n_tokens
-        aux = e * (counts / (n_tokens * self.args.top_k) * prob_mean).sum()
+        assignments, before any capacity dropping). The balance loss is E · Σ_e f_e · P_e over
+        the microbatch's tokens, or, with `sequence_aux_loss`, over each of its `sequences` and
+        averaged (DeepSeek-V3's complementary sequence-wise loss)."""
+        e, b = self.args.num_experts, sequences
+        counts = self.stats_sum(F.one_hot(idx, e).to(probs.dtype).sum(dim=1).view(b, -1, e).sum(dim=1))  # [b, e]
+        stats = self.stats_sum(torch.cat([probs.view(b, -1, e).sum(dim=1),
+                                          torch.logsumexp(logits, -1).pow(2).view(b, -1).sum(dim=1, keepdim=True),
+                                          torch.full((b, 1), probs.shape[0] // b, dtype=probs.dtype,
+                                                     device=probs.device)], dim=1))  # [b, e + 2]
+        if not self.args.sequence_aux_loss:  # one group of tokens: the microbatch
+            counts, stats = counts.sum(dim=0, keepdim=True), stats.sum(dim=0, keepdim=True)
+        n_tokens = stats[:, -1:].detach()
+        prob_mean, z = stats[:, :e] / n_tokens, stats[:, e].sum() / n_tokens.sum()
+        aux = (e * (counts / (n_tokens * self.args.top_k) * prob_mean).sum(dim=1)).mean()
+        counts = counts.sum(dim=0)
         term = self.loss_scale * (self.args.aux_loss_coef * aux + self.args.z_loss_coef * z)
         self.step_counts += counts.detach().double().cpu()
         self.step_aux += self.loss_scale * self.args.aux_loss_coef * aux.detach().double().cpu()

@@ -40,8 +40,9 @@ def _block_tensors(args: ModelArgs, layer: int, tp: int, ep: int, etp: int) -> l
         local_e, hidden = m.num_experts // ep, m.expert_ffn_dim // etp
         out += [Tensor2D(m.num_experts, d)]  # router
         out += [Tensor2D(local_e, d * hidden, expert=True)] * 3  # w1, w3 [E, d, h]; w2 [E, h, d]
-        if m.shared_expert:
-            out += [Tensor2D(m.expert_ffn_dim // tp, d)] * 2 + [Tensor2D(d, m.expert_ffn_dim // tp)]
+        if m.shared_experts:
+            shared = m.expert_ffn_dim * m.shared_experts
+            out += [Tensor2D(shared // tp, d)] * 2 + [Tensor2D(d, shared // tp)]
     else:
         out += [Tensor2D(args.ffn_dim // tp, d)] * 2 + [Tensor2D(d, args.ffn_dim // tp)]
     return out

@@ -100,7 +100,7 @@ def block_forward_flops(args: ModelArgs, layer: int, tokens: float, seq_len: int
     if args.is_moe(layer):
         m = args.moe
         expert = 3 * d * m.expert_ffn_dim
-        mlp = 2 * tokens * (d * m.num_experts + (m.top_k + m.shared_expert) * expert) / tp
+        mlp = 2 * tokens * (d * m.num_experts + (m.top_k + m.shared_experts) * expert) / tp
     else:
         mlp = 2 * tokens * 3 * d * args.ffn_dim / tp
     return proj + core + mlp, core

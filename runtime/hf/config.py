@@ -113,9 +113,10 @@ def export_architecture(m) -> str:
     moe = m.moe.num_experts > 0
     if str(m.residual) != "standard":
         raise HFConfigError(f"model.residual={m.residual}: the ladder residual has no transformers architecture")
-    if moe and m.moe.shared_expert:
-        raise HFConfigError("model.moe.shared_expert=true: no supported transformers architecture has an ungated "
-                            "shared expert")
+    if moe and (m.moe.shared_experts or str(m.moe.score) != "softmax" or m.moe.n_group > 1
+                or m.moe.routed_scaling_factor != 1 or m.moe.first_dense):
+        raise HFConfigError("model.moe.shared_experts, score=sigmoid, n_group, routed_scaling_factor and first_dense "
+                            "(DeepSeekMoE routing): Mixtral and Qwen3-MoE have none of them")
     if m.qk_norm and m.qkv_bias:
         raise HFConfigError("model.qk_norm with model.qkv_bias: no supported transformers architecture has both")
     if moe:

@@ -155,7 +155,7 @@ def test_aux_loss_free_balancing_moves_the_bias_toward_the_mean(tmp_path):
 
 
 def test_shared_expert_and_moe_every_other_layer_train(tmp_path):
-    records = train(tmp_path, [*MOE, "model.moe.shared_expert=true", "model.moe.every=2", "parallel.ep=2"],
+    records = train(tmp_path, [*MOE, "model.moe.shared_experts=1", "model.moe.every=2", "parallel.ep=2"],
                     world_size=2)
     assert set(records[0]["expert_load"]) == {"0"}  # layers 0 is MoE, layer 1 dense
     assert records[-1]["loss"] < records[0]["loss"]

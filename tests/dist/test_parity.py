@@ -29,6 +29,11 @@ FAMILIES = {
     "ladder": Family(["model.residual=ladder", *L4]),
     # What published architectures add (configs/model/): heads of their own size, QK-norm, QKV
     # biases, the embedding as the head, Llama 3.1's RoPE scaling (reaching these 32 positions).
+    # DeepSeekMoE: sigmoid scores, node-limited routing over 4 groups of 2, scaled weights, a
+    # shared expert, the first layer dense, the balancing bias moving.
+    "deepseek": Family([*MOE, "model.moe.score=sigmoid", "model.moe.n_group=4", "model.moe.topk_group=2",
+                        "model.moe.routed_scaling_factor=2.5", "model.moe.shared_experts=1", "model.moe.first_dense=1",
+                        "model.moe.bias_update_rate=0.001", "model.moe.sequence_aux_loss=true"], moe=True),
     "features": Family(["model.head_dim=32", "model.qk_norm=true", "model.qkv_bias=true", "model.tie_embeddings=true",
                         "model.rope_scaling.type=llama3", "model.rope_scaling.original_max_position_embeddings=16"]),
 }
@@ -87,6 +92,9 @@ LAYOUTS = {
     "cp2-ep2-folded": ("moe", 4, [*MB2, "parallel.cp=2", "parallel.ep=2"]),
     "tp2-sp-ep2-etp2": ("moe", 4, [*MB2, "parallel.tp=2", "parallel.sp=true", "parallel.ep=2", "parallel.etp=2"]),
     "pp2-ep2": ("moe", 4, [*MB2, "parallel.pp=2", "parallel.ep=2"]),
+    "deepseek-ep2": ("deepseek", 2, ["parallel.ep=2"]),
+    "deepseek-tp2-sp-ep4-etp1-folded": ("deepseek", 4, [*MB2, "parallel.tp=2", "parallel.sp=true", "parallel.ep=4",
+                                                        "parallel.etp=1"]),
     # FSSDP
     "fssdp2": ("fssdp", 2, ["parallel.ep=2"]),
     "fssdp4": ("fssdp", 4, ["parallel.ep=4"]),

@@ -18,7 +18,7 @@ from runtime.model import ModelArgs, Transformer
 
 
 @pytest.mark.parametrize("overrides", [["model=tiny"], ["model=tiny_moe"],
-                                       ["model=tiny_moe", "model.moe.every=2", "model.moe.shared_expert=true"]],
+                                       ["model=tiny_moe", "model.moe.every=2", "model.moe.shared_experts=1"]],
                          ids=["tiny", "tiny_moe", "tiny_moe-every2-shared"])
 def test_flops_per_token_matches_torchs_flop_counter(overrides):
     args = ModelArgs.from_config(compose([*overrides, "run_dir=unused"]).model)

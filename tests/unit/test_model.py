@@ -100,7 +100,7 @@ def test_every_parameter_declares_its_initialisation_and_tensor_parallel_style()
     from launch.config import compose
     from runtime.model import declared
 
-    for overrides in (["model=tiny"], ["model=tiny_moe", "model.moe.shared_expert=true"], ["model.residual=ladder"]):
+    for overrides in (["model=tiny"], ["model=tiny_moe", "model.moe.shared_experts=1"], ["model.residual=ladder"]):
         with torch.device("meta"):
             model = Transformer(ModelArgs.from_config(compose([*overrides, "run_dir=/x"]).model))
         for name, _ in [*model.named_parameters(), *model.named_buffers()]:
