@@ -93,6 +93,8 @@ LAYOUTS = {
     "tp2-sp-ep2-etp2": ("moe", 4, [*MB2, "parallel.tp=2", "parallel.sp=true", "parallel.ep=2", "parallel.etp=2"]),
     "pp2-ep2": ("moe", 4, [*MB2, "parallel.pp=2", "parallel.ep=2"]),
     "deepseek-ep2": ("deepseek", 2, ["parallel.ep=2"]),
+    "deepseek-ep2-capacity": ("deepseek", 2, ["parallel.ep=2", "model.moe.capacity_factor=1.25"]),
+    "deepseek-fssdp2": ("deepseek", 2, [*MB1, "parallel.ep=2", "parallel.moe_backend=fssdp"]),
     "deepseek-tp2-sp-ep4-etp1-folded": ("deepseek", 4, [*MB2, "parallel.tp=2", "parallel.sp=true", "parallel.ep=4",
                                                         "parallel.etp=1"]),
     # FSSDP
@@ -135,8 +137,9 @@ def reference(tmp_path_factory):
 FP32_DEFAULT = {"fsdp-2", "tp2-sp", "pp2-vpp2", "pp2-zero-bubble", "cp2", "cp2-ulysses", "ep2", "fssdp2",
                 "ladder-tp2-sp", "features-tp2-sp"}
 # fssdp8-remat runs fssdp8's world in the default suite; the tied head over tp2 × pp2 × dp2 is
-# the tied pp2 layouts' embedding group with tensor parallelism's vocabulary split
-SLOW = {"fssdp8", "features-pp2-tp2-dp2-tied"}
+# the tied pp2 layouts' embedding group with tensor parallelism's vocabulary split; DeepSeek's
+# routing under capacity and FSSDP changes only who computes the experts the router chose
+SLOW = {"fssdp8", "features-pp2-tp2-dp2-tied", "deepseek-ep2-capacity", "deepseek-fssdp2"}
 
 
 @pytest.mark.parametrize("layout, dtype", parity_cases({name: (w, o) for name, (_, w, o) in LAYOUTS.items()},
