@@ -181,7 +181,7 @@ class MoE(nn.Module):
         weights = scores.gather(-1, idx)
         if a.renormalize:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return idx, weights * a.routed_scaling_factor if a.routed_scaling_factor != 1 else weights, scores
+        return idx, weights * a.routed_scaling_factor, scores
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

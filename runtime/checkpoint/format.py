@@ -193,6 +193,11 @@ def read_index(directory: Path) -> dict[str, list[dict]]:
     return index
 
 
+def _corrupt(entry: dict, why: str) -> CheckpointError:
+    return CheckpointError(f"{entry['file']}: block of {entry['key']} at byte {entry['offset']} is corrupt ({why}); "
+                           "the checkpoint cannot be used")
+
+
 def _read_into(entry: dict, out: torch.Tensor) -> None:
     """Read the stored block into `out` (contiguous, of its shape and dtype) and check its CRC32."""
     raw = out.detach().view(-1).view(torch.uint8).numpy() if out.numel() else bytearray()
@@ -203,8 +208,7 @@ def _read_into(entry: dict, out: torch.Tensor) -> None:
     except OSError as e:
         raise CheckpointError(f"{entry['file']} cannot be read ({e.strerror}); the checkpoint cannot be used") from None
     if len(raw) != entry["nbytes"] or got != len(raw) or zlib.crc32(raw) != entry["crc32"]:
-        raise CheckpointError(f"{entry['file']}: block of {entry['key']} at byte {entry['offset']} is "
-                              f"corrupt (checksum mismatch or short read); the checkpoint cannot be used")
+        raise _corrupt(entry, "checksum mismatch or short read")
 
 
 class MappedBlocks:
@@ -234,13 +238,10 @@ class MappedBlocks:
         data, dtype = self._map(path), dtype_named(entry["dtype"])
         shape = [stop - start for start, stop in entry["block"]]
         if entry["offset"] + entry["nbytes"] > len(data) or entry["nbytes"] != math.prod(shape) * dtype.itemsize:
-            raise CheckpointError(f"{path}: block of {entry['key']} at byte {entry['offset']} is corrupt (outside "
-                                  "the file or of the wrong size); the checkpoint cannot be used")
-        raw = memoryview(data)[entry["offset"]:entry["offset"] + entry["nbytes"]]
-        if zlib.crc32(raw) != entry["crc32"]:
-            raise CheckpointError(f"{path}: block of {entry['key']} at byte {entry['offset']} is corrupt "
-                                  "(checksum mismatch); the checkpoint cannot be used")
-        raw.release()
+            raise _corrupt(entry, "outside the file or of the wrong size")
+        with memoryview(data)[entry["offset"]:entry["offset"] + entry["nbytes"]] as raw:
+            if zlib.crc32(raw) != entry["crc32"]:
+                raise _corrupt(entry, "checksum mismatch")
         with warnings.catch_warnings():  # a read-only mapping: nothing writes through the view
             warnings.simplefilter("ignore", UserWarning)
             return torch.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=entry["offset"]).view(shape)

@@ -51,9 +51,11 @@ class _File:
             header = json.loads(self.map[8:8 + n])
         except ValueError:
             raise HFFilesError(f"{path}: the safetensors header is not JSON") from None
+        if not isinstance(header, dict):
+            raise HFFilesError(f"{path}: the safetensors header is not a JSON object")
         self.start, data = 8 + n, size - 8 - n
         self.entries: dict[str, tuple[str, tuple[int, ...], int]] = {}
-        for name, e in header.items() if isinstance(header, dict) else ():
+        for name, e in header.items():
             if name == "__metadata__":
                 continue
             try:
@@ -65,8 +67,6 @@ class _File:
             if not ok:
                 raise HFFilesError(f"{path}: the header entry of {name!r} is malformed or outside the file")
             self.entries[name] = (dtype, shape, begin)
-        if not isinstance(header, dict):
-            raise HFFilesError(f"{path}: the safetensors header is not a JSON object")
 
     def tensor(self, name: str) -> torch.Tensor:
         """A read-only view of the mapped bytes: no copy, no read until its pages are touched."""
