@@ -4,7 +4,7 @@
     python -m launch.export runs/myrun/checkpoints/step_00001000 out/ --shard-size 2GB --dtype bfloat16
 
 Reads either engine's files in any layout and writes `out/`: `config.json` of the matching
-architecture (Llama, Qwen2, Qwen3, Qwen3-MoE or Mixtral: runtime/hf/config.py), with the context
+architecture (Llama, Qwen2, Qwen3, Qwen3-MoE, Mixtral or DeepSeek-V3: runtime/hf/config.py), with the context
 length, RoPE settings and bos/eos ids; `generation_config.json`; the weights as safetensors
 shards of at most --shard-size with `model.safetensors.index.json` (one `model.safetensors`
 when they fit in one); and the run's tokenizer files. It streams: one tensor is read whole, turned
@@ -126,11 +126,12 @@ def export(checkpoint: Path, out: Path, config: Path | None = None, shard_bytes:
                                               "routing bias): transformers' Mixtral and Qwen3-MoE have no such bias")
                     continue
                 # Row slabs straight from the mapped files where the layouts agree; else the
-                # tensor read whole (one at a time).
-                parts = ckpt.row_parts(f"model/{name}")
+                # tensor read whole (one at a time). DeepSeek-V3's routing bias is a buffer.
+                key = f"buffer/{name}" if name.endswith("expert_bias") else f"model/{name}"
+                parts = ckpt.row_parts(key)
                 tensors = to_hf(src, [p.to(dtype or p.dtype) for p in parts]) if parts else None
                 if tensors is None:
-                    parts = [ckpt.read(f"model/{name}")]
+                    parts = [ckpt.read(key)]
                     tensors = to_hf(src, [p.to(dtype or p.dtype) for p in parts])
                 stored = stored or parts[0].dtype
                 for hf_name, slabs in tensors:

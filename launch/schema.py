@@ -152,18 +152,34 @@ class MoEConfig:
     capacity_factor: float = num(0.0, ge=0, note="0 = dropless")  # each expert keeps factor·tokens·top_k/experts
 
 
-RopeType = choice("RopeType", "none llama3", "rotary frequency scaling")
+RopeType = choice("RopeType", "none llama3 yarn", "rotary frequency scaling")
 
 
 @dataclass
 class RopeScalingConfig:
-    """Rotary frequency scaling, as Hugging Face's `rope_scaling` (type llama3: Llama 3.1)."""
+    """Rotary frequency scaling, as Hugging Face's `rope_scaling` (llama3: Llama 3.1; yarn: YaRN,
+    as DeepSeek-V2/V3 use it)."""
 
-    type: RopeType = RopeType["none"]  # none, or llama3
+    type: RopeType = RopeType["none"]  # none, llama3 or yarn
     factor: float = num(8.0, gt=0)  # how much the longest wavelengths are stretched
-    low_freq_factor: float = num(1.0, gt=0)  # wavelengths above original_max_position_embeddings / this are scaled
-    high_freq_factor: float = num(4.0, gt=0)  # wavelengths below original_max_position_embeddings / this are kept
     original_max_position_embeddings: int = num(8192, ge=1)  # the context the model was first trained at
+    low_freq_factor: float = num(1.0, gt=0)  # llama3: wavelengths above original_max_position_embeddings / this are scaled
+    high_freq_factor: float = num(4.0, gt=0)  # llama3: wavelengths below original_max_position_embeddings / this are kept
+    beta_fast: float = num(32.0, gt=0)  # yarn: pairs turning more often than this over the original context are kept
+    beta_slow: float = num(1.0, gt=0)  # yarn: pairs turning less often than this are interpolated
+    mscale: float = num(1.0, ge=0)  # yarn: cos/sin scale mscale(factor, this) / mscale(factor, mscale_all_dim)
+    mscale_all_dim: float = num(0.0, ge=0, note="0 = none")  # yarn: MLA's softmax scale × mscale(factor, this)²
+
+
+@dataclass
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2/V3) in place of grouped-query attention."""
+
+    kv_lora_rank: int = num(0, ge=0, note="0 = grouped-query attention")  # the compressed key/value latent per token
+    q_lora_rank: int = num(0, ge=0, note="0 = one full query projection")  # the query's low-rank bottleneck
+    qk_nope_head_dim: int = num(128, ge=1)  # per head: query/key dimensions without rotation
+    qk_rope_head_dim: int = num(64, ge=2)  # per head: rotated query/key dimensions (the key's shared by all heads)
+    v_head_dim: int = num(128, ge=1)  # per head: value dimensions
 
 
 @dataclass
@@ -183,6 +199,7 @@ class ModelConfig:
     norm_eps: float = num(1e-5, gt=0)  # RMSNorm epsilon
     rope_theta: float = num(10000.0, gt=0)  # rotary embedding base
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    mla: MLAConfig = field(default_factory=MLAConfig)
     head_dim: int = num(0, ge=0, note="0 = dim / n_heads")  # size of each attention head
     qk_norm: bool = False  # RMSNorm on each head's queries and keys before the rotation (Qwen3)
     qkv_bias: bool = False  # biases on the query, key and value projections (Qwen2)
@@ -190,6 +207,8 @@ class ModelConfig:
     residual: Residual = Residual["standard"]  # ladder: each branch's TP all-reduce overlaps the next branch
     ladder_layers: int = num(0, ge=0, note="0 = all")  # with residual=ladder: how many of the last layers are ladder
     moe: MoEConfig = field(default_factory=MoEConfig)
+    mtp_depth: int = num(0, ge=0)  # multi-token prediction (DeepSeek-V3): extra blocks, each predicting one more token ahead
+    mtp_loss_weight: float = num(0.1, ge=0)  # λ: the weight of the MTP blocks' mean loss
 
 
 @dataclass

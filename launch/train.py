@@ -137,7 +137,7 @@ def setup(cfg: DictConfig) -> TrainingRun:
     # user's own settings untouched.
     nics = [p.nic for p in procs] if len({p.nic for p in procs}) > 1 else None
     groups = build_groups(topo, device.type, cfg.parallel.timeout_s, nics=nics, classes=cfg.cluster.classes,
-                          tied_embeddings=cfg.model.tie_embeddings,
+                          embedding_group=cfg.model.tie_embeddings or cfg.model.mtp_depth > 0,
                           node_size=launch.local_world_size)
     torch.manual_seed(cfg.seed)
 

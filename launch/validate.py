@@ -113,7 +113,13 @@ def _unused_option_problems(cfg) -> list[str]:
         scaling = [c for c in changed(cfg.model.rope_scaling, schema.RopeScalingConfig, "model.rope_scaling.")
                    if not c.startswith("model.rope_scaling.type")]
         if scaling:
-            out.append(f"{', '.join(scaling)} only apply with model.rope_scaling.type=llama3")
+            out.append(f"{', '.join(scaling)} only apply with model.rope_scaling.type=llama3 or yarn")
+    if not cfg.model.mla.kv_lora_rank:
+        mla = changed(cfg.model.mla, schema.MLAConfig, "model.mla.")
+        if mla:
+            out.append(f"{', '.join(mla)} only apply with multi-head latent attention (model.mla.kv_lora_rank > 0)")
+    if not cfg.model.mtp_depth and cfg.model.mtp_loss_weight != schema.ModelConfig.mtp_loss_weight:
+        out.append(f"model.mtp_loss_weight={cfg.model.mtp_loss_weight} only applies with model.mtp_depth > 0")
     if cfg.model.residual == "standard" and cfg.model.ladder_layers:
         out.append(f"model.ladder_layers={cfg.model.ladder_layers} only applies with model.residual=ladder")
     if cfg.parallel.pp == 1 and cfg.parallel.pp_layers is not None:
@@ -218,7 +224,7 @@ def _tp_problems(m, tp: int) -> list[str]:
     if m.n_heads % tp:
         out.append(f"model.n_heads={m.n_heads} is not divisible by parallel.tp={tp}: each TP rank holds "
                    f"n_heads/tp query heads (valid tp: divisors of {m.n_heads})")
-    if m.n_kv_heads % tp and tp % m.n_kv_heads:
+    if m.n_kv_heads % tp and tp % m.n_kv_heads and not m.mla.kv_lora_rank:
         out.append(f"model.n_kv_heads={m.n_kv_heads} and parallel.tp={tp}: KV heads are split over TP "
                    f"ranks when tp divides them, or replicated when they divide tp; neither holds")
     if m.ffn_dim % tp:
@@ -236,6 +242,9 @@ def _ladder_problems(cfg) -> list[str]:
                    "output is not a tensor-parallel partial sum for the ladder runner to reduce")
     if m.residual == "ladder" and p.cp > 1:
         out.append("model.residual=ladder with parallel.cp > 1 is not supported yet")
+    if m.residual == "ladder" and m.mtp_depth:
+        out.append(f"model.residual=ladder with model.mtp_depth={m.mtp_depth} is not supported: the multi-token "
+                   "prediction blocks read the finished residual stream")
     return out
 
 
@@ -253,9 +262,28 @@ def _model_problems(m) -> list[str]:
     if r.type == "llama3" and r.high_freq_factor <= r.low_freq_factor:
         out.append(f"model.rope_scaling.high_freq_factor={r.high_freq_factor} must exceed "
                    f"model.rope_scaling.low_freq_factor={r.low_freq_factor}")
-    if m.n_heads % m.n_kv_heads:
+    if m.mla.kv_lora_rank:
+        out += _mla_problems(m)
+    elif m.n_heads % m.n_kv_heads:
         out.append(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads} "
                    "(grouped-query attention shares each KV head among n_heads/n_kv_heads query heads)")
+    return out
+
+
+def _mla_problems(m) -> list[str]:
+    """Multi-head latent attention has one key and value per query head, its own head sizes, and
+    none of grouped-query attention's per-head norms or biases."""
+    out = []
+    if m.n_kv_heads != m.n_heads:
+        out.append(f"model.n_kv_heads={m.n_kv_heads} with multi-head latent attention (model.mla.kv_lora_rank="
+                   f"{m.mla.kv_lora_rank}): every query head has its own key and value; set model.n_kv_heads="
+                   f"{m.n_heads} (= model.n_heads)")
+    if m.mla.qk_rope_head_dim % 2:
+        out.append(f"model.mla.qk_rope_head_dim={m.mla.qk_rope_head_dim} is odd; rotary embeddings turn pairs")
+    extra = [f"model.{k}" for k in ("head_dim", "qk_norm", "qkv_bias") if m.get(k)]
+    if extra:
+        out.append(f"{', '.join(extra)} apply to grouped-query attention, not to multi-head latent attention "
+                   "(model.mla.kv_lora_rank > 0), whose head sizes are model.mla.*")
     return out
 
 
@@ -422,6 +450,9 @@ def _context_problems(cfg) -> list[str]:
     elif p.sp and (t.seq_len // p.cp) % p.tp:
         out.append(f"train.seq_len / cp = {t.seq_len} / {p.cp} = {t.seq_len // p.cp} tokens per CP rank is not "
                    f"divisible by parallel.tp={p.tp}, which sequence parallelism splits them over")
+    if m.mtp_depth:
+        out.append(f"model.mtp_depth={m.mtp_depth} with parallel.cp={p.cp} is not supported: multi-token "
+                   "prediction reads tokens ahead of each position, which context parallelism puts on other ranks")
     heads = m.n_heads // p.tp if m.n_heads % p.tp == 0 else None
     if p.cp_impl == "ulysses" and heads is not None and heads % p.cp:
         out.append(f"parallel.cp_impl=ulysses splits the attention heads over the CP ranks: model.n_heads / tp = "

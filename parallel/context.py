@@ -16,6 +16,8 @@ Two attention implementations (`parallel.cp_impl`):
   true probabilities, as FlashAttention recomputes them) and sends each KV block's gradient
   around the ring with it, home to its owner after a full turn. Memory per rank: O(local
   sequence), not O(sequence²).
+  Multi-head latent attention's value heads are narrower than its query/key heads; the kernel
+  takes one size, so the values are padded (`RingAttentionCore`).
 - `ulysses`: DeepSpeed-Ulysses (Jacobs et al., 2023): an all-to-all turns sequence shards into
   head shards, attention runs over the whole sequence for cp-th of the heads, and an all-to-all
   turns it back. Needs the (TP-local) heads divisible by cp.
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from runtime.model import causal_attention, document_mask
 
@@ -169,7 +172,18 @@ class RingAttentionCore:
         self.group, self.ranks, self.rank = group, ranks, rank
 
     def __call__(self, q, k, v, documents=None):
-        return RingAttention.apply(q, k, v, self.group, self.ranks, self.rank, documents)
+        dq, dv = q.shape[-1], v.shape[-1]
+        if dq == dv:
+            return RingAttention.apply(q, k, v, self.group, self.ranks, self.rank, documents)
+        # The fused kernel takes one head size (multi-head latent attention has two): the smaller
+        # side padded with zeros — queries scaled so the softmax scale stays 1/√dq — and the
+        # output's padding columns dropped. Autograd carries the gradients through both.
+        d = max(dq, dv)
+        if dv < d:
+            v = F.pad(v, (0, d - dv))
+        else:
+            q, k = F.pad(q, (0, d - dq)) * (d / dq) ** 0.5, F.pad(k, (0, d - dq))
+        return RingAttention.apply(q, k, v, self.group, self.ranks, self.rank, documents)[..., :dv]
 
 
 # --- Ulysses -------------------------------------------------------------------------------------

@@ -218,7 +218,7 @@ def moe_step(moe_layers: dict[int, MoE], groups, args, done: int, optimizer, met
     """A step hook (parallel/parallelize.py): the step's auxiliary and z losses and each MoE
     layer's global expert load (tokens per expert), the aux-loss-free bias update from those
     loads, and fresh statistics for the next step. Every rank runs it (it reduces)."""
-    n_layers, moe = args.n_layers, args.moe
+    n_layers, moe = args.n_layers + args.mtp_depth, args.moe  # MTP's blocks follow the main ones
     # Rows of every MoE layer of the model; each pipeline stage fills its own.
     loads = torch.zeros(n_layers, moe.num_experts, dtype=torch.float64)
     losses = torch.zeros(2, dtype=torch.float64)
@@ -236,5 +236,5 @@ def moe_step(moe_layers: dict[int, MoE], groups, args, done: int, optimizer, met
         m.reset_step_stats()
     aux, z = losses.tolist()
     # The language-model loss above; the balancing terms beside it.
-    return {"aux_loss": aux, "z_loss": z, "total_loss": metrics["loss"] + aux + z,
+    return {"aux_loss": aux, "z_loss": z, "total_loss": metrics["loss"] + metrics.get("mtp_loss", 0.0) + aux + z,
             "expert_load": {str(i): loads[i].tolist() for i in range(n_layers) if args.is_moe(i)}}

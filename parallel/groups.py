@@ -75,11 +75,12 @@ def _new_group(ranks: list[int], timeout_s: float, transport: Transport | None, 
 def build_groups(topology: Topology, device_type: str, timeout_s: float,
                  names: tuple[str, ...] = (*GROUP_SPECS, *HSDP_GROUPS),
                  nics: list[str] | None = None, classes=None, node_size: int = 0,
-                 tied_embeddings: bool = False) -> Groups:
+                 embedding_group: bool = False) -> Groups:
     """This rank's groups; `nics[p]` (process p's NIC class) and `classes` (cluster.classes)
-    choose each group's transport; `node_size`: processes per node. `tied_embeddings` with
+    choose each group's transport; `node_size`: processes per node. `embedding_group` with
     pp > 1: an "embedding" group of each pipeline's first and last stage, which both hold the
-    embedding matrix (Megatron-LM's embedding group)."""
+    embedding matrix: as the head (tied) or for multi-token prediction (Megatron-LM's embedding
+    group)."""
     rank = dist.get_rank()
     backend = "nccl" if device_type == "cuda" else "gloo"
     groups = Groups(rank=rank, topology=topology, device_type=device_type, node_size=node_size)
@@ -111,7 +112,7 @@ def build_groups(topology: Topology, device_type: str, timeout_s: float,
             handle = _new_group(ranks, timeout_s, transport(ranks), backend)
             if rank in ranks:
                 groups.handles["pp_grad"], groups.ranks["pp_grad"] = handle, ranks
-        for ranks in topology.groups("pp") if tied_embeddings else ():
+        for ranks in topology.groups("pp") if embedding_group else ():
             ends = [ranks[0], ranks[-1]]
             handle = _new_group(ends, timeout_s, transport(ends), backend)
             if rank in ends:

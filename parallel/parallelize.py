@@ -120,7 +120,7 @@ class ParallelModel:
                                   ("edp", [p for p in named if id(p) in experts])):
                 if self.groups[group] is not None:
                     all_reduce_grads(params, self.groups[group])
-        if self.groups.handles.get("embedding") is not None:  # tied embeddings: the two stages' copies
+        if self.groups.handles.get("embedding") is not None:  # the first and last stages' copies
             all_reduce_grads([p for n, p in self.named_parameters() if n == "tok_embeddings.weight"],
                              self.groups["embedding"])
 
@@ -129,22 +129,35 @@ class ParallelModel:
         pp = self.groups["pp"]
         entries = [(p, tuple(self.groups[g] for g in self.plan.split_groups(n)) + (pp,))
                    for n, p in self.named_parameters()]
-        # The last stage's copy of tied embeddings has the first stage's gradient: scaled, not counted.
+        # The last stage's copy of the embeddings has the first stage's gradient: scaled, not counted.
         copies = ({id(p) for n, p in self.named_parameters() if n == "tok_embeddings.weight"}
                   if self.groups.handles.get("embedding") is not None and 0 not in self.stages else set())
         return clip_grad_norm_(entries, max_norm, uncounted=copies)
 
 
+def mtp_step(head_chunk, groups, done: int, optimizer, metrics: dict) -> dict:
+    """A step hook: multi-token prediction's weighted loss λ/D Σ_k L^k, normalised as the main
+    loss is (its sum over the main loss's sum, times the main loss), then fresh sums."""
+    sums = torch.zeros(2, dtype=torch.float64)
+    if head_chunk is not None:
+        sums += head_chunk.mtp_sums
+        head_chunk.mtp_sums.zero_()
+    DataReducer([groups["dp_cp"], groups["pp"]]).sum(sums)
+    main, extra = sums.tolist()
+    return {"mtp_loss": metrics["loss"] * extra / main if main else 0.0}
+
+
 def split_for_pipeline(model: nn.Module, layers: range, first: bool, last: bool) -> nn.Module:
     """A copy of the meta-device `model` holding only `layers` (keyed by their global index),
-    the embedding if it is the first stage and the norm and head if it is the last (with tied
-    embeddings, the last stage's head is its own copy of the embedding matrix, kept equal to the
-    first stage's by summing their gradients: `ParallelModel.finish_grads`)."""
+    the embedding if it is the first stage and the norm, head and multi-token prediction blocks
+    if it is the last (where the head is the embedding matrix, or MTP embeds tokens, the last
+    stage has its own copy of it, kept equal to the first stage's by summing their gradients:
+    `ParallelModel.finish_grads`)."""
     chunk = copy.deepcopy(model)
     for key in list(chunk.layers.keys()):
-        if int(key) not in layers:
+        if int(key) not in layers and not (last and int(key) >= model.args.n_layers):
             del chunk.layers[key]
-    if not first and not (last and model.args.tie_embeddings):
+    if not first and not (last and model.args.head_uses_embeddings):
         chunk.tok_embeddings = None
     if not last:
         chunk.norm = chunk.output = None
@@ -173,10 +186,9 @@ def parallelize(model: nn.Module, groups: Groups, cfg, device: torch.device, tra
     plan = ShardingPlan(padded_rows={"tok_embeddings.weight": padding, "output.weight": padding} if padding else {})
     # Initial values: a Hugging Face folder's (model=hf), or as the model declares them, by its
     # own modules, not the parallel ones that replace them (a meta-device copy costs no storage).
+    values = initial_values(copy.deepcopy(model).init_full, cfg.seed)
     if cfg.model.get("hf_path"):
-        values = HFFolder(cfg.model.hf_path, model.args).values
-    else:
-        values = initial_values(copy.deepcopy(model).init_full, cfg.seed)
+        values = HFFolder(cfg.model.hf_path, model.args, fallback=values).values
     chunks, stages = pipeline_chunks(model, groups, p)
     for chunk in chunks:
         chunk.sharding = plan
@@ -185,6 +197,7 @@ def parallelize(model: nn.Module, groups: Groups, cfg, device: torch.device, tra
     seq_len = cfg.train.seq_len
     positions = getattr(chunks[0], "positions", torch.arange(seq_len)).to(device)
     loss_fn = chunks[-1].loss_fn  # the last stage's, when this rank holds it (only it computes the loss)
+    head_chunk = chunks[-1] if stages[-1] == topo.pp * p.vpp - 1 else None
     moe_layers = {m.layer: m for chunk in chunks for m in chunk.modules() if isinstance(m, MoE)}
     for m in moe_layers.values():  # the balancing losses are means over the global batch's microbatches
         m.loss_scale = cfg.train.micro_batch_size / cfg.train.global_batch_size
@@ -208,7 +221,9 @@ def parallelize(model: nn.Module, groups: Groups, cfg, device: torch.device, tra
                                     groups, loss_fn, shape, next(chunks[0].parameters()).dtype, positions, device,
                                     tracer)
     hooks = []
-    if moe_layers:
+    if model.args.mtp_depth:
+        hooks.append(functools.partial(mtp_step, head_chunk, groups))
+    if model.args.moe is not None:  # also on a stage of dense layers only: the step's loads reduce over pp
         hooks.append(functools.partial(moe_step, moe_layers, groups, model.args))
     fssdp = {i: m.experts for i, m in moe_layers.items() if isinstance(m.experts, FSSDPExperts)}
     if fssdp:

@@ -203,7 +203,7 @@ def apply_tp(model: nn.Module, groups, cfg) -> None:
             elif style == "vocab":  # the head: logits split by vocabulary, never gathered
                 linear(module, attr, name, style)
                 _region(getattr(module, attr), group, sp, exit_reduce=False)
-                model.loss_fn = VocabParallelLoss(rank * vocab_local, group, args.vocab_size)
+                model.token_loss = VocabParallelLoss(rank * vocab_local, group, args.vocab_size)
             elif style == "norm" and (sp or ladder):
                 # With sequence parallelism a norm sees a shard of the tokens; in a ladder branch
                 # (whose f/g the runner does around the whole branch) the gradient reaching the

@@ -7,26 +7,38 @@ figures compare across runtimes:
   and the weight's gradient): the attention and MLP projections, the MoE router, the activated
   experts (top_k of them, plus the shared expert) and the output head. The embedding is a
   lookup, not a matrix multiply, and norms are element-wise: neither counts.
-- the attention scores and their weighted sum: per layer 12 · seq_len · heads · head_dim
-  (Q·Kᵀ and A·V, 2 · seq_len · heads · head_dim each in forward, times 3 with backward),
+- the attention scores and their weighted sum: per layer 6 · seq_len · heads · (qk + v head
+  sizes) (Q·Kᵀ and A·V, 2 · seq_len · heads · head size each in forward, times 3 with backward),
   over the whole sequence: the causal mask's skipped half is not subtracted (PaLM, torchtitan
   and torch's FLOP counter all count it).
 
 Model FLOPs, not hardware FLOPs: recomputation under activation checkpointing, padding and
 pipeline-bubble work are not counted, so MFU says how much of the peak went into the model.
+Multi-token prediction's blocks count as layers, plus their input projection and a second pass
+through the head each.
 """
 from __future__ import annotations
 
 from runtime.model import ModelArgs
 
 
+def attention_params(args: ModelArgs) -> int:
+    """The matrix parameters of one attention layer."""
+    d, h, a = args.dim, args.n_heads, args.mla
+    if a is None:
+        return d * args.head_dim * (2 * h + 2 * args.n_kv_heads)  # wq, wo; wk, wv
+    query = d * a.q_lora_rank + a.q_lora_rank * h * a.qk_head_dim if a.q_lora_rank else d * h * a.qk_head_dim
+    return (query + d * (a.kv_lora_rank + a.qk_rope_head_dim) + a.kv_lora_rank * h * (a.qk_nope_head_dim + a.v_head_dim)
+            + h * a.v_head_dim * d)
+
+
 def matmul_params_per_token(args: ModelArgs) -> int:
     """Matrix parameters one token's forward multiplies by (only the activated experts)."""
-    d, hd = args.dim, args.head_dim
-    attention = d * hd * (2 * args.n_heads + 2 * args.n_kv_heads)  # wq, wo; wk, wv
+    d = args.dim
+    attention = attention_params(args)
     dense_mlp = 3 * d * args.ffn_dim
-    total = args.dim * args.vocab_size  # the output head
-    for layer in range(args.n_layers):
+    total = (1 + args.mtp_depth) * args.dim * args.vocab_size + args.mtp_depth * 2 * d * d  # heads; MTP's eh_proj
+    for layer in range(args.n_layers + args.mtp_depth):
         total += attention
         if args.is_moe(layer):
             m = args.moe
@@ -39,7 +51,8 @@ def matmul_params_per_token(args: ModelArgs) -> int:
 
 def attention_flops_per_token(args: ModelArgs, seq_len: int) -> int:
     """Forward and backward FLOPs of the attention scores and weighted sum, per token."""
-    return 12 * args.n_layers * seq_len * args.n_heads * args.head_dim
+    qk, v = (args.mla.qk_head_dim, args.mla.v_head_dim) if args.mla else (args.head_dim, args.head_dim)
+    return 6 * (args.n_layers + args.mtp_depth) * seq_len * args.n_heads * (qk + v)
 
 
 def flops_per_token(args: ModelArgs, seq_len: int) -> int:
@@ -54,5 +67,5 @@ def active_params(args: ModelArgs, total: int) -> int:
         return total
     m = args.moe
     per_expert = 3 * args.dim * m.expert_ffn_dim
-    moe_layers = sum(args.is_moe(i) for i in range(args.n_layers))
+    moe_layers = sum(args.is_moe(i) for i in range(args.n_layers + args.mtp_depth))
     return total - moe_layers * (m.num_experts - m.top_k) * per_expert

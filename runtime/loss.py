@@ -17,3 +17,17 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, vocab_size: in
     dtype = torch.promote_types(logits.dtype, torch.float32)
     return F.cross_entropy(logits.flatten(0, 1).to(dtype), labels.flatten(),
                            reduction="sum", ignore_index=IGNORE_INDEX)
+
+
+class AlsoMinimise(torch.autograd.Function):
+    """Forward: `value`, unchanged. Backward: the incoming gradient to `value` and to `extra`
+    alike, so `extra` joins the objective at `value`'s scale while the reported loss stays
+    `value` (multi-token prediction's losses ride on the main loss this way)."""
+
+    @staticmethod
+    def forward(ctx, value, extra):
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, grad

@@ -36,20 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runtime.loss import cross_entropy_sum
+from runtime.layers import (AttentionInputs, RMSNorm, RopeScaling, apply_rotary, attention_after,  # noqa: F401
+                            causal_attention, document_mask, document_positions, rotary_frequencies,
+                            rotary_tables)
+from runtime.loss import IGNORE_INDEX, AlsoMinimise, cross_entropy_sum
+from runtime.mla import MLAArgs, MultiLatentAttention
 from runtime.moe import MoE, MoEArgs
-
-
-@dataclass(frozen=True)
-class RopeScaling:
-    """Llama 3.1's rotary frequency scaling (`rope_type: llama3`): wavelengths beyond
-    original_max_positions / low_freq_factor are stretched by `factor`, those below
-    original_max_positions / high_freq_factor kept, and those between interpolated."""
-
-    factor: float
-    low_freq_factor: float
-    high_freq_factor: float
-    original_max_positions: int
 
 
 @dataclass(frozen=True)
@@ -68,11 +60,14 @@ class ModelArgs:
     qkv_bias: bool = False  # biases on the query, key and value projections (Qwen2)
     tie_embeddings: bool = False  # the output head is the embedding matrix
     rope_scaling: RopeScaling | None = None
+    mla: MLAArgs | None = None  # multi-head latent attention instead of grouped-query attention
     moe: MoEArgs | None = None  # Mixture-of-Experts feed-forward blocks
     moe_every: int = 1  # layer i is MoE when i % moe_every == 0 and i ≥ moe_first_dense
     moe_first_dense: int = 0
     residual: str = "standard"  # standard | ladder
     ladder_layers: int = 0  # with residual=ladder: how many of the last layers are ladder (0 = all)
+    mtp_depth: int = 0  # multi-token prediction: blocks n_layers .. n_layers+depth−1 predict tokens 2.. ahead
+    mtp_loss_weight: float = 0.1  # λ: their mean loss's weight in the objective
 
     def __post_init__(self):
         if not self.head_dim:
@@ -81,6 +76,17 @@ class ModelArgs:
 
     def is_moe(self, layer: int) -> bool:
         return self.moe is not None and layer >= self.moe_first_dense and layer % self.moe_every == 0
+
+    @property
+    def rope_dim(self) -> int:
+        """The rotated dimensions of a head: all of it, or MLA's decoupled rotary part."""
+        return self.mla.qk_rope_head_dim if self.mla else self.head_dim
+
+    @property
+    def head_uses_embeddings(self) -> bool:
+        """Whether the part with the head needs the embedding matrix: as the head (tied), or to
+        embed the tokens ahead for multi-token prediction."""
+        return self.tie_embeddings or self.mtp_depth > 0
 
     @property
     def ladder_start(self) -> int:
@@ -94,15 +100,19 @@ class ModelArgs:
         """The model of config `cfg`; with `tp`, its vocabulary padded for that tensor-parallel
         size (a multiple of model.pad_vocab_to_multiple_of × tp, as Megatron-Core pads)."""
         base = {f: getattr(cfg, f) for f in cls.__dataclass_fields__
-                if f not in ("moe", "moe_every", "moe_first_dense", "rope_scaling", "padded_vocab")}
+                if f not in ("moe", "moe_every", "moe_first_dense", "rope_scaling", "padded_vocab", "mla")}
         if tp:
             multiple = cfg.pad_vocab_to_multiple_of * tp
             base["padded_vocab"] = -(-cfg.vocab_size // multiple) * multiple
         base["residual"] = str(base["residual"])
         r = cfg.rope_scaling
-        if r.type == "llama3":
-            base["rope_scaling"] = RopeScaling(r.factor, r.low_freq_factor, r.high_freq_factor,
-                                               r.original_max_position_embeddings)
+        if r.type != "none":
+            base["rope_scaling"] = RopeScaling(str(r.type), r.factor, r.original_max_position_embeddings,
+                                               r.low_freq_factor, r.high_freq_factor, r.beta_fast, r.beta_slow,
+                                               r.mscale, r.mscale_all_dim)
+        a = cfg.mla
+        if a.kv_lora_rank:
+            base["mla"] = MLAArgs(a.kv_lora_rank, a.q_lora_rank, a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim)
         m = cfg.moe
         if m.num_experts == 0:
             return cls(**base)
@@ -118,109 +128,6 @@ class ModelArgs:
     @classmethod
     def tiny(cls) -> "ModelArgs":
         return cls(n_layers=4, dim=256, n_heads=8, n_kv_heads=4, ffn_dim=688, vocab_size=256)
-
-
-class RMSNorm(nn.Module):
-    init_plan = {"weight": "ones"}
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in at least fp32 so bf16 activations keep their scale.
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        xf = x.to(dtype)
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return y.to(x.dtype) * self.weight
-
-
-def rotary_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None,
-                       device=None) -> torch.Tensor:
-    """The rotation rate of each pair of a head, [head_dim/2] (fp64), with Llama 3.1's scaling."""
-    exponent = torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim
-    inv_freq = theta**-exponent
-    if scaling is None:
-        return inv_freq
-    s = scaling
-    wavelen = 2 * math.pi / inv_freq
-    low, high = s.original_max_positions / s.low_freq_factor, s.original_max_positions / s.high_freq_factor
-    smooth = (s.original_max_positions / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
-    mid = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
-    return torch.where(wavelen > low, inv_freq / s.factor, torch.where(wavelen < high, inv_freq, mid))
-
-
-def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype,
-                  scaling: RopeScaling | None = None):
-    """cos and sin of the rotary angles, [seq, head_dim/2] (or [batch, seq, head_dim/2] for
-    positions per sequence), for the given token positions.
-
-    Computed from positions on every call rather than cached in a buffer, so a model built on
-    the meta device needs no re-initialisation and context parallelism can pass the original
-    (non-contiguous) positions of its sequence shard.
-    """
-    inv_freq = rotary_frequencies(head_dim, theta, scaling, positions.device)  # [head_dim/2]
-    angles = positions.to(torch.float64)[..., None] * inv_freq
-    return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[2i], x[2i+1]) of x: [batch, seq, heads, head_dim]."""
-    x1, x2 = x[..., 0::2], x[..., 1::2]  # [b, s, h, head_dim/2] each
-    cos, sin = (t[None, :, None, :] if t.dim() == 2 else t[:, :, None, :] for t in (cos, sin))
-    rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
-
-
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     documents: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal scaled-dot-product attention; q: [b, s, hq, d], k/v: [b, s, hkv, d], hkv | hq.
-    `documents` [b, s] (the document index of each token): a query sees only earlier keys of its
-    own document. Both run PyTorch's fused kernel (flash attention on CPU takes the mask too)."""
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, h, s, d]
-    mask = None if documents is None else document_mask(documents, documents, causal=True)[:, None]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                         enable_gqa=k.shape[1] != q.shape[1])
-    return out.transpose(1, 2)
-
-
-def document_mask(q_docs: torch.Tensor, k_docs: torch.Tensor, causal: bool) -> torch.Tensor:
-    """[b, sq, sk] True where query i may attend to key j: the same document, and j ≤ i when the
-    two spans are the same tokens (`causal`)."""
-    allowed = q_docs[:, :, None] == k_docs[:, None, :]
-    if causal:
-        allowed &= torch.ones(allowed.shape[1:], dtype=torch.bool, device=allowed.device).tril()
-    return allowed
-
-
-def document_positions(documents: torch.Tensor) -> torch.Tensor:
-    """[b, s] the position of each token within its document (Megatron's reset_position_ids)."""
-    idx = torch.arange(documents.shape[1], device=documents.device).expand_as(documents)
-    starts = torch.ones_like(documents, dtype=torch.bool)
-    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
-    return idx - torch.where(starts, idx, 0).cummax(dim=1).values
-
-
-@dataclass
-class AttentionInputs:
-    """What every attention layer of one forward needs besides its input: the rotary tables of
-    the tokens' positions, and the document index of every token of the whole sequence (None:
-    one document per sequence), which attention cores turn into their masks."""
-
-    cos: torch.Tensor
-    sin: torch.Tensor
-    documents: torch.Tensor | None = None  # [b, s, hq, d]
-
-
-def attention_after(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
-    """Attention of s new queries at positions past..past+s−1 over past + s cached keys (each
-    query sees the keys up to its own position); shapes as in causal_attention."""
-    s, total = q.shape[1], k.shape[1]
-    allowed = torch.arange(total, device=q.device)[None, :] <= (past + torch.arange(s, device=q.device))[:, None]
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=k.shape[1] != q.shape[1])
-    return out.transpose(1, 2)
 
 
 def declared(root: nn.Module, name: str, table: str, innermost: bool) -> str:
@@ -309,7 +216,11 @@ class Block(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
-        self.attention = Attention(args)
+        if args.mla:
+            mscale = args.rope_scaling.softmax_mscale if args.rope_scaling else 1.0
+            self.attention = MultiLatentAttention(args.dim, args.n_heads, args.mla, args.norm_eps, mscale)
+        else:
+            self.attention = Attention(args)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         if args.is_moe(layer):
             hidden = args.moe.expert_ffn_dim
@@ -326,6 +237,35 @@ class Block(nn.Module):
             return self.feed_forward(self.ffn_norm(x))
         h = x + self.attention(self.attention_norm(x), inputs, cache)
         return h + self.feed_forward(self.ffn_norm(h))
+
+
+class MTPBlock(Block):
+    """One depth of multi-token prediction (DeepSeek-V3 §2.2): from the previous depth's hidden
+    state h (the main model's, after its final norm, for the first) and the embedding of the
+    token this depth reads, h' = eh_proj [RMSNorm(embedding); RMSNorm(h)], then a Transformer
+    block; `head_norm` precedes the output head the depths share with the main model."""
+
+    tp_plan = {**Block.tp_plan, "enorm": "norm", "hnorm": "norm", "head_norm": "norm",
+               "eh_proj": "norm"}  # eh_proj: replicated like a norm, outside any TP region
+    init_plan = {"eh_proj": "normal"}
+
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__(args, layer)
+        self.enorm = RMSNorm(args.dim, args.norm_eps)
+        self.hnorm = RMSNorm(args.dim, args.norm_eps)
+        self.eh_proj = nn.Linear(2 * args.dim, args.dim, bias=False)
+        self.head_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs, embedding: torch.Tensor) -> torch.Tensor:
+        x = self.eh_proj(torch.cat([self.enorm(embedding), self.hnorm(x)], dim=-1))
+        return super().forward(x, inputs)
+
+
+def tokens_ahead(labels: torch.Tensor, k: int) -> torch.Tensor:
+    """labels [b, s] moved k positions left (position i: label i+k), IGNORE_INDEX past the end."""
+    if k == 0:
+        return labels
+    return torch.cat([labels[:, k:], labels.new_full((labels.shape[0], k), IGNORE_INDEX)], dim=1)
 
 
 def ladder_blocks(blocks, x, pending_attention, pending_mlp, inputs, cache=None):
@@ -352,20 +292,25 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        # The loss of one microbatch from this model's logits; tensor parallelism replaces it.
-        self.loss_fn = functools.partial(cross_entropy_sum, vocab_size=args.vocab_size)
+        # The summed token losses of logits; tensor parallelism replaces it (`loss_fn` adds MTP's).
+        self.token_loss = functools.partial(cross_entropy_sum, vocab_size=args.vocab_size)
         # Padded rows (args.padded_vocab) are never looked up and their logits never score.
         self.tok_embeddings: nn.Embedding | None = nn.Embedding(args.padded_vocab, args.dim)
-        self.layers = nn.ModuleDict({str(i): Block(args, i) for i in range(args.n_layers)})
+        # Multi-token prediction's blocks follow the main ones (DeepSeek-V3's checkpoints number
+        # them so too); a pipeline keeps them on the last stage.
+        self.layers = nn.ModuleDict({str(i): Block(args, i) for i in range(args.n_layers)}
+                                    | {str(i): MTPBlock(args, i) for i in range(args.n_layers, args.n_layers + args.mtp_depth)})
         self.norm: RMSNorm | None = RMSNorm(args.dim, args.norm_eps)
         self.output: nn.Linear | None = nn.Linear(args.dim, args.padded_vocab, bias=False)
         if args.tie_embeddings:  # one parameter, named tok_embeddings.weight
             self.output.weight = self.tok_embeddings.weight
         # Runs the ladder blocks; tensor parallelism swaps in one that overlaps the all-reduces.
         self.ladder = ladder_blocks
+        # This step's (main, weighted MTP) token-loss sums (`loss_fn`), read and reset by a step hook.
+        self.mtp_sums = torch.zeros(2, dtype=torch.float64, device="cpu")
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                documents: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+                documents: torch.Tensor | None = None, cache=None, labels: torch.Tensor | None = None):
         """tokens: [b, s] ids, or this pipeline part's input activations: [b, s, dim], or, for a
         ladder model, [3, b, s, dim] (the stream and the two branch outputs still to be added).
 
@@ -376,6 +321,8 @@ class Transformer(nn.Module):
         (runtime.generate.KVCache) holds earlier positions during generation. Returns
         [b, s, padded_vocab] logits (the columns past vocab_size are padding: loss functions and
         generation drop them), or the activations to pass on when this part has no head.
+        With multi-token prediction and `labels` [b, s] (training), the part with the head returns
+        (logits, [each MTP depth's logits]) for `loss_fn`.
         """
         ladder_state = tokens.dim() == 4
         if positions is None:
@@ -389,11 +336,11 @@ class Transformer(nn.Module):
             h = tokens if tokens.is_floating_point() else self.tok_embeddings(tokens)
         if documents is not None:
             positions = document_positions(documents)[:, positions]
-        inputs = AttentionInputs(*rotary_tables(positions, self.args.head_dim, self.args.rope_theta, h.dtype,
+        inputs = AttentionInputs(*rotary_tables(positions, self.args.rope_dim, self.args.rope_theta, h.dtype,
                                                 self.args.rope_scaling), documents)
-        start = self.args.ladder_start
-        standard = [b for i, b in self.layers.items() if int(i) < start]
-        ladder = [b for i, b in self.layers.items() if int(i) >= start]
+        start, n = self.args.ladder_start, self.args.n_layers
+        standard = [b for i, b in self.layers.items() if int(i) < min(start, n)]
+        ladder = [b for i, b in self.layers.items() if start <= int(i) < n]
         for block in standard:
             h = block(h, inputs, cache=cache.layer(block) if cache else None)
         if ladder:
@@ -407,9 +354,31 @@ class Transformer(nn.Module):
                 h = h + pending
         if self.norm is not None:
             h = self.norm(h)
-        if self.output is not None:
-            h = self.output(h)
-        return h
+        if self.output is None:
+            return h
+        logits = self.output(h)
+        if labels is None or not self.args.mtp_depth:
+            return logits
+        further = []
+        for k in range(1, self.args.mtp_depth + 1):  # depth k reads token i+k (label i+k−1)
+            block = self.layers[str(n + k - 1)]
+            h = block(h, inputs, embedding=self.tok_embeddings(tokens_ahead(labels, k - 1).clamp(min=0)))
+            further.append(self.output(block.head_norm(h)))
+        return logits, further
+
+    def loss_fn(self, out, labels: torch.Tensor) -> torch.Tensor:
+        """The sum of the token losses of one microbatch's output. With multi-token prediction's
+        (logits, further) it is still the main loss's value, but its gradient includes λ/D times
+        the sum of depth k's token losses against labels k positions ahead: normalised by the
+        same target count, the V3 paper's L_MTP = λ/D Σ_k L^k with L^k's 1/T."""
+        if not isinstance(out, tuple):
+            return self.token_loss(out, labels)
+        logits, further = out
+        main = self.token_loss(logits, labels)
+        extra = sum(self.token_loss(f, tokens_ahead(labels, k)) for k, f in enumerate(further, 1))
+        extra = extra * (self.args.mtp_loss_weight / len(further))
+        self.mtp_sums += torch.stack([main.detach(), extra.detach()]).double().cpu()  # for the step's metric
+        return AlsoMinimise.apply(main, extra)
 
     # --- initialisation: a function of (seed, parameter name, full shape) alone ---------------
 

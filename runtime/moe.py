@@ -171,7 +171,7 @@ class MoE(nn.Module):
         the chosen scores renormalised and scaled by routed_scaling_factor."""
         a = self.args
         scores = logits.sigmoid() if a.score == "sigmoid" else logits.softmax(dim=-1)
-        choose = scores + self.expert_bias.to(scores.dtype) if a.bias_update_rate else scores
+        choose = scores + self.expert_bias.to(scores.dtype)  # zero unless moved or loaded (DeepSeek-V3's)
         if a.n_group > 1:
             groups = choose.view(-1, a.n_group, a.num_experts // a.n_group)
             best = groups.topk(2, dim=-1).values.sum(dim=-1).topk(a.topk_group, dim=-1).indices  # [tokens, topk_group]

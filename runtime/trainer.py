@@ -85,7 +85,8 @@ class Trainer:
             tokens, labels, documents = self._on_device(batch)
             with par.gradient_sync(i == len(batches) - 1):
                 with self.tracer.span(f"F mb{i}", "forward", mb=i), self._autocast():
-                    loss = par.loss_fn(par.model(tokens, par.positions, documents), labels)  # the sum of token losses
+                    # The sum of token losses (the labels also feed multi-token prediction's tokens ahead).
+                    loss = par.loss_fn(par.model(tokens, par.positions, documents, labels=labels), labels)
                 with self.tracer.span(f"B mb{i}", "backward", mb=i):
                     (loss / n_targets).backward()
             loss_sum = loss_sum + loss.detach()

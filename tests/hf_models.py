@@ -19,6 +19,22 @@ ARCHITECTURES = {
                   dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
                        mlp_only_layers=[1], decoder_sparse_step=1)),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
+    # DeepSeek-V3: a low-rank query, YaRN (cos/sin and softmax mscales both ≠ 1), layer 0 dense,
+    # layer 1 with node-limited routing over 4 groups, a shared expert, scaled weights.
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                    dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=12,
+                         qk_rope_head_dim=8, v_head_dim=10, n_routed_experts=8, num_experts_per_tok=2,
+                         moe_intermediate_size=32, n_shared_experts=1, n_group=4, topk_group=2,
+                         first_k_dense_replace=1, routed_scaling_factor=2.5,
+                         rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                          "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1,
+                                          "mscale": 0.707, "mscale_all_dim": 1.0})),
+    # ... and as DeepSeek-V2-Lite's attention: one full query projection, no rotary scaling.
+    "deepseek_v3_full_query": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                               dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=12,
+                                    qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2,
+                                    moe_intermediate_size=32, n_shared_experts=2, n_group=1, topk_group=1,
+                                    first_k_dense_replace=0, routed_scaling_factor=1.0)),
 }
 
 

@@ -95,9 +95,10 @@ class PipelineExecutor:
                 else:
                     x = self._recv(stage - 1, self.pp, "activation", a).requires_grad_()
                 with self.tracer.span(f"F{a.chunk} mb{a.mb}", "forward", chunk=a.chunk, mb=a.mb), autocast():
-                    out = chunk(x, self.positions, self._documents(batches[a.mb]))
+                    labels = batches[a.mb].labels.to(self.device)  # the last stage's loss and MTP's tokens ahead
+                    out = chunk(x, self.positions, self._documents(batches[a.mb]), labels=labels)
                     if stage == self.n_stages - 1:
-                        loss = self.loss_fn(out, batches[a.mb].labels.to(self.device))
+                        loss = self.loss_fn(out, labels)
                         loss_sum += loss.detach()
                         out = loss / normalizer
                 if stage < self.n_stages - 1:

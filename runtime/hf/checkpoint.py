@@ -5,11 +5,14 @@
     folder.values(name, full_shape, blocks)   # what parallel/materialize.py asks for
 
 `values` reads, for each rectangle of a parameter this rank holds, only those rows and columns
-(runtime/hf/files.py), converted to quintet's layout (runtime/hf/weights.py).
+(runtime/hf/files.py), converted to quintet's layout (runtime/hf/weights.py). Parameters a
+Hugging Face checkpoint does not have (multi-token prediction's blocks, which transformers
+does not load) come from `fallback`, the model's own initial values.
 """
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -24,8 +27,8 @@ FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
 class HFFolder:
-    def __init__(self, folder, args: ModelArgs):
-        self.folder, self.args = Path(folder), args
+    def __init__(self, folder, args: ModelArgs, fallback=None):
+        self.folder, self.args, self.fallback = Path(folder), args, fallback
         self.arch = architecture(json.loads((self.folder / "config.json").read_text()))
         self.sources = sources(args, self.arch)
         self.reader = Reader(self.folder)
@@ -37,7 +40,10 @@ class HFFolder:
         stored = set(self.reader.files)
         out = []
         missing = [n for n in expected if n not in stored]
-        extra = sorted(stored - set(expected))
+        # DeepSeek-V3's releases carry their MTP block as layer n_layers, which transformers skips.
+        skipped = re.compile(rf"model\.layers\.(\d+)\.")
+        extra = sorted(n for n in stored - set(expected)
+                       if not (self.arch == "deepseek_v3" and (m := skipped.match(n)) and int(m[1]) >= self.args.n_layers))
         if missing:
             out.append(f"{self.folder} lacks {len(missing)} tensor(s) the {self.arch} model of its config.json has: "
                        f"{', '.join(missing[:limit])}")
@@ -63,5 +69,7 @@ class HFFolder:
         return out
 
     def values(self, name: str, full_shape, blocks) -> list[torch.Tensor]:
-        src = self.sources[name]
+        src = self.sources.get(name)
+        if src is None:
+            return self.fallback(name, full_shape, blocks)
         return [read_block(src, self.reader, tuple(full_shape), block) for block in blocks]

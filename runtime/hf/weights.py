@@ -7,10 +7,11 @@ stacked expert weight, from one tensor per expert:
   quintet rotates interleaved pairs (x[2i], x[2i+1]) of each head, Meta's convention, Hugging
   Face the two halves (x[i], x[i + d/2]), so q/k projections, their biases and the QK-norm
   weights are permuted within each head (the permutation Hugging Face's own Llama conversion
-  applies).
+  applies). DeepSeek-V3 rotates interleaved pairs as quintet does: its tensors are read as stored.
 - `Experts(names)`: quintet's [E, in, out] stack is the E matrices [out, in] (nn.Linear's
   layout) of `names`, transposed.
-- `Zeros()`: no Hugging Face counterpart (the routing-balance bias starts at zero).
+- `Zeros()`: no Hugging Face counterpart (the routing-balance bias starts at zero), but in
+  DeepSeek-V3, whose router's `e_score_correction_bias` it is.
 
 `read_block` reads only the rows and columns a rank holds (views of the memory-mapped file);
 `to_hf` turns a full quintet tensor into its Hugging Face tensors for export.
@@ -40,6 +41,12 @@ class Zeros:
     pass
 
 
+# Multi-head latent attention: quintet's projections and DeepSeek's (q_proj without a query
+# bottleneck, q_a_proj / q_a_layernorm / q_b_proj with one).
+_MLA = (("wq", "q_proj"), ("wq_a", "q_a_proj"), ("q_norm", "q_a_layernorm"), ("wq_b", "q_b_proj"),
+        ("wkv_a", "kv_a_proj_with_mqa"), ("kv_norm", "kv_a_layernorm"), ("wkv_b", "kv_b_proj"))
+
+
 def _ffn_names(arch: str) -> tuple[str, str, str]:
     return ("w1", "w3", "w2") if arch == "mixtral" else ("gate_proj", "up_proj", "down_proj")
 
@@ -55,10 +62,15 @@ def sources(args: ModelArgs, arch: str) -> dict[str, Tensor | Experts | Zeros]:
         att = theirs + "self_attn."
         out.update({ours + "attention_norm.weight": Tensor(theirs + "input_layernorm.weight"),
                     ours + "ffn_norm.weight": Tensor(theirs + "post_attention_layernorm.weight"),
-                    ours + "attention.wq.weight": Tensor(att + "q_proj.weight", args.n_heads),
-                    ours + "attention.wk.weight": Tensor(att + "k_proj.weight", args.n_kv_heads),
-                    ours + "attention.wv.weight": Tensor(att + "v_proj.weight"),
                     ours + "attention.wo.weight": Tensor(att + "o_proj.weight")})
+        if args.mla:
+            query = ("wq_a", "q_norm", "wq_b") if args.mla.q_lora_rank else ("wq",)
+            out.update({ours + f"attention.{q}.weight": Tensor(att + f"{hf}.weight") for q, hf in _MLA
+                        if q in query or q.startswith(("wkv", "kv"))})
+        else:
+            out.update({ours + "attention.wq.weight": Tensor(att + "q_proj.weight", args.n_heads),
+                        ours + "attention.wk.weight": Tensor(att + "k_proj.weight", args.n_kv_heads),
+                        ours + "attention.wv.weight": Tensor(att + "v_proj.weight")})
         if args.qkv_bias:
             out.update({ours + "attention.wq.bias": Tensor(att + "q_proj.bias", args.n_heads),
                         ours + "attention.wk.bias": Tensor(att + "k_proj.bias", args.n_kv_heads),
@@ -70,9 +82,12 @@ def sources(args: ModelArgs, arch: str) -> dict[str, Tensor | Experts | Zeros]:
             moe = theirs + ("block_sparse_moe." if arch == "mixtral" else "mlp.")
             experts = range(args.moe.num_experts)
             out[ours + "feed_forward.router.weight"] = Tensor(moe + "gate.weight")
-            out[ours + "feed_forward.expert_bias"] = Zeros()
+            out[ours + "feed_forward.expert_bias"] = (Tensor(moe + "gate.e_score_correction_bias")
+                                                      if arch == "deepseek_v3" else Zeros())
             for q, hf in (("w1", gate), ("w3", up), ("w2", down)):
                 out[ours + f"feed_forward.experts.{q}"] = Experts(tuple(f"{moe}experts.{e}.{hf}.weight" for e in experts))
+                if args.moe.shared_experts:
+                    out[ours + f"feed_forward.shared.{q}.weight"] = Tensor(f"{moe}shared_experts.{hf}.weight")
         else:
             for q, hf in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
                 out[ours + f"feed_forward.{q}.weight"] = Tensor(f"{theirs}mlp.{hf}.weight")

@@ -29,11 +29,12 @@ FAMILIES = {
     "ladder": Family(["model.residual=ladder", *L4]),
     # What published architectures add (configs/model/): heads of their own size, QK-norm, QKV
     # biases, the embedding as the head, Llama 3.1's RoPE scaling (reaching these 32 positions).
-    # DeepSeekMoE: sigmoid scores, node-limited routing over 4 groups of 2, scaled weights, a
-    # shared expert, the first layer dense, the balancing bias moving.
-    "deepseek": Family([*MOE, "model.moe.score=sigmoid", "model.moe.n_group=4", "model.moe.topk_group=2",
-                        "model.moe.routed_scaling_factor=2.5", "model.moe.shared_experts=1", "model.moe.first_dense=1",
-                        "model.moe.bias_update_rate=0.001", "model.moe.sequence_aux_loss=true"], moe=True),
+    # DeepSeek-V3's architecture (tiny_deepseek): multi-head latent attention with a low-rank
+    # query and value heads narrower than query/key heads; DeepSeekMoE: sigmoid scores,
+    # node-limited routing over 4 groups of 2, scaled weights, a shared expert, the first layer
+    # dense, the balancing bias moving, the sequence-wise balance loss.
+    "deepseek": Family(["model=tiny_deepseek", "model.n_kv_heads=4", "model.moe.expert_ffn_dim=48",
+                        "model.moe.sequence_aux_loss=true"], moe=True),
     "features": Family(["model.head_dim=32", "model.qk_norm=true", "model.qkv_bias=true", "model.tie_embeddings=true",
                         "model.rope_scaling.type=llama3", "model.rope_scaling.original_max_position_embeddings=16"]),
 }
@@ -92,11 +93,22 @@ LAYOUTS = {
     "cp2-ep2-folded": ("moe", 4, [*MB2, "parallel.cp=2", "parallel.ep=2"]),
     "tp2-sp-ep2-etp2": ("moe", 4, [*MB2, "parallel.tp=2", "parallel.sp=true", "parallel.ep=2", "parallel.etp=2"]),
     "pp2-ep2": ("moe", 4, [*MB2, "parallel.pp=2", "parallel.ep=2"]),
+    # DeepSeek-V3 in 5D: ep4 folded over tp2 × dp2, multi-token prediction on the last of 4
+    # interleaved stages (its own copy of the embedding), 8 ranks of tp2 × pp2 × ep2 × dp2
     "deepseek-ep2": ("deepseek", 2, ["parallel.ep=2"]),
     "deepseek-ep2-capacity": ("deepseek", 2, ["parallel.ep=2", "model.moe.capacity_factor=1.25"]),
     "deepseek-fssdp2": ("deepseek", 2, [*MB1, "parallel.ep=2", "parallel.moe_backend=fssdp"]),
+    "deepseek-fssdp4": ("deepseek", 4, [*MB1, "parallel.ep=4", "parallel.moe_backend=fssdp"]),
     "deepseek-tp2-sp-ep4-etp1-folded": ("deepseek", 4, [*MB2, "parallel.tp=2", "parallel.sp=true", "parallel.ep=4",
                                                         "parallel.etp=1"]),
+    "deepseek-tp2-sp-ep2-etp2": ("deepseek", 4, [*MB2, "parallel.tp=2", "parallel.sp=true", "parallel.ep=2",
+                                                 "parallel.etp=2"]),
+    "deepseek-tp2-sp": ("deepseek", 2, ["parallel.tp=2", "parallel.sp=true"]),
+    "deepseek-cp2": ("deepseek", 2, ["parallel.cp=2"]),
+    "deepseek-cp2-ulysses": ("deepseek", 2, ["parallel.cp=2", "parallel.cp_impl=ulysses"]),
+    "deepseek-pp2-vpp2-mtp": ("deepseek", 2, [*L4, *MB2, "model.mtp_depth=1", "parallel.pp=2", *INTERLEAVED]),
+    "deepseek-tp2-sp-pp2-ep2-dp2": ("deepseek", 8, [*MB1, "parallel.tp=2", "parallel.sp=true", "parallel.pp=2",
+                                                    "parallel.ep=2"]),
     # FSSDP
     "fssdp2": ("fssdp", 2, ["parallel.ep=2"]),
     "fssdp4": ("fssdp", 4, ["parallel.ep=4"]),
@@ -135,11 +147,14 @@ def reference(tmp_path_factory):
 # The fp32 runs in the default suite: one two-rank layout of each dimension and strategy (the
 # others with QUINTET_SLOW=1): fp64 holds every layout to 1e-9 already.
 FP32_DEFAULT = {"fsdp-2", "tp2-sp", "pp2-vpp2", "pp2-zero-bubble", "cp2", "cp2-ulysses", "ep2", "fssdp2",
-                "ladder-tp2-sp", "features-tp2-sp"}
+                "ladder-tp2-sp", "features-tp2-sp", "deepseek-pp2-vpp2-mtp"}
 # fssdp8-remat runs fssdp8's world in the default suite; the tied head over tp2 × pp2 × dp2 is
 # the tied pp2 layouts' embedding group with tensor parallelism's vocabulary split; DeepSeek's
-# routing under capacity and FSSDP changes only who computes the experts the router chose
-SLOW = {"fssdp8", "features-pp2-tp2-dp2-tied", "deepseek-ep2-capacity", "deepseek-fssdp2"}
+# routing under capacity and FSSDP changes only who computes the experts the router chose; of
+# DeepSeek-V3's layouts the default suite runs MLA's splits (tp2-sp, cp2 ring), the folded
+# experts and MTP over pipeline stages, the rest repeat what other families cover
+SLOW = {"fssdp8", "features-pp2-tp2-dp2-tied", "deepseek-ep2", "deepseek-ep2-capacity", "deepseek-fssdp2",
+        "deepseek-fssdp4", "deepseek-tp2-sp-ep2-etp2", "deepseek-cp2-ulysses", "deepseek-tp2-sp-pp2-ep2-dp2"}
 
 
 @pytest.mark.parametrize("layout, dtype", parity_cases({name: (w, o) for name, (_, w, o) in LAYOUTS.items()},

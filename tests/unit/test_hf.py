@@ -26,18 +26,28 @@ from tests.hf_models import ARCHITECTURES, save_random  # noqa: E402
 
 def hf_model(folder, arch: str, dtype: torch.dtype):
     model_cls = getattr(transformers, ARCHITECTURES[arch][1])
-    kwargs = {"experts_implementation": "eager"} if arch in ("qwen3_moe", "mixtral") else {}  # grouped_mm lacks fp64
+    moe = arch in ("qwen3_moe", "mixtral") or arch.startswith("deepseek")
+    kwargs = {"experts_implementation": "eager"} if moe else {}  # grouped_mm lacks fp64
     return model_cls.from_pretrained(folder, dtype=dtype, **kwargs).eval()
 
 
 def inverse_frequencies_fp64(config) -> torch.Tensor:
-    """The rotation rates transformers' rope initialisation computes (default, and Llama 3.1's
-    scaling as its `_compute_llama3_parameters` does), transcribed in fp64."""
+    """The rotation rates transformers' rope initialisation computes (default, Llama 3.1's and
+    YaRN's scaling as its `_compute_llama3_parameters` and `_compute_yarn_parameters` do),
+    transcribed in fp64."""
     params = config.rope_parameters
     dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     inv = 1.0 / params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
     if params["rope_type"] == "default":
         return inv
+    if params["rope_type"] == "yarn":
+        base, old = params["rope_theta"], params["original_max_position_embeddings"]
+
+        def correction(rotations):
+            return (dim * math.log(old / (rotations * 2 * math.pi))) / (2 * math.log(base))
+        low, high = max(math.floor(correction(params["beta_fast"])), 0), min(math.ceil(correction(params["beta_slow"])), dim - 1)
+        extrapolation = 1 - ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+        return inv / params["factor"] * (1 - extrapolation) + inv * extrapolation
     old, low, high = params["original_max_position_embeddings"], params["low_freq_factor"], params["high_freq_factor"]
     wavelen = 2 * math.pi / inv
     scaled = torch.where(wavelen > old / low, inv / params["factor"], inv)
@@ -53,10 +63,12 @@ def without_fp32_islands(model) -> None:
     model's dtype, as their own code does otherwise; the rest is transformers' unchanged."""
     inv = inverse_frequencies_fp64(model.config)
 
+    scaling = model.model.rotary_emb.attention_scaling
+
     def rotary(x, position_ids):
         angles = position_ids[:, :, None].double() * inv
         emb = torch.cat([angles, angles], dim=-1)
-        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        return (emb.cos() * scaling).to(x.dtype), (emb.sin() * scaling).to(x.dtype)
 
     def rms_norm(module):
         return lambda x: module.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
@@ -68,6 +80,21 @@ def without_fp32_islands(model) -> None:
             return logits, top / top.sum(dim=-1, keepdim=True) if normalize else top, idx
         return forward
 
+    def deepseek_router(m):
+        """DeepseekV3TopkRouter.forward with its logits in the model's dtype, not fp32."""
+        def forward(hidden):
+            scores = F.linear(hidden.reshape(-1, m.hidden_dim), m.weight.to(hidden.dtype)).sigmoid()
+            choice = scores + m.e_score_correction_bias.to(hidden.dtype)
+            groups = choice.view(-1, m.num_group, m.num_experts // m.num_group)
+            best = groups.topk(2, dim=-1)[0].sum(dim=-1).topk(m.topk_group, dim=-1)[1]
+            keep = torch.zeros_like(groups[..., 0]).scatter_(1, best, 1).bool()
+            idx = choice.view_as(groups).masked_fill(~keep[..., None], 0.0).view_as(choice).topk(m.top_k, dim=-1)[1]
+            weights = scores.gather(1, idx)
+            if m.norm_topk_prob:
+                weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+            return None, weights * m.routed_scaling_factor, idx
+        return forward
+
     model.model.rotary_emb.forward = rotary
     for module in model.modules():
         name = type(module).__name__
@@ -75,6 +102,8 @@ def without_fp32_islands(model) -> None:
             module.forward = rms_norm(module)
         elif name.endswith("TopKRouter"):
             module.forward = router(module, getattr(module, "norm_topk_prob", True))
+        elif name == "DeepseekV3TopkRouter":
+            module.forward = deepseek_router(module)
 
 
 @pytest.fixture(scope="module")
@@ -177,8 +206,11 @@ def test_bad_folders_are_refused_naming_the_key_or_tensor(folders, tmp_path):
 
     assert "architectures=['GPT2LMHeadModel'] is not one quintet runs" in variant(
         "gpt2", lambda c: c.update(architectures=["GPT2LMHeadModel"]))[0]
-    assert "rope_type='yarn' is not supported" in variant(
-        "yarn", lambda c: c.update(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}))[0]
+    assert "rope_type='dynamic' is not supported" in variant(
+        "dynamic", lambda c: c.update(rope_parameters={"rope_type": "dynamic", "factor": 4.0, "rope_theta": 1e4}))[0]
+    assert "rope_parameters.attention_factor is not supported with YaRN" in variant(
+        "yarn", lambda c: c.update(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4,
+                                                    "original_max_position_embeddings": 32, "attention_factor": 2.0}))[0]
     assert "hidden_act='gelu'" in variant("gelu", lambda c: c.update(hidden_act="gelu"))[0]
     assert "config.json has no 'hidden_size'" in variant("no-size", lambda c: c.pop("hidden_size"))[0]
     [missing] = variant("missing", edit_tensors=lambda t: t.pop("model.layers.1.self_attn.k_norm.weight"))
