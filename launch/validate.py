@@ -282,8 +282,8 @@ def _mla_problems(m) -> list[str]:
         out.append(f"model.mla.qk_rope_head_dim={m.mla.qk_rope_head_dim} is odd; rotary embeddings turn pairs")
     extra = [f"model.{k}" for k in ("head_dim", "qk_norm", "qkv_bias") if m.get(k)]
     if extra:
-        out.append(f"{', '.join(extra)} apply to grouped-query attention, not to multi-head latent attention "
-                   "(model.mla.kv_lora_rank > 0), whose head sizes are model.mla.*")
+        out.append(f"{', '.join(extra)}: options of grouped-query attention, which multi-head latent attention "
+                   "(model.mla.kv_lora_rank > 0) does not have; its head sizes are model.mla.*")
     return out
 
 

@@ -155,13 +155,11 @@ class AttentionInputs:
     documents: torch.Tensor | None = None  # [b, s, hq, d]
 
 
-def attention_after(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int,
-                    scale: float | None = None) -> torch.Tensor:
+def attention_after(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
     """Attention of s new queries at positions past..past+s−1 over past + s cached keys (each
-    query sees the keys up to its own position); shapes as in causal_attention (the value head
-    size may differ). `scale`: the softmax scale (default 1/√(query head size))."""
+    query sees the keys up to its own position); shapes as in causal_attention."""
     s, total = q.shape[1], k.shape[1]
     allowed = torch.arange(total, device=q.device)[None, :] <= (past + torch.arange(s, device=q.device))[:, None]
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=k.shape[1] != q.shape[1], scale=scale)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=k.shape[1] != q.shape[1])
     return out.transpose(1, 2)

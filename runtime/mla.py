@@ -26,7 +26,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from runtime.layers import AttentionInputs, RMSNorm, apply_rotary, attention_after, causal_attention
+import torch.nn.functional as F
+
+from runtime.layers import AttentionInputs, RMSNorm, apply_rotary, causal_attention
 
 
 @dataclass(frozen=True)
@@ -95,11 +97,17 @@ class MultiLatentAttention(nn.Module):
     def _absorbed(self, q_nope, q_rope, latent, k_rope, past: int) -> torch.Tensor:
         """Attention of the new queries over the cached latents [b, T, r] and rotated keys
         [b, T, 1, rope], as multi-query attention in the latent space: the keys' up-projection
-        absorbed into the queries, the values' applied to the attended latent."""
-        a = self.args
-        w = self.wkv_b.weight.view(-1, a.qk_nope_head_dim + a.v_head_dim, a.kv_lora_rank)  # [h, nope + v, r]
+        absorbed into the queries, the values' applied to the attended latent. The heads share
+        the one latent key and value, so they are folded into the query rows: nothing of size
+        T × heads is ever made."""
+        a, (b, s, h, _), total = self.args, q_nope.shape, latent.shape[1]
+        w = self.wkv_b.weight.view(h, a.qk_nope_head_dim + a.v_head_dim, a.kv_lora_rank)  # [h, nope + v, r]
         w_uk, w_uv = w[:, :a.qk_nope_head_dim], w[:, a.qk_nope_head_dim:]
         q = torch.cat([torch.einsum("bshn,hnr->bshr", q_nope, w_uk), q_rope], dim=-1)  # [b, s, h, r + rope]
-        k = torch.cat([latent, k_rope[:, :, 0]], dim=-1)[:, :, None]  # [b, T, 1, r + rope]
-        attended = attention_after(q, k, latent[:, :, None], past, scale=a.qk_head_dim**-0.5)  # [b, s, h, r]
-        return torch.einsum("bshr,hvr->bshv", attended, w_uv)
+        k = torch.cat([latent, k_rope[:, :, 0]], dim=-1)  # [b, T, r + rope]
+        # Query row (i, head) sits at position past + i and sees the keys up to it.
+        seen = torch.arange(total, device=q.device)[None, :] <= (past + torch.arange(s, device=q.device))[:, None]
+        attended = F.scaled_dot_product_attention(q.reshape(b, 1, s * h, -1), k[:, None], latent[:, None],
+                                                  attn_mask=seen.repeat_interleave(h, dim=0),
+                                                  scale=a.qk_head_dim**-0.5)  # [b, 1, s·h, r]
+        return torch.einsum("bshr,hvr->bshv", attended.view(b, s, h, -1), w_uv)

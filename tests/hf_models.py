@@ -50,6 +50,9 @@ def save_random(arch: str, folder, seed: int = 0, tokenizer: bool = True, **chan
         for name, p in model.named_parameters():
             if name.endswith(("norm.weight", "bias")):
                 p.normal_(1.0 if name.endswith("weight") else 0.0, 0.2)
+        for name, b in model.named_buffers():  # DeepSeek-V3's routing bias, which changes the choice
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0.0, 0.1)
     model.save_pretrained(folder)
     if tokenizer:
         shutil.copyfile(SAMPLE_TOKENIZER, folder / "tokenizer.json")

@@ -187,3 +187,20 @@ def test_moe_problems_are_named(overrides, world, fragment):
 def test_fssdp_problems_are_named(overrides, world, fragment):
     found = problems(["run_dir=/x", *overrides], world)
     assert any(fragment in p for p in found), found
+
+
+@pytest.mark.parametrize("overrides, world, fragment", [
+    (["model=tiny_deepseek", "model.n_kv_heads=4"], 1,
+     "model.n_kv_heads=4 with multi-head latent attention (model.mla.kv_lora_rank=32): every query head has its own"),
+    (["model=tiny_deepseek", "model.mla.qk_rope_head_dim=15"], 1, "model.mla.qk_rope_head_dim=15 is odd"),
+    (["model=tiny_deepseek", "model.qk_norm=true"], 1, "model.qk_norm: options of grouped-query attention"),
+    (["model.mla.q_lora_rank=64"], 1, "model.mla.q_lora_rank=64 only apply with multi-head latent attention"),
+    (["model.rope_scaling.mscale_all_dim=1.0"], 1, "only apply with model.rope_scaling.type=llama3 or yarn"),
+    (["model.mtp_loss_weight=0.3"], 1, "model.mtp_loss_weight=0.3 only applies with model.mtp_depth > 0"),
+    (["model=tiny_deepseek", "model.mtp_depth=1", "parallel.cp=2"], 2,
+     "model.mtp_depth=1 with parallel.cp=2 is not supported"),
+    (["model.mtp_depth=1", "model.residual=ladder"], 1, "model.residual=ladder with model.mtp_depth=1 is not supported"),
+])
+def test_latent_attention_and_multi_token_prediction_problems_are_named(overrides, world, fragment):
+    found = problems(["run_dir=/x", *overrides], world)
+    assert any(fragment in p for p in found), found

@@ -137,24 +137,39 @@ def test_nic_class_detection(tmp_path):
 
 
 def test_balance_gives_faster_ranks_more_layers():
-    assert balance(8, 2, 1, [1.0, 1.0], [0.0, 0.0]) == [4, 4]
-    assert balance(8, 2, 1, [1.0, 3.0], [0.0, 0.0]) == [6, 2]
-    assert balance(12, 2, 2, [1.0, 2.0], [0.0, 0.0]) == [4, 2, 4, 2]  # rank 0: 8 layers over 2 chunks
-    assert balance(8, 2, 1, [1.0, 1.0], [0.0, 2.0]) == [5, 3]  # the head's fixed cost on the last stage
-    assert sum(balance(31, 4, 1, [1.0, 1.3, 2.0, 0.7], [0.5, 0, 0, 1.0])) == 31
+    def same(n, rates):  # every layer costs the same on a rank
+        return [[r] * n for r in rates]
+    assert balance(2, 1, same(8, [1.0, 1.0]), [0.0, 0.0]) == [4, 4]
+    assert balance(2, 1, same(8, [1.0, 3.0]), [0.0, 0.0]) == [6, 2]
+    assert balance(2, 2, same(12, [1.0, 2.0]), [0.0, 0.0]) == [4, 2, 4, 2]  # rank 0: 8 layers over 2 chunks
+    assert balance(2, 1, same(8, [1.0, 1.0]), [0.0, 2.0]) == [5, 3]  # the head's fixed cost on the last stage
+    assert sum(balance(4, 1, same(31, [1.0, 1.3, 2.0, 0.7]), [0.5, 0, 0, 1.0])) == 31
     with pytest.raises(ValueError, match="fewer than the pp·vpp = 4"):
-        balance(3, 2, 2, [1.0, 1.0], [0.0, 0.0])
+        balance(2, 2, same(3, [1.0, 1.0]), [0.0, 0.0])
+
+
+def test_balance_weighs_each_layer():
+    """Three cheap dense layers then expensive ones (DeepSeek-V3's shape): the first stage takes
+    the cheap ones and more layers than the others, and the slowest stage is as fast as any
+    split of consecutive layers allows (9: no stage of MoE layers can hold fewer than 3 of 3)."""
+    layers = [1.0] * 3 + [3.0] * 9
+    counts = balance(4, 1, [layers] * 4, [0.0] * 4)
+    starts = [sum(counts[:s]) for s in range(4)]
+    times = [sum(layers[a:a + n]) for a, n in zip(starts, counts)]
+    assert sum(counts) == 12 and min(counts) >= 1 and max(times) == 9.0 and counts[0] > counts[1]
+    assert balance(2, 1, [[1.0, 1.0, 1.0, 5.0]] * 2, [0.0, 0.0]) == [3, 1]
+    assert balance(2, 1, [[1.0, 1.0, 1.0, 5.0]] * 2, [0.0, 3.0]) == [3, 1]  # the head cannot move
 
 
 def test_gradient_traffic_makes_the_slow_class_stage_shorter():
     with torch.device("meta"):
         model = Transformer(ModelArgs(n_layers=8, dim=256, n_heads=8, n_kv_heads=4, ffn_dim=688, vocab_size=256))
     costs = layer_costs(model, Topology(world_size=8, tp=2, dp=2, pp=2), 8 * 64, 4)
-    assert isinstance(costs, LayerCosts) and costs.layer_grad_bytes == pytest.approx(
+    assert isinstance(costs, LayerCosts) and costs.layer_grad_bytes[0] == pytest.approx(
         sum(p.numel() for p in model.layers["0"].parameters()) / 2 * 4)
     factor = reduction_factor(2, "fsdp", True)
     assert factor == pytest.approx(1.5) and reduction_factor(1, "fsdp", True) == 0.0
     fast, slow = 200e9 / 8, 0.1e9 / 8
     per_layer, fixed = rank_times(costs, 2, [1e11, 1e11], [fast, slow], factor)
-    counts = balance(8, 2, 1, per_layer, fixed)
+    counts = balance(2, 1, per_layer, fixed)
     assert counts[0] > counts[1] >= 1

@@ -15,6 +15,7 @@ from parallel.mesh import Topology
 from parallel.strategies.holmes.partition import LayerCosts, balance, rank_times, reduction_factor
 from parallel.strategies.holmes.placement import RankInfo, described_ranks, holmes_placement
 from runtime.accounting import probe_peak_flops
+from runtime.flops import attention_flops_per_token
 
 GBIT = 1e9 / 8  # bytes per second in one Gbit/s
 
@@ -59,25 +60,34 @@ def allreduce_bandwidth(group, size: int, device: torch.device, nbytes: int = 1 
     return 2 * (size - 1) / size * nbytes / (time.perf_counter() - start)
 
 
-def layer_costs(model, topo: Topology, tokens_per_step: int, grad_bytes: int) -> LayerCosts:
-    """Per-rank FLOPs and gradient bytes of one layer (the first stands for all), the head and
-    the embedding of `model` (any device, meta included). Dense weights are split over tp,
-    experts over ep·etp, and top_k of num_experts experts compute per token."""
-    moe = model.args.moe
-    share = moe.top_k / moe.num_experts if moe is not None else 1.0
-    flops_params = grad_params = 0.0
-    for name, p in next(iter(model.layers.values())).named_parameters():
-        if ".experts." in f".{name}":
-            grad_params += p.numel() / (topo.ep * topo.etp)
-            flops_params += p.numel() * share / topo.etp
-        else:
-            grad_params += p.numel() / topo.tp
-            flops_params += p.numel() / topo.tp
+def layer_costs(model, topo: Topology, tokens_per_step: int, grad_bytes: int, seq_len: int = 0) -> LayerCosts:
+    """Per-rank FLOPs and gradient bytes of each layer, the head (with multi-token prediction's
+    blocks and their passes through it) and the embedding of `model` (any device, meta included).
+    Dense weights are split over tp, experts over ep·etp, and top_k of num_experts experts
+    compute per token; attention scores over `seq_len` positions count as runtime/flops.py does."""
+    args = model.args
+    share = args.moe.top_k / args.moe.num_experts if args.moe is not None else 1.0
     tokens = tokens_per_step / (topo.dp * topo.cp)
+    scores = attention_flops_per_token(args, seq_len) / (args.n_layers + args.mtp_depth) if seq_len else 0.0
+
+    def cost(block) -> tuple[float, float]:
+        flops_params = grad_params = 0.0
+        for name, p in block.named_parameters():
+            if ".experts." in f".{name}":
+                grad_params += p.numel() / (topo.ep * topo.etp)
+                flops_params += p.numel() * share / topo.etp
+            else:
+                grad_params += p.numel() / topo.tp
+                flops_params += p.numel() / topo.tp
+        return (6 * flops_params + scores / topo.tp) * tokens, grad_params * grad_bytes
+
+    layers = [cost(b) for i, b in model.layers.items() if int(i) < args.n_layers]
+    mtp = [cost(b) for i, b in model.layers.items() if int(i) >= args.n_layers]
     head = model.output.weight.numel() / topo.tp
     embedding = model.tok_embeddings.weight.numel() / topo.tp
-    return LayerCosts(layer_flops=6 * flops_params * tokens, layer_grad_bytes=grad_params * grad_bytes,
-                      head_flops=6 * head * tokens, head_grad_bytes=head * grad_bytes,
+    return LayerCosts(layer_flops=[f for f, _ in layers], layer_grad_bytes=[g for _, g in layers],
+                      head_flops=6 * head * tokens * (1 + args.mtp_depth) + sum(f for f, _ in mtp),
+                      head_grad_bytes=head * grad_bytes + sum(g for _, g in mtp),
                       embedding_grad_bytes=embedding * grad_bytes)
 
 
@@ -122,8 +132,8 @@ def auto_pp_layers(cfg, model, topo: Topology, groups, ranks: list[RankInfo], de
     """Layer counts per stage for `parallel.pp_layers=auto` (the same on every rank)."""
     p, t = cfg.parallel, cfg.train
     grad_bytes = 8 if t.dtype.value == "float64" else 4
-    costs = layer_costs(model, topo, t.global_batch_size * t.seq_len, grad_bytes)
+    costs = layer_costs(model, topo, t.global_batch_size * t.seq_len, grad_bytes, t.seq_len)
     flops, bandwidth = stage_rates(cfg, topo, groups, ranks, device)
     factor = reduction_factor(topo.dp * topo.cp, p.dp_impl.value, p.reshard_after_forward)
     per_layer, fixed = rank_times(costs, topo.pp, flops, bandwidth, factor)
-    return balance(model.args.n_layers, topo.pp, p.vpp, per_layer, fixed)
+    return balance(topo.pp, p.vpp, per_layer, fixed)

@@ -1,17 +1,21 @@
 """`parallel.pp_layers=auto`: give faster pipeline ranks more layers (Holmes's self-adapting
 partition).
 
-A pipeline rank's step time is modelled as fixed + layers × per-layer time, where a layer costs
+A pipeline rank's step time is modelled as fixed + the sum of its layers' times, where layer
+i costs (each layer its own: dense and MoE layers, attention kinds differ)
 
-    compute:   6 · (activated parameters / tp) · (tokens per rank) / (the rank's FLOP/s)
+    compute:   (6 · activated parameters + attention scores' FLOPs) / tp · (tokens per rank)
+               / (the rank's FLOP/s)
     gradient:  factor · (parameters / tp) · (bytes per element) / (its DP group's bandwidth)
 
 with factor = 2(d−1)/d for DDP's all-reduce and 3(d−1)/d for FSDP (forward all-gather, backward
 all-gather, reduce-scatter; 2(d−1)/d without resharding after forward) over d = dp·cp ranks. The
-embedding's gradient and the head's compute and gradient are the fixed costs of the first and
-last stage. The layers then go one at a time to the rank that would finish soonest with it, which
-minimises the slowest rank's time for linear costs; a rank's layers are split evenly over its
-vpp chunks. Pipeline point-to-point traffic is not modelled: it is the same whatever the split.
+embedding's gradient is the first stage's fixed cost; the head's compute and gradient, and the
+multi-token prediction blocks', the last stage's. Stages hold consecutive layers: the split is
+the one whose slowest rank is fastest (a bisection on that time, each stage filled in order as
+far as it fits while leaving a layer for every later stage); with vpp chunks per rank, each
+chunk gets an equal share of its rank's time. Pipeline point-to-point traffic is not modelled:
+it is the same whatever the split.
 
 Rates come from the cluster description where it gives them (`cluster.nodes[*].tflops`,
 `cluster.classes[*].gbps`) and are measured otherwise (parallel/probe.py).
@@ -23,11 +27,11 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class LayerCosts:
-    """What one Transformer layer and the two ends of the model weigh, per rank of a stage."""
+    """What each Transformer layer and the two ends of the model weigh, per rank of a stage."""
 
-    layer_flops: float  # forward + backward FLOPs of one layer on one rank
-    layer_grad_bytes: float  # bytes of one layer's gradient on one rank
-    head_flops: float
+    layer_flops: list[float]  # forward + backward FLOPs of each layer on one rank
+    layer_grad_bytes: list[float]  # bytes of each layer's gradient on one rank
+    head_flops: float  # the head's, and multi-token prediction's blocks and heads
     head_grad_bytes: float
     embedding_grad_bytes: float
 
@@ -41,27 +45,45 @@ def reduction_factor(ranks: int, dp_impl: str, reshard_after_forward: bool) -> f
 
 
 def rank_times(costs: LayerCosts, pp: int, flops: list[float], bandwidth: list[float],
-               factor: float) -> tuple[list[float], list[float]]:
-    """(seconds per layer, fixed seconds) of each pipeline rank, given its FLOP/s and its DP
+               factor: float) -> tuple[list[list[float]], list[float]]:
+    """(seconds of each layer, fixed seconds) on each pipeline rank, given its FLOP/s and its DP
     group's bandwidth in bytes/s."""
-    per_layer = [costs.layer_flops / f + factor * costs.layer_grad_bytes / b for f, b in zip(flops, bandwidth)]
+    per_layer = [[c / f + factor * g / b for c, g in zip(costs.layer_flops, costs.layer_grad_bytes)]
+                 for f, b in zip(flops, bandwidth)]
     fixed = [0.0] * pp
     fixed[0] += factor * costs.embedding_grad_bytes / bandwidth[0]
     fixed[-1] += costs.head_flops / flops[-1] + factor * costs.head_grad_bytes / bandwidth[-1]
     return per_layer, fixed
 
 
-def balance(n_layers: int, pp: int, vpp: int, per_layer: list[float], fixed: list[float]) -> list[int]:
-    """Layer counts of the pp·vpp stages (stage c·pp + r is chunk c of rank r) minimising the
-    slowest rank's fixed + layers × per_layer; every stage keeps at least one layer."""
-    if n_layers < pp * vpp:
-        raise ValueError(f"model.n_layers={n_layers} is fewer than the pp·vpp = {pp * vpp} stages")
-    counts = [vpp] * pp
-    for _ in range(n_layers - pp * vpp):
-        r = min(range(pp), key=lambda i: (fixed[i] + (counts[i] + 1) * per_layer[i], i))
-        counts[r] += 1
-    stages = [0] * (pp * vpp)
-    for r, total in enumerate(counts):
-        for c in range(vpp):
-            stages[c * pp + r] = total // vpp + (1 if c < total % vpp else 0)
-    return stages
+def balance(pp: int, vpp: int, per_layer: list[list[float]], fixed: list[float]) -> list[int]:
+    """Layer counts of the pp·vpp stages (stage c·pp + r is chunk c of rank r), consecutive
+    layers each, minimising the slowest rank's fixed + Σ its layers' seconds (`per_layer[r][i]`:
+    layer i on rank r); every stage keeps at least one layer."""
+    n_layers, n_stages = len(per_layer[0]), pp * vpp
+    if n_layers < n_stages:
+        raise ValueError(f"model.n_layers={n_layers} is fewer than the pp·vpp = {n_stages} stages")
+    stage_fixed = [0.0] * n_stages
+    stage_fixed[0] += fixed[0]
+    stage_fixed[-1] += fixed[-1]
+
+    def fill(budget: float) -> list[int] | None:
+        """Each stage in order takes layers while it stays within its share of `budget`."""
+        counts, i = [], 0
+        for s in range(n_stages):
+            r, left = s % pp, n_stages - s - 1
+            t, n = stage_fixed[s], 0
+            while i + n < n_layers - left and (n == 0 or t + per_layer[r][i + n] <= budget / vpp):
+                t += per_layer[r][i + n]
+                n += 1
+            if t > budget / vpp * (1 + 1e-12):
+                return None
+            counts.append(n)
+            i += n
+        return counts if i == n_layers else None
+
+    lo, hi = 0.0, vpp * (max(stage_fixed) + sum(max(col) for col in zip(*per_layer)))
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if fill(mid) is not None else (mid, hi)
+    return fill(hi)
