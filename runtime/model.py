@@ -1,11 +1,13 @@
 """A Llama-style decoder-only Transformer in plain PyTorch.
 
-RMSNorm, rotary position embeddings, grouped-query attention, SwiGLU feed-forward, untied
-output head. The model knows nothing of ranks: parallel code in `parallel/` rewrites or wraps
-its modules. It is splittable by construction — blocks live in a ModuleDict keyed by their
-global index, and a pipeline stage that does not hold the embedding or the head sets them to
-None — and its attention reshapes by head size, never by head count, so a tensor-parallel
-shard of a projection simply yields fewer heads.
+RMSNorm, rotary position embeddings, grouped-query attention (or DeepSeek's multi-head latent
+attention, runtime/mla.py), SwiGLU feed-forward or Mixture of Experts (runtime/moe.py), an
+output head, and optionally DeepSeek-V3's multi-token prediction blocks after the main ones. The
+model knows nothing of ranks: parallel code in `parallel/` rewrites or wraps its modules. It is
+splittable by construction — blocks live in a ModuleDict keyed by their global index, and a
+pipeline stage that does not hold the embedding or the head sets them to None — and its
+attention reshapes by head size, never by head count, so a tensor-parallel shard of a
+projection simply yields fewer heads.
 
 What parallel code and initialisation need to know about each parameter is declared next to
 the module that owns it, as class attributes read by `declared`:

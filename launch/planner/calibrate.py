@@ -74,7 +74,7 @@ def block_activations(args: ModelArgs, dtype: torch.dtype, tokens: int = 1024,
         layer = next(i for i in range(args.n_layers) if args.is_moe(i) == moe)
         block = lone_block(args, layer, device, dtype)
         x = torch.randn(1, tokens, args.dim, device=device, dtype=dtype, requires_grad=True)
-        rope = AttentionInputs(*rotary_tables(torch.arange(tokens, device=device), args.head_dim, args.rope_theta,
+        rope = AttentionInputs(*rotary_tables(torch.arange(tokens, device=device), args.rope_dim, args.rope_theta,
                                               dtype))
         full = _saved_bytes(block, x, rope)
         core = block.attention.core

@@ -29,12 +29,23 @@ class Tensor2D:
     expert: bool = False
 
 
+def _attention_tensors(args: ModelArgs, tp: int) -> list[Tensor2D]:
+    d, hd, h, a = args.dim, args.head_dim, args.n_heads, args.mla
+    if a is None:
+        kv_split = tp if args.n_kv_heads % tp == 0 else 1  # fewer KV heads than ranks: a full copy each
+        return [Tensor2D(h * hd // tp, d), Tensor2D(args.n_kv_heads * hd // kv_split, d),
+                Tensor2D(args.n_kv_heads * hd // kv_split, d), Tensor2D(d, h * hd // tp)]  # wq, wk, wv, wo
+    # Latent attention: the down-projections and latent norms whole on every TP rank, the rest split.
+    query = ([Tensor2D(a.q_lora_rank, d), Tensor2D(a.q_lora_rank, 1), Tensor2D(h * a.qk_head_dim // tp, a.q_lora_rank)]
+             if a.q_lora_rank else [Tensor2D(h * a.qk_head_dim // tp, d)])
+    return query + [Tensor2D(a.kv_lora_rank + a.qk_rope_head_dim, d), Tensor2D(a.kv_lora_rank, 1),
+                    Tensor2D(h * (a.qk_nope_head_dim + a.v_head_dim) // tp, a.kv_lora_rank),
+                    Tensor2D(d, h * a.v_head_dim // tp)]
+
+
 def _block_tensors(args: ModelArgs, layer: int, tp: int, ep: int, etp: int) -> list[Tensor2D]:
-    d, hd = args.dim, args.head_dim
-    kv_split = tp if args.n_kv_heads % tp == 0 else 1  # fewer KV heads than ranks: a full copy each
-    out = [Tensor2D(args.n_heads * hd // tp, d), Tensor2D(args.n_kv_heads * hd // kv_split, d),
-           Tensor2D(args.n_kv_heads * hd // kv_split, d), Tensor2D(d, args.n_heads * hd // tp),
-           Tensor2D(d, 1), Tensor2D(d, 1)]  # wq, wk, wv, wo, two norms
+    d = args.dim
+    out = _attention_tensors(args, tp) + [Tensor2D(d, 1), Tensor2D(d, 1)]  # attention, two norms
     if args.is_moe(layer):
         m = args.moe
         local_e, hidden = m.num_experts // ep, m.expert_ffn_dim // etp
@@ -42,7 +53,7 @@ def _block_tensors(args: ModelArgs, layer: int, tp: int, ep: int, etp: int) -> l
         out += [Tensor2D(local_e, d * hidden, expert=True)] * 3  # w1, w3 [E, d, h]; w2 [E, h, d]
         if m.shared_experts:
             shared = m.expert_ffn_dim * m.shared_experts
-            out += [Tensor2D(shared // tp, d)] * 2 + [Tensor2D(d, shared // tp)]
+            out += [Tensor2D(shared, d)] * 2 + [Tensor2D(d, shared)]  # whole on every TP rank (its router's tokens)
     else:
         out += [Tensor2D(args.ffn_dim // tp, d)] * 2 + [Tensor2D(d, args.ffn_dim // tp)]
     return out
@@ -63,6 +74,11 @@ def rank_elements(args: ModelArgs, tp: int, pp: int, vpp: int, cp: int, dp: int,
             tensors.append(Tensor2D(args.vocab_size // tp, args.dim))
         if stage == pp * vpp - 1:
             tensors += [Tensor2D(args.dim, 1), Tensor2D(args.vocab_size // tp, args.dim)]
+            for layer in range(args.n_layers, args.n_layers + args.mtp_depth):  # multi-token prediction
+                tensors += _block_tensors(args, layer, tp, ep, etp) + [Tensor2D(args.dim, 2 * args.dim)]
+                tensors += [Tensor2D(args.dim, 1)] * 3
+            if args.mtp_depth and pp * vpp > 1 and not args.tie_embeddings:  # its copy of the embedding
+                tensors.append(Tensor2D(args.vocab_size // tp, args.dim))
     total = 0
     for t in tensors:
         if experts_only and not t.expert:

@@ -175,7 +175,7 @@ def block_overhead(args, device: torch.device, flops_rate: float, tokens: int = 
 
     block = lone_block(args, 0, device)
     x = torch.randn(1, tokens, args.dim, device=device, requires_grad=True)
-    rope = AttentionInputs(*rotary_tables(torch.arange(tokens, device=device), args.head_dim, args.rope_theta,
+    rope = AttentionInputs(*rotary_tables(torch.arange(tokens, device=device), args.rope_dim, args.rope_theta,
                                           torch.float32))
     times = []
     for _ in range(repeats + 2):
@@ -208,7 +208,7 @@ def fsdp_costs(a: int, b: int, args, device: torch.device, bandwidth: float, cos
         elements = sum(p.numel() for p in block.parameters())
         fully_shard(block, mesh=DeviceMesh.from_group(group, device.type), reshard_after_forward=False)
         x = torch.randn(1, tokens, args.dim, device=device, requires_grad=True)
-        rope = AttentionInputs(*rotary_tables(torch.arange(tokens, device=device), args.head_dim, args.rope_theta,
+        rope = AttentionInputs(*rotary_tables(torch.arange(tokens, device=device), args.rope_dim, args.rope_theta,
                                           torch.float32))
 
         def step(module, sync=False, reshard=False):

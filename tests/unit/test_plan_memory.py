@@ -68,3 +68,19 @@ def test_expert_elements_are_the_experts_of_a_rank():
     assert rank_elements(args, 1, 1, 1, 1, 2, 2, 1, False, 0, experts_only=True) == args.n_layers * per_layer // 2
     assert rank_elements(args, 1, 1, 1, 1, 2, 1, 1, True, 0, experts_only=True) == args.n_layers * per_layer // 2
     assert rank_elements(args, 1, 1, 1, 1, 2, 2, 1, False, 0) > args.n_layers * per_layer // 2
+
+
+@pytest.mark.parametrize("preset, extra", [("tiny_deepseek", []), ("tiny_deepseek", ["model.mtp_depth=1"]),
+                                           ("tiny_moe", ["model.moe.shared_experts=1"])])
+def test_one_rank_counts_the_models_parameters(preset, extra):
+    """The planner's per-rank count on one rank is the model's: latent attention's projections,
+    multi-token prediction's blocks, shared experts (whole on every TP rank)."""
+    from launch.planner.memory import rank_elements
+    from runtime.model import ModelArgs, Transformer, num_params
+
+    args = ModelArgs.from_config(compose([f"model={preset}", *extra, "run_dir=/x"]).model)
+    with torch.device("meta"):
+        total = num_params(Transformer(args))
+    assert rank_elements(args, 1, 1, 1, 1, 1, 1, 1, False, 0) == total
+    # Tensor parallelism splits what it splits and keeps the latent projections whole.
+    assert total // 2 < rank_elements(args, 2, 1, 1, 1, 1, 1, 2, False, 0) < total
