@@ -151,10 +151,14 @@ FP32_DEFAULT = {"fsdp-2", "tp2-sp", "pp2-vpp2", "pp2-zero-bubble", "cp2", "cp2-u
 # fssdp8-remat runs fssdp8's world in the default suite; the tied head over tp2 × pp2 × dp2 is
 # the tied pp2 layouts' embedding group with tensor parallelism's vocabulary split; DeepSeek's
 # routing under capacity and FSSDP changes only who computes the experts the router chose; of
-# DeepSeek-V3's layouts the default suite runs MLA's splits (tp2-sp, cp2 ring), the folded
-# experts and MTP over pipeline stages, the rest repeat what other families cover
+# DeepSeek-V3's layouts the default suite runs MLA's splits (tp2-sp, cp2 ring) and MTP over
+# pipeline stages, the rest repeat what other families cover (folding: the moe family's). Of
+# the rest, a layout whose dimension a default layout already runs at that size, with more
+# composed on it: fsdp-4 (dp4-hsdp-2x2), tp4 (features-tp4-kv-replicated), pp4 (pp4-vpp2,
+# pp4-zero-bubble-ddp2), cp2-tp2 (cp2-tp2-sp), ladder-tp4 (ladder-tp2-*)
 SLOW = {"fssdp8", "features-pp2-tp2-dp2-tied", "deepseek-ep2", "deepseek-ep2-capacity", "deepseek-fssdp2",
-        "deepseek-fssdp4", "deepseek-tp2-sp-ep2-etp2", "deepseek-cp2-ulysses", "deepseek-tp2-sp-pp2-ep2-dp2"}
+        "deepseek-fssdp4", "deepseek-tp2-sp-ep2-etp2", "deepseek-cp2-ulysses", "deepseek-tp2-sp-pp2-ep2-dp2",
+        "deepseek-tp2-sp-ep4-etp1-folded", "fsdp-4", "tp4", "pp4", "cp2-tp2", "ladder-tp4"}
 
 
 @pytest.mark.parametrize("layout, dtype", parity_cases({name: (w, o) for name, (_, w, o) in LAYOUTS.items()},

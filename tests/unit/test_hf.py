@@ -159,21 +159,74 @@ def test_import_then_export_is_bitwise_the_input(arch, folders, tmp_path):
                                    rtol=0, atol=0)
 
 
-def save_checkpoint(directory, model, folder) -> None:
-    """`model` (imported from `folder`) as a one-rank quintet checkpoint, as a run saves it."""
+def save_checkpoint(directory, model, folder, **changes) -> None:
+    """`model` (imported from `folder`, with model config `changes`) as a one-rank quintet
+    checkpoint, as a run saves it."""
     from omegaconf import OmegaConf
 
     from launch.load import model_config
     from runtime.hf.config import model_fields
 
     fields = model_fields(json.loads((folder / "config.json").read_text()))
-    config = OmegaConf.to_container(model_config({**fields, "name": "hf", "hf_path": str(folder)}), resolve=True,
+    config = OmegaConf.to_container(model_config({**fields, "name": "hf", "hf_path": str(folder), **changes}), resolve=True,
                                     enum_to_str=True)
     saver = BaseCheckpointer(str(directory), 0, 0, model=config)
     write_shard(saver.step_path(1), 0, [
         StateBlock(f"{'model' if isinstance(t, torch.nn.Parameter) else 'buffer'}/{n}", t.data, tuple(t.shape),
                    tuple(slice(0, s) for s in t.shape)) for n, t in [*model.named_parameters(), *model.named_buffers()]])
     saver.publish(1, {"step": 1})
+
+
+def test_multi_token_prediction_blocks_are_left_out_of_an_export(folders, tmp_path):
+    """A DeepSeek-V3 import trained with an MTP block (model.mtp_depth=1) exports as the folder it
+    came from, as Hugging Face checkpoints leave the block out."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    from runtime.model import Transformer
+
+    folder = folders["deepseek_v3"]
+    imported = load_hf(folder)
+    model = Transformer(replace(imported.args, mtp_depth=1))
+    model.load_state_dict(imported.state_dict(), strict=False)  # the MTP block keeps its own values
+    assert any(n.startswith("layers.2.") for n, _ in model.named_parameters())
+    save_checkpoint(tmp_path / "ckpt", model, folder, mtp_depth=1)
+    files = export(tmp_path / "ckpt", tmp_path / "out")
+    original = load_file(folder / "model.safetensors")
+    exported = {k: v for f in files for k, v in load_file(f).items()}
+    assert exported.keys() == original.keys() and all(torch.equal(exported[k], original[k]) for k in original)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_nextn_predict_layers"] == 0
+
+
+def test_deepseeks_mtp_layer_in_a_folder_is_skipped_and_mtp_starts_from_its_own_values(folders, tmp_path):
+    """DeepSeek's releases carry the MTP block as layer num_hidden_layers, which transformers skips:
+    so does the import's check. With model.mtp_depth=1 the block starts from the model's own
+    initial values (`fallback`), every other tensor from the folder."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file, save_file
+
+    from launch.load import hf_args
+    from parallel.materialize import initial_values
+    from runtime.hf.checkpoint import HFFolder
+    from runtime.model import Transformer
+
+    folder = tmp_path / "released"
+    shutil.copytree(folders["deepseek_v3"], folder)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.layers.2.eh_proj.weight"] = torch.zeros(64, 128)  # layer 2 of a 2-layer model: MTP
+    save_file(tensors, folder / "model.safetensors")
+    args = replace(hf_args(folder), mtp_depth=1)
+    with torch.device("meta"):
+        model = Transformer(args)
+    own = initial_values(model.init_full, 0)
+    source = HFFolder(folder, args, fallback=own)
+    assert source.problems() == []
+    whole = ((slice(0, 64), slice(0, 128)),)
+    assert torch.equal(source.values("layers.2.eh_proj.weight", (64, 128), whole)[0],
+                       own("layers.2.eh_proj.weight", (64, 128), whole)[0])
+    assert torch.equal(source.values("norm.weight", (64,), ((slice(0, 64),),))[0], tensors["model.norm.weight"])
 
 
 def problems_of(folder, data: str = "synthetic") -> list[str]:
