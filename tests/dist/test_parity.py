@@ -147,7 +147,7 @@ def reference(tmp_path_factory):
 # The fp32 runs in the default suite: one two-rank layout of each dimension and strategy (the
 # others with QUINTET_SLOW=1): fp64 holds every layout to 1e-9 already.
 FP32_DEFAULT = {"fsdp-2", "tp2-sp", "pp2-vpp2", "pp2-zero-bubble", "cp2", "cp2-ulysses", "ep2", "fssdp2",
-                "ladder-tp2-sp", "features-tp2-sp", "deepseek-pp2-vpp2-mtp"}
+                "ladder-tp2-sp", "features-tp2-sp", "deepseek-tp2-sp"}
 # fssdp8-remat runs fssdp8's world in the default suite; the tied head over tp2 × pp2 × dp2 is
 # the tied pp2 layouts' embedding group with tensor parallelism's vocabulary split; DeepSeek's
 # routing under capacity and FSSDP changes only who computes the experts the router chose; of
