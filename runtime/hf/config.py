@@ -69,6 +69,10 @@ def _refuse_unsupported(config: dict, arch: str) -> None:
     if arch in ("llama", "qwen3", "qwen3_moe") and config.get("attention_bias"):
         raise HFConfigError(f"attention_bias=true in a {arch} config: its output projection has a bias, which "
                             "quintet's attention does not (only Qwen2's q/k/v biases are supported)")
+    if config.get("quantization_config"):
+        method = config["quantization_config"].get("quant_method", "?") if isinstance(config["quantization_config"], dict) else "?"
+        raise HFConfigError(f"quantization_config (quant_method={method!r}): the weights are quantized (DeepSeek-V3's "
+                            "release is FP8 with per-block scales); convert them to bf16 or fp32 first")
     if config.get("use_sliding_window") or (arch == "mixtral" and config.get("sliding_window")):
         raise HFConfigError("sliding-window attention (use_sliding_window / sliding_window) is not supported: "
                             "quintet's attention is full causal")

@@ -265,6 +265,8 @@ def test_bad_folders_are_refused_naming_the_key_or_tensor(folders, tmp_path):
         "yarn", lambda c: c.update(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4,
                                                     "original_max_position_embeddings": 32, "attention_factor": 2.0}))[0]
     assert "hidden_act='gelu'" in variant("gelu", lambda c: c.update(hidden_act="gelu"))[0]
+    assert "quantization_config (quant_method='fp8')" in variant(
+        "fp8", lambda c: c.update(quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]}))[0]
     assert "config.json has no 'hidden_size'" in variant("no-size", lambda c: c.pop("hidden_size"))[0]
     [missing] = variant("missing", edit_tensors=lambda t: t.pop("model.layers.1.self_attn.k_norm.weight"))
     assert "lacks 1 tensor(s)" in missing and "model.layers.1.self_attn.k_norm.weight" in missing
