@@ -15,6 +15,7 @@ a list of hooks the trainer runs without knowing what they are.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 from dataclasses import dataclass, field
@@ -177,18 +178,22 @@ def pipeline_chunks(model: nn.Module, groups: Groups, parallel) -> tuple[list[nn
     return [split_for_pipeline(model, layers[s], s == 0, s == n - 1) for s in stages], stages
 
 
-def parallelize(model: nn.Module, groups: Groups, cfg, device: torch.device, tracer) -> ParallelModel:
+def parallelize(model: nn.Module, groups: Groups, cfg, device: torch.device, tracer, values=None,
+                storage=contextlib.nullcontext) -> ParallelModel:
     """Rewrite the meta-device `model` into this rank's chunks (run config `cfg`), give them real
     storage on `device` with the values one process would have (seed `cfg.seed`), and build
-    what the step needs. `tracer`: runtime.trace.Tracer (the pipeline's timeline)."""
+    what the step needs. `tracer`: runtime.trace.Tracer (the pipeline's timeline). A rehearsal
+    (launch/rehearse.py) passes `values`, another source of initial values (empty blocks), and
+    `storage`, the context the parameters are given storage in (a fake-tensor mode)."""
     topo, p = groups.topology, cfg.parallel
     padding = model.args.padded_vocab - model.args.vocab_size
     plan = ShardingPlan(padded_rows={"tok_embeddings.weight": padding, "output.weight": padding} if padding else {})
     # Initial values: a Hugging Face folder's (model=hf), or as the model declares them, by its
     # own modules, not the parallel ones that replace them (a meta-device copy costs no storage).
-    values = initial_values(copy.deepcopy(model).init_full, cfg.seed)
-    if cfg.model.get("hf_path"):
-        values = HFFolder(cfg.model.hf_path, model.args, fallback=values).values
+    if values is None:
+        values = initial_values(copy.deepcopy(model).init_full, cfg.seed)
+        if cfg.model.get("hf_path"):
+            values = HFFolder(cfg.model.hf_path, model.args, fallback=values).values
     chunks, stages = pipeline_chunks(model, groups, p)
     for chunk in chunks:
         chunk.sharding = plan
@@ -203,8 +208,9 @@ def parallelize(model: nn.Module, groups: Groups, cfg, device: torch.device, tra
         m.loss_scale = cfg.train.micro_batch_size / cfg.train.global_batch_size
     # Real storage; DDP wraps a materialised model, or is done by hand after the step when the
     # model is pipelined or holds experts (which reduce over EDP, not the dense group).
-    for chunk in chunks:
-        materialize(chunk, values, device, plan)
+    with storage():
+        for chunk in chunks:
+            materialize(chunk, values, device, plan)
     ddp = p.dp_impl.value == "ddp" and groups["dp_cp"] is not None
     manual_ddp = ddp and (topo.pp > 1 or bool(moe_layers))
     if ddp and not manual_ddp:
