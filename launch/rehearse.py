@@ -21,6 +21,7 @@ exception, exit 2.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -129,21 +130,24 @@ def rehearse_rank(cfg, topo: Topology, rank: int) -> dict:
             phase = "optimizer"
             optimizer = build_optimizer(par.parameters(), cfg.optim, cfg.train.lr, torch.device("cpu"))
             init_optimizer_state(optimizer)
-            moe = cfg.model.moe.num_experts > 0
-            step = ("no ({}: gradients counted as the parameters)".format(
-                "pipeline parallelism" if par.pipeline is not None else "MoE routing is data-dependent"))
-            if par.pipeline is None and not moe:
+            step = "no (MoE routing is data-dependent: gradients counted as the parameters)"
+            if cfg.model.moe.num_experts == 0:
                 phase = "forward and backward"
-                shape = (cfg.train.micro_batch_size, len(par.positions))
-                tokens = torch.zeros(shape, dtype=torch.long)
-                with par.gradient_sync(True):
-                    batch = Batch(tokens, tokens)
-                    loss = par.loss_fn(par.model(batch.tokens, par.positions, None, labels=batch.labels), batch.labels)
-                    loss.backward()
+                tokens = torch.zeros((cfg.train.micro_batch_size, len(par.positions)), dtype=torch.long)
+                batch = Batch(tokens, tokens)
+                if par.pipeline is not None:  # the schedule's whole step for this rank's microbatches
+                    microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * topo.dp)
+                    par.pipeline.forward_backward([batch] * microbatches, 1.0, contextlib.nullcontext)
+                    step = f"the pipeline schedule, {microbatches} microbatches"
+                else:
+                    with par.gradient_sync(True):
+                        loss = par.loss_fn(par.model(batch.tokens, par.positions, None, labels=batch.labels),
+                                           batch.labels)
+                        loss.backward()
+                    step = "one microbatch"
                 par.finish_grads()
-                step = "one microbatch"
             report = {"rank": rank, **state_bytes(par.parameters(), optimizer), "step": step}
-            if step != "one microbatch":  # backward gives every parameter a gradient of its local shape
+            if not step.startswith(("one", "the pipeline")):  # backward gives every parameter a gradient of its shape
                 report["gradients"] = report["parameters"]
             return report
     except Exception as e:
