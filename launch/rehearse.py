@@ -15,8 +15,9 @@ of the first pipeline (`rehearse.ranks=[...]` names others).
 
 Reported per rank (a table, then one JSON object as the last line): the bytes of its parameters,
 gradients and optimizer state (parallel/footprint.py: what a real rank of that layout holds,
-counted the same way) and, against `--device-memory` GB (default 80), whether that state fits and
-by how much. A rank whose rehearsal raises is reported with the rank, the phase and the
+counted the same way), whether that state fits `--device-memory` GB (default 80) and by how much,
+and the step's collective calls and bytes sent per process group and kind
+(parallel/traffic.py, the same counter a real rank's step gives). A rank whose rehearsal raises is reported with the rank, the phase and the
 exception, exit 2.
 """
 from __future__ import annotations
@@ -39,6 +40,7 @@ from parallel.groups import build_groups
 from parallel.mesh import Topology
 from parallel.parallelize import parallelize
 from parallel.strategies.holmes.network import layer_costs
+from parallel.traffic import CollectiveCounter
 from parallel.strategies.holmes.partition import balance, rank_times, reduction_factor
 from runtime.data.loader import Batch
 from runtime.model import ModelArgs, Transformer
@@ -99,6 +101,22 @@ def even_rate_split(cfg, topo: Topology, model) -> list[int]:
     return balance(topo.pp, p.vpp, per_layer, fixed)
 
 
+def run_step(par, cfg, topo: Topology, batch: Batch) -> str:
+    """The step's forward and backward and gradient completion (no optimizer step): the
+    pipeline schedule's whole step for this rank's microbatches, else one microbatch. Returns
+    what it ran. A real rank runs the same for the comparison (tests/dist/test_rehearse.py)."""
+    if par.pipeline is not None:
+        microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * topo.dp)
+        par.pipeline.forward_backward([batch] * microbatches, 1.0, contextlib.nullcontext)
+        what = f"the pipeline schedule, {microbatches} microbatches"
+    else:
+        with par.gradient_sync(True):
+            par.loss_fn(par.model(batch.tokens, par.positions, None, labels=batch.labels), batch.labels).backward()
+        what = "one microbatch"
+    par.finish_grads()
+    return what
+
+
 def _empty_values(name, full_shape, blocks):
     return [torch.empty([b.stop - b.start for b in block]) for block in blocks]
 
@@ -130,23 +148,14 @@ def rehearse_rank(cfg, topo: Topology, rank: int) -> dict:
             phase = "optimizer"
             optimizer = build_optimizer(par.parameters(), cfg.optim, cfg.train.lr, torch.device("cpu"))
             init_optimizer_state(optimizer)
-            step = "no (MoE routing is data-dependent: gradients counted as the parameters)"
+            step, counter = "no (MoE routing is data-dependent: gradients counted as the parameters)", None
             if cfg.model.moe.num_experts == 0:
                 phase = "forward and backward"
                 tokens = torch.zeros((cfg.train.micro_batch_size, len(par.positions)), dtype=torch.long)
-                batch = Batch(tokens, tokens)
-                if par.pipeline is not None:  # the schedule's whole step for this rank's microbatches
-                    microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * topo.dp)
-                    par.pipeline.forward_backward([batch] * microbatches, 1.0, contextlib.nullcontext)
-                    step = f"the pipeline schedule, {microbatches} microbatches"
-                else:
-                    with par.gradient_sync(True):
-                        loss = par.loss_fn(par.model(batch.tokens, par.positions, None, labels=batch.labels),
-                                           batch.labels)
-                        loss.backward()
-                    step = "one microbatch"
-                par.finish_grads()
-            report = {"rank": rank, **state_bytes(par.parameters(), optimizer), "step": step}
+                with CollectiveCounter(groups) as counter:
+                    step = run_step(par, cfg, topo, Batch(tokens, tokens))
+            report = {"rank": rank, **state_bytes(par.parameters(), optimizer), "step": step,
+                      "collectives": counter.table if counter is not None else None}
             if not step.startswith(("one", "the pipeline")):  # backward gives every parameter a gradient of its shape
                 report["gradients"] = report["parameters"]
             return report
@@ -181,11 +190,13 @@ def rehearse(opts: Options) -> list[dict]:
 
 def table(reports: list[dict], device_memory_gb: float) -> str:
     lines = [f"{'rank':>6}{'parameters':>13}{'gradients':>12}{'optimizer':>12}{'state':>10}  "
-             f"fits {device_memory_gb:g} GB   step rehearsed"]
+             f"fits {device_memory_gb:g} GB{'sent':>12}{'calls':>8}   step rehearsed"]
     for r in reports:
+        kinds = [k for by_kind in (r["collectives"] or {}).values() for k in by_kind.values()]
+        sent = f"{sum(k['bytes'] for k in kinds) / GB:>11.2f}G{sum(k['calls'] for k in kinds):>8}" if kinds else f"{'—':>12}{'—':>8}"
         lines.append(f"{r['rank']:>6}{r['parameters'] / GB:>12.2f}G{r['gradients'] / GB:>11.2f}G"
                      f"{r['optimizer'] / GB:>11.2f}G{r['state'] / GB:>9.2f}G  "
-                     f"{'yes' if r['fits'] else 'NO'} ({r['headroom_gb']:+.1f} GB)   {r['step']}")
+                     f"{'yes' if r['fits'] else 'NO'} ({r['headroom_gb']:+.1f} GB){sent}   {r['step']}")
     return "\n".join(lines)
 
 

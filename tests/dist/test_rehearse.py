@@ -1,9 +1,8 @@
 """A rehearsal (launch/rehearse.py: fake tensors over a fake process group, in this one process)
 gives every rank the parameter, gradient and optimizer-state bytes that rank of the real run
-holds after one microbatch's forward and backward (both counted by parallel/footprint.py); a
+holds after the step's forward and backward (both counted by parallel/footprint.py), and the
+same collective calls and bytes per group and kind (parallel/traffic.py); a
 job of thousands of ranks rehearses in seconds, and bad input stops it as a launch would."""
-import contextlib
-
 import pytest
 import torch
 
@@ -28,19 +27,16 @@ LAYOUTS = {
 def _real_rank(rank: int, world_size: int, overrides: list[str]) -> dict:
     from launch.config import compose
     from launch.train import setup
+    from launch.rehearse import run_step
     from parallel.footprint import state_bytes
+    from parallel.traffic import CollectiveCounter
 
     run = setup(compose(overrides))
     par = run.parallel
-    batches = par.local_batches(run.trainer.loader.step(0))
-    if par.pipeline is not None:  # the whole step, as the rehearsal runs it
-        par.pipeline.forward_backward(batches, 1.0, contextlib.nullcontext)
-    else:
-        with par.gradient_sync(True):
-            par.loss_fn(par.model(batches[0].tokens, par.positions, None, labels=batches[0].labels),
-                        batches[0].labels).backward()
-    par.finish_grads()
-    return state_bytes(par.parameters(), run.optimizer)
+    batch = par.local_batches(run.trainer.loader.step(0))[0]
+    with CollectiveCounter(run.groups) as counter:  # the step the rehearsal runs, on real data
+        run_step(par, run.cfg, run.groups.topology, batch)
+    return {**state_bytes(par.parameters(), run.optimizer), "collectives": counter.table}
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -52,6 +48,8 @@ def test_rehearsed_state_bytes_are_the_real_ranks(layout, tmp_path):
     for rank, (r, f) in enumerate(zip(real, rehearsed)):
         stepped = f["step"].startswith(("one microbatch", "the pipeline schedule"))
         assert f["rank"] == rank and stepped == (layout != "deepseek-tp2-sp-ep2-dp2"), f["step"]
+        if not stepped:  # no step rehearsed: the state alone
+            r = {k: v for k, v in r.items() if k != "collectives"}
         assert {k: f[k] for k in r} == r, (rank, r, f)
 
 
