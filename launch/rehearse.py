@@ -9,16 +9,16 @@ validation (the same messages, exit 2), every group of the whole world built by
 `parallel.groups.build_groups` over torch's fake process-group backend (a collective returns at
 once, nothing is sent), the model on the meta device, `parallelize` with every strategy the
 config names, materialised as fake tensors (shapes and dtypes, no storage), the optimizer and its
-state, and — without pipeline parallelism — one microbatch's forward and backward with the
-gradient reduction. By default the ranks that differ: the first, middle and last pipeline stage
-of the first pipeline (`rehearse.ranks=[...]` names others).
+state, and — for a dense model — the step's forward and backward with the gradient reduction
+(one microbatch, or the pipeline schedule's whole step). By default the ranks that differ: the
+first, middle and last pipeline stage of the first pipeline (`rehearse.ranks=[...]` names others).
 
 Reported per rank (a table, then one JSON object as the last line): the bytes of its parameters,
 gradients and optimizer state (parallel/footprint.py: what a real rank of that layout holds,
 counted the same way), whether that state fits `--device-memory` GB (default 80) and by how much,
-and the step's collective calls and bytes sent per process group and kind
-(parallel/traffic.py, the same counter a real rank's step gives). A rank whose rehearsal raises is reported with the rank, the phase and the
-exception, exit 2.
+and the step's collective calls and bytes sent per process group and kind (parallel/traffic.py,
+the same counter a real rank's step gives). A rank whose rehearsal raises is reported with the
+rank, the phase and the exception, exit 2.
 """
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ from parallel.groups import build_groups
 from parallel.mesh import Topology
 from parallel.parallelize import parallelize
 from parallel.strategies.holmes.network import layer_costs
-from parallel.traffic import CollectiveCounter
 from parallel.strategies.holmes.partition import balance, rank_times, reduction_factor
+from parallel.traffic import CollectiveCounter
 from runtime.data.loader import Batch
 from runtime.model import ModelArgs, Transformer
 from runtime.optim import build_optimizer, init_optimizer_state
@@ -69,16 +69,20 @@ def parse(argv: list[str]) -> Options:
     world, ranks, memory, overrides = None, None, 80.0, []
     it = iter(argv)
     for a in it:
-        if a.startswith("world_size="):
-            world = int(a.split("=", 1)[1])
-        elif a.startswith("rehearse.ranks="):
-            ranks = [int(r) for r in a.split("=", 1)[1].strip("[]").split(",") if r.strip()]
-        elif a == "--device-memory":
-            memory = float(next(it))
-        elif a.startswith("--device-memory="):
-            memory = float(a.split("=", 1)[1])
-        else:
-            overrides.append(a)
+        try:
+            if a.startswith("world_size="):
+                world = int(a.split("=", 1)[1])
+            elif a.startswith("rehearse.ranks="):
+                ranks = [int(r) for r in a.split("=", 1)[1].strip("[]").split(",") if r.strip()]
+            elif a == "--device-memory":
+                memory = float(next(it, "none"))
+            elif a.startswith("--device-memory="):
+                memory = float(a.split("=", 1)[1])
+            else:
+                overrides.append(a)
+        except ValueError:
+            raise ValueError(f"{a}: expected world_size=N, rehearse.ranks=[r,...] of integers or "
+                             f"--device-memory GB\n{USAGE}") from None
     if world is None:
         raise ValueError(f"give the world size as world_size=N\n{USAGE}")
     return Options(world, ranks, memory, overrides)
