@@ -39,8 +39,7 @@ from parallel.footprint import state_bytes
 from parallel.groups import build_groups
 from parallel.mesh import Topology
 from parallel.parallelize import parallelize
-from parallel.strategies.holmes.network import layer_costs
-from parallel.strategies.holmes.partition import balance, rank_times, reduction_factor
+from parallel.strategies.holmes.network import split_for_rates
 from parallel.traffic import CollectiveCounter
 from runtime.data.loader import Batch
 from runtime.model import ModelArgs, Transformer
@@ -95,14 +94,9 @@ def default_ranks(topo: Topology) -> list[int]:
     return sorted({pipeline[0], pipeline[len(pipeline) // 2], pipeline[-1]})
 
 
-def even_rate_split(cfg, topo: Topology, model) -> list[int]:
-    """`parallel.pp_layers=auto` for ranks of equal speed (a rehearsal measures no device): each
-    layer weighed by its own compute and gradient traffic (parallel/strategies/holmes)."""
-    t, p = cfg.train, cfg.parallel
-    costs = layer_costs(model, topo, t.global_batch_size * t.seq_len, 4, t.seq_len)
-    per_layer, fixed = rank_times(costs, topo.pp, [1.0] * topo.pp, [1.0] * topo.pp,
-                                  reduction_factor(topo.dp * topo.cp, p.dp_impl.value, p.reshard_after_forward))
-    return balance(topo.pp, p.vpp, per_layer, fixed)
+# `parallel.pp_layers=auto` without a device to measure: ranks of equal speed, each an H100's
+# dense bf16 rate with 400 Gbit/s (50 GB/s) of data-parallel bandwidth.
+REFERENCE_FLOPS, REFERENCE_BANDWIDTH = 989e12, 50e9
 
 
 def run_step(par, cfg, topo: Topology, batch: Batch) -> str:
@@ -176,7 +170,8 @@ def rehearse(opts: Options) -> list[dict]:
     if cfg.parallel.pp_layers == "auto":
         with torch.device("meta"):
             model = Transformer(ModelArgs.from_config(cfg.model, tp=cfg.parallel.tp))
-        cfg.parallel.pp_layers = even_rate_split(cfg, topo, model)
+        cfg.parallel.pp_layers = split_for_rates(cfg, model, topo, [REFERENCE_FLOPS] * topo.pp,
+                                                 [REFERENCE_BANDWIDTH] * topo.pp)
     ranks = opts.ranks if opts.ranks is not None else default_ranks(topo)
     bad = [r for r in ranks if not 0 <= r < opts.world_size]
     if bad:

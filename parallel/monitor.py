@@ -56,6 +56,24 @@ POINT_TO_POINT = ("send", "recv", "isend", "irecv")
 EXIT_HANG = 3
 
 
+def patch_communication(wrap) -> dict:
+    """Replace torch.distributed's collective and point-to-point functions by `wrap(name, fn,
+    parameter names)`; returns the originals, for `restore_communication`."""
+    originals = {}
+    for name in COLLECTIVES + POINT_TO_POINT:
+        fn = originals[name] = getattr(dist, name)
+        wrapped = wrap(name, fn, list(inspect.signature(fn).parameters))
+        setattr(dist, name, wrapped)
+        setattr(c10d, name, wrapped)
+    return originals
+
+
+def restore_communication(originals: dict) -> None:
+    for name, fn in originals.items():
+        setattr(dist, name, fn)
+        setattr(c10d, name, fn)
+
+
 @dataclass
 class _Call:
     op: str
@@ -103,13 +121,7 @@ class CollectiveMonitor:
         if self._originals:
             return self  # installed already
         self._stop, self.window_end = threading.Event(), None  # a new launch: its first step is the warm-up
-        for name in COLLECTIVES + POINT_TO_POINT:
-            fn = getattr(dist, name)
-            params = list(inspect.signature(fn).parameters)
-            wrapped = self._wrap(name, fn, params)
-            self._originals[name] = fn
-            setattr(dist, name, wrapped)
-            setattr(c10d, name, wrapped)
+        self._originals = patch_communication(self._wrap)
         self._thread = threading.Thread(target=self._watch, name="collective-watchdog", daemon=True)
         self._thread.start()
         return self
@@ -117,9 +129,7 @@ class CollectiveMonitor:
     def uninstall(self) -> None:
         """Restore torch.distributed and stop the watchdog (every rank calls it: its exchange is
         collective)."""
-        for name, fn in self._originals.items():
-            setattr(dist, name, fn)
-            setattr(c10d, name, fn)
+        restore_communication(self._originals)
         self._originals.clear()
         self._stop.set()
         if self._thread is not None:

@@ -16,13 +16,10 @@ go through the same code.
 from __future__ import annotations
 
 import functools
-import inspect
 
 import torch
-import torch.distributed as dist
-import torch.distributed.distributed_c10d as c10d
 
-from parallel.monitor import COLLECTIVES, POINT_TO_POINT
+from parallel.monitor import patch_communication, restore_communication
 
 # The argument holding the payload this rank sends, per function (by name, else the first).
 _PAYLOAD = {"all_gather_single": "input_tensor", "reduce_scatter_single": "input", "all_gather_into_tensor": "input_tensor",
@@ -49,18 +46,11 @@ class CollectiveCounter:
         self._inside = False  # a deprecated name calling its successor counts once
 
     def __enter__(self) -> "CollectiveCounter":
-        for name in COLLECTIVES + POINT_TO_POINT:
-            fn = getattr(dist, name)
-            self._originals[name] = fn
-            wrapped = self._wrap(name, fn, list(inspect.signature(fn).parameters))
-            setattr(dist, name, wrapped)
-            setattr(c10d, name, wrapped)
+        self._originals = patch_communication(self._wrap)
         return self
 
     def __exit__(self, *exc) -> None:
-        for name, fn in self._originals.items():
-            setattr(dist, name, fn)
-            setattr(c10d, name, fn)
+        restore_communication(self._originals)
         self._originals.clear()
 
     def _wrap(self, name: str, fn, params: list[str]):

@@ -130,10 +130,14 @@ def class_gbps(cluster, nics: set[str]) -> float:
 
 def auto_pp_layers(cfg, model, topo: Topology, groups, ranks: list[RankInfo], device: torch.device) -> list[int]:
     """Layer counts per stage for `parallel.pp_layers=auto` (the same on every rank)."""
+    return split_for_rates(cfg, model, topo, *stage_rates(cfg, topo, groups, ranks, device))
+
+
+def split_for_rates(cfg, model, topo: Topology, flops: list[float], bandwidth: list[float]) -> list[int]:
+    """Layer counts per stage for pipeline ranks of these FLOP/s and DP bandwidths (bytes/s)."""
     p, t = cfg.parallel, cfg.train
     grad_bytes = 8 if t.dtype.value == "float64" else 4
     costs = layer_costs(model, topo, t.global_batch_size * t.seq_len, grad_bytes, t.seq_len)
-    flops, bandwidth = stage_rates(cfg, topo, groups, ranks, device)
     factor = reduction_factor(topo.dp * topo.cp, p.dp_impl.value, p.reshard_after_forward)
     per_layer, fixed = rank_times(costs, topo.pp, flops, bandwidth, factor)
     return balance(topo.pp, p.vpp, per_layer, fixed)
