@@ -29,25 +29,29 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from launch.config import compose
+from launch.train import autocast_dtype, param_dtype
 from launch.validate import ConfigError, validate
-from parallel.footprint import state_bytes
+from parallel.fake import ShapeMode, fake_process_group, symmetric_peers
+from parallel.footprint import LiveBytes, state_bytes
 from parallel.groups import build_groups
 from parallel.mesh import Topology
 from parallel.parallelize import parallelize
+from parallel.pipeline.partition import rank_stages, stage_layers
+from parallel.pipeline.schedules import bubble, build, simulate
 from parallel.strategies.holmes.network import split_for_rates
 from parallel.traffic import CollectiveCounter
 from runtime.data.loader import Batch
 from runtime.model import ModelArgs, Transformer
 from runtime.optim import build_optimizer, init_optimizer_state
 from runtime.trace import Tracer
+from runtime.trainer import forward_backward
 
 EXIT_BAD = 2
-USAGE = ("usage: python -m launch.rehearse world_size=N [rehearse.ranks=[r,...]] [--device-memory GB] "
+USAGE = ("usage: python -m launch.rehearse world_size=N [rehearse.ranks=[r,...]] [--device-memory GB] [--no-step] "
          "[overrides ...]")
 GB = 1e9
 
@@ -62,10 +66,11 @@ class Options:
     ranks: list[int] | None
     device_memory_gb: float
     overrides: list[str]
+    step: bool = True  # False: the state only, in seconds (no forward, backward or optimizer step)
 
 
 def parse(argv: list[str]) -> Options:
-    world, ranks, memory, overrides = None, None, 80.0, []
+    world, ranks, memory, overrides, step = None, None, 80.0, [], True
     it = iter(argv)
     for a in it:
         try:
@@ -77,6 +82,8 @@ def parse(argv: list[str]) -> Options:
                 memory = float(next(it, "none"))
             elif a.startswith("--device-memory="):
                 memory = float(a.split("=", 1)[1])
+            elif a == "--no-step":
+                step = False
             else:
                 overrides.append(a)
         except ValueError:
@@ -84,14 +91,20 @@ def parse(argv: list[str]) -> Options:
                              f"--device-memory GB\n{USAGE}") from None
     if world is None:
         raise ValueError(f"give the world size as world_size=N\n{USAGE}")
-    return Options(world, ranks, memory, overrides)
+    return Options(world, ranks, memory, overrides, step)
 
 
-def default_ranks(topo: Topology) -> list[int]:
-    """The first, middle and last stage of the first pipeline: the ranks whose state differs
-    (the embedding, only layers, the head)."""
+def default_ranks(cfg, topo: Topology, args: ModelArgs) -> list[int]:
+    """The ranks whose state differs: the first, middle and last stage of the first pipeline (the
+    embedding, only layers, the head), and with experts the stage holding the most MoE layers."""
     pipeline = topo.groups("pp")[0]
-    return sorted({pipeline[0], pipeline[len(pipeline) // 2], pipeline[-1]})
+    picks = {pipeline[0], pipeline[len(pipeline) // 2], pipeline[-1]}
+    if args.moe is not None and topo.pp > 1:
+        p = cfg.parallel
+        layers = stage_layers(args.n_layers, topo.pp, p.vpp, p.pp_layers, p.pp_count_embedding_head)
+        moe = [sum(args.is_moe(i) for s in rank_stages(topo.pp, p.vpp, r) for i in layers[s]) for r in range(topo.pp)]
+        picks.add(pipeline[moe.index(max(moe))])
+    return sorted(picks)
 
 
 # `parallel.pp_layers=auto` without a device to measure: ranks of equal speed, each an H100's
@@ -99,103 +112,198 @@ def default_ranks(topo: Topology) -> list[int]:
 REFERENCE_FLOPS, REFERENCE_BANDWIDTH = 989e12, 50e9
 
 
-def run_step(par, cfg, topo: Topology, batch: Batch) -> str:
-    """The step's forward and backward and gradient completion (no optimizer step): the
-    pipeline schedule's whole step for this rank's microbatches, else one microbatch. Returns
-    what it ran. A real rank runs the same for the comparison (tests/dist/test_rehearse.py)."""
+def microbatches(cfg, topo: Topology) -> int:
+    return cfg.train.global_batch_size // (cfg.train.micro_batch_size * topo.dp)
+
+
+def run_step(par, optimizer, cfg, batches: list[Batch], live: LiveBytes) -> dict:
+    """One optimizer step of `launch.train`'s trainer on these microbatches, each phase named in
+    `live`: the forward and backward (the pipeline's schedule, else one microbatch after the
+    other), the loss's reduction, the gradients' completion, clipping, the optimizer step.
+    Returns the state bytes before the gradients are dropped. A real rank runs the same for the
+    comparison (tests/dist/test_rehearse.py)."""
+    live.phase = "forward and backward"
+    dtype = autocast_dtype(cfg)
+    autocast = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype is not None else contextlib.nullcontext
     if par.pipeline is not None:
-        microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * topo.dp)
-        par.pipeline.forward_backward([batch] * microbatches, 1.0, contextlib.nullcontext)
-        what = f"the pipeline schedule, {microbatches} microbatches"
+        loss_sum = par.pipeline.forward_backward(batches, 1.0, autocast)
     else:
-        with par.gradient_sync(True):
-            par.loss_fn(par.model(batch.tokens, par.positions, None, labels=batch.labels), batch.labels).backward()
-        what = "one microbatch"
+        loss_sum = forward_backward(par, batches, 1.0, autocast)
+    live.phase = "gradient reduction"
+    par.reduce_loss(loss_sum)
     par.finish_grads()
-    return what
+    live.phase = "clipping"
+    par.clip_grad_norm_(cfg.optim.grad_clip)
+    live.phase = "optimizer step"
+    optimizer.step()
+    state = state_bytes(par.parameters(), optimizer)
+    optimizer.zero_grad(set_to_none=True)
+    return state
+
+
+def in_flight(actions) -> int:
+    """The most microbatch-chunks a rank holds at once: forward run, last backward (or weight
+    gradient) not yet — what its activations are held for."""
+    last = {(a.chunk, a.mb): a for a in actions}
+    held, most = set(), 0
+    for a in actions:
+        if a.kind == "F":
+            held.add((a.chunk, a.mb))
+        if last[(a.chunk, a.mb)] is a:
+            held.discard((a.chunk, a.mb))
+        most = max(most, len(held))
+    return most
+
+
+def rehearsed_microbatches(cfg, topo: Topology, pp_rank: int) -> int:
+    """How many of the step's microbatches a rehearsal runs: all without a pipeline; with one,
+    one more than the fewest (3 or more, so that microbatch 1 is neither the first nor the last)
+    for which this rank's schedule holds as many at once as the whole step's. The peak of live
+    bytes is then the step's, and each further microbatch repeats microbatch 1's collectives."""
+    m = microbatches(cfg, topo)
+    if topo.pp == 1:
+        return m
+    p, v, kind = topo.pp, cfg.parallel.vpp, str(cfg.parallel.schedule)
+    group = cfg.parallel.pp_group_size or p
+    step = group if kind == "interleaved_1f1b" else 1
+    if m % step:
+        return m
+    most = in_flight(build(kind, p, v, m, pp_rank, group))
+    for m1 in range(max(3, step), m, step):
+        if in_flight(build(kind, p, v, m1, pp_rank, group)) == most:
+            return min(m, m1 + step)  # and one more: a forward then runs while the most are held
+    return m
+
+
+def extrapolate(table: dict, per_microbatch: dict, times: int) -> dict:
+    """`table` with `per_microbatch`'s calls and bytes added `times` more times."""
+    out = {g: {k: dict(e) for k, e in kinds.items()} for g, kinds in table.items()}
+    for g, kinds in per_microbatch.items():
+        for k, e in kinds.items():
+            entry = out.setdefault(g, {}).setdefault(k, {"calls": 0, "bytes": 0})
+            entry["calls"] += times * e["calls"]
+            entry["bytes"] += times * e["bytes"]
+    return out
+
+
+def simulated_bubble(cfg, topo: Topology) -> float | None:
+    """The schedule's bubble over its busy time, every forward 1 and backward 2 (weight gradients
+    split 1 + 1 under zero-bubble): parallel/pipeline/schedules.py's simulator."""
+    if topo.pp == 1:
+        return None
+    p, v, m = topo.pp, cfg.parallel.vpp, microbatches(cfg, topo)
+    kind = str(cfg.parallel.schedule)
+    return bubble(simulate([build(kind, p, v, m, r) for r in range(p)], p, v))
 
 
 def _empty_values(name, full_shape, blocks):
     return [torch.empty([b.stop - b.start for b in block]) for block in blocks]
 
 
-def rehearse_rank(cfg, topo: Topology, rank: int) -> dict:
-    """One rank of the job, on fake tensors over a fake process group; its state bytes."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
+def rehearse_rank(cfg, topo: Topology, rank: int, step: bool = True) -> dict:
+    """One rank of the job, on fake tensors over a fake process group (parallel/fake.py): its
+    state bytes, the step's peak of live bytes and its collectives (without `step`: the state,
+    gradients counted as the parameters they belong to, which is what backward allocates)."""
     if cfg.parallel.dp_impl.value == "ddp" and topo.dp * topo.cp > 1:
         raise RehearsalError(f"rank {rank}: parallelize: parallel.dp_impl=ddp is not rehearsed: DistributedDataParallel "
                              "broadcasts real parameters when it wraps the model, which fake tensors have not; "
                              "rehearse the layout with parallel.dp_impl=fsdp")
-    phase = "process groups"
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=topo.world_size)
+    phase, seconds, clock = "process groups", {}, time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        seconds[name], clock = round(time.perf_counter() - clock, 3), time.perf_counter()
+
     try:
-        groups = build_groups(topo, "cpu", cfg.parallel.timeout_s,
-                              embedding_group=cfg.model.tie_embeddings or cfg.model.mtp_depth > 0)
-        phase = "model"
-        dtype = torch.float64 if cfg.train.dtype.value == "float64" else torch.float32
-        with torch.device("meta"):  # as launch.train builds it
-            model = Transformer(ModelArgs.from_config(cfg.model, tp=cfg.parallel.tp)).to(dtype)
-        phase = "parallelize"
-        fake = FakeTensorMode(allow_non_fake_inputs=True)
-        # The strategies rewrite the meta-device model as in a run; its storage is fake tensors.
-        par = parallelize(model, groups, cfg, torch.device("cpu"), Tracer(cfg.trace, rank, cfg.run_dir),
-                          values=_empty_values, storage=lambda: fake)
-        with fake:
-            phase = "optimizer"
-            optimizer = build_optimizer(par.parameters(), cfg.optim, cfg.train.lr, torch.device("cpu"))
-            init_optimizer_state(optimizer)
-            step, counter = "no (MoE routing is data-dependent: gradients counted as the parameters)", None
-            if cfg.model.moe.num_experts == 0:
-                phase = "forward and backward"
+        with fake_process_group(rank, topo.world_size), symmetric_peers():
+            groups = build_groups(topo, "cpu", cfg.parallel.timeout_s,
+                                  embedding_group=cfg.model.tie_embeddings or cfg.model.mtp_depth > 0)
+            lap("groups")
+            phase = "model"
+            with torch.device("meta"):  # as launch.train builds it
+                model = Transformer(ModelArgs.from_config(cfg.model, tp=cfg.parallel.tp)).to(param_dtype(cfg))
+            phase = "parallelize"
+            fake = ShapeMode()
+            # The strategies rewrite the meta-device model as in a run; its storage is fake tensors.
+            par = parallelize(model, groups, cfg, torch.device("cpu"), Tracer(cfg.trace, rank, cfg.run_dir),
+                              values=_empty_values, storage=lambda: fake)
+            lap("parallelize")
+            with fake:
+                phase = "optimizer"
+                optimizer = build_optimizer(par.parameters(), cfg.optim, cfg.train.lr, torch.device("cpu"))
+                init_optimizer_state(optimizer)
+                if not step:
+                    state = state_bytes(par.parameters(), optimizer)
+                    state["gradients"] = state["parameters"]
+                    lap("optimizer")
+                    return {"rank": rank, **state, "peak": sum(state.values()), "peak_phase": "not rehearsed",
+                            "activations": None, "collectives": {}, "microbatches_run": 0, "seconds": seconds}
+                phase = "step"
                 tokens = torch.zeros((cfg.train.micro_batch_size, len(par.positions)), dtype=torch.long)
-                with CollectiveCounter(groups) as counter:
-                    step = run_step(par, cfg, topo, Batch(tokens, tokens))
-            report = {"rank": rank, **state_bytes(par.parameters(), optimizer), "step": step,
-                      "collectives": counter.table if counter is not None else None}
-            if not step.startswith(("one", "the pipeline")):  # backward gives every parameter a gradient of its shape
-                report["gradients"] = report["parameters"]
-            return report
+                m, m1 = microbatches(cfg, topo), rehearsed_microbatches(cfg, topo, groups.index("pp"))
+                before = state_bytes(par.parameters(), optimizer)
+                with CollectiveCounter(groups) as counter, LiveBytes(before["parameters"] + before["optimizer"]) as live:
+                    if par.pipeline is not None:
+                        par.pipeline.on_action = lambda a: setattr(counter, "microbatch", None if a is None else a.mb)
+                    state = run_step(par, optimizer, cfg, [Batch(tokens, tokens)] * m1, live)
+                    phase = live.phase
+                collectives = counter.table if m1 == m else extrapolate(counter.table, counter.per_microbatch[1], m - m1)
+            lap("step")
+            return {"rank": rank, **state, "peak": live.peak, "peak_phase": live.peak_phase,
+                    "activations": max(0, live.peak - sum(state.values())), "collectives": collectives,
+                    "microbatches_run": m1, "seconds": seconds}
     except Exception as e:
         raise RehearsalError(f"rank {rank}: {phase}: {type(e).__name__}: {e}") from e
-    finally:
-        dist.destroy_process_group()
 
 
-def rehearse(opts: Options) -> list[dict]:
-    """Every rehearsed rank's report (ConfigError before any rank when the config is invalid)."""
+def rehearse(opts: Options) -> dict:
+    """The job's report: every rehearsed rank's (ConfigError before any rank when the config is
+    invalid). A model with experts is routed with forced balance (`model.moe.force_balance`):
+    which expert a token goes to is data, which a rehearsal has not."""
     cfg = compose([*opts.overrides, "run_dir=unused"])
     topo = validate(cfg, opts.world_size)
+    with torch.device("meta"):
+        model = Transformer(ModelArgs.from_config(cfg.model, tp=cfg.parallel.tp))
     if cfg.parallel.pp_layers == "auto":
-        with torch.device("meta"):
-            model = Transformer(ModelArgs.from_config(cfg.model, tp=cfg.parallel.tp))
         cfg.parallel.pp_layers = split_for_rates(cfg, model, topo, [REFERENCE_FLOPS] * topo.pp,
                                                  [REFERENCE_BANDWIDTH] * topo.pp)
-    ranks = opts.ranks if opts.ranks is not None else default_ranks(topo)
+    ranks = opts.ranks if opts.ranks is not None else default_ranks(cfg, topo, model.args)
     bad = [r for r in ranks if not 0 <= r < opts.world_size]
     if bad:
         raise ConfigError([f"rehearse.ranks={bad}: ranks are 0 … world_size − 1 = {opts.world_size - 1}"])
-    out = []
+    if cfg.model.moe.num_experts:
+        cfg.model.moe.force_balance = True
+    reports = []
     for r in ranks:
-        report = rehearse_rank(cfg, topo, r)
-        total = report["parameters"] + report["gradients"] + report["optimizer"]
-        report["state"] = total
-        report["fits"] = total <= opts.device_memory_gb * GB
-        report["headroom_gb"] = opts.device_memory_gb - total / GB
-        out.append(report)
-    return out
+        report = rehearse_rank(cfg, topo, r, opts.step)
+        report["fits"] = report["peak"] <= opts.device_memory_gb * GB
+        report["headroom_gb"] = opts.device_memory_gb - report["peak"] / GB
+        reports.append(report)
+    return {"world_size": opts.world_size, "device_memory_gb": opts.device_memory_gb,
+            "microbatches": microbatches(cfg, topo), "pipeline_bubble": simulated_bubble(cfg, topo),
+            "routing": "forced balance" if cfg.model.moe.num_experts else None, "ranks": reports}
 
 
-def table(reports: list[dict], device_memory_gb: float) -> str:
-    lines = [f"{'rank':>6}{'parameters':>13}{'gradients':>12}{'optimizer':>12}{'state':>10}  "
-             f"fits {device_memory_gb:g} GB{'sent':>12}{'calls':>8}   step rehearsed"]
-    for r in reports:
-        kinds = [k for by_kind in (r["collectives"] or {}).values() for k in by_kind.values()]
-        sent = f"{sum(k['bytes'] for k in kinds) / GB:>11.2f}G{sum(k['calls'] for k in kinds):>8}" if kinds else f"{'—':>12}{'—':>8}"
-        lines.append(f"{r['rank']:>6}{r['parameters'] / GB:>12.2f}G{r['gradients'] / GB:>11.2f}G"
-                     f"{r['optimizer'] / GB:>11.2f}G{r['state'] / GB:>9.2f}G  "
-                     f"{'yes' if r['fits'] else 'NO'} ({r['headroom_gb']:+.1f} GB){sent}   {r['step']}")
+def table(job: dict) -> str:
+    """Memory per rank, then what each rank sends per process group (bytes and calls)."""
+    lines = [f"{'rank':>6}{'parameters':>12}{'gradients':>11}{'optimizer':>11}{'activations':>13}{'peak':>9}"
+             f"  fits {job['device_memory_gb']:g} GB   peak during"]
+    for r in job["ranks"]:
+        lines.append(f"{r['rank']:>6}" + "".join(f"{r[k] / GB:>{w - 1}.2f}G" if r[k] is not None else f"{'—':>{w}}"
+                                                 for k, w in (("parameters", 12), ("gradients", 11), ("optimizer", 11),
+                                                              ("activations", 13), ("peak", 9)))
+                     + f"  {'yes' if r['fits'] else 'NO '} ({r['headroom_gb']:+.1f} GB)   {r['peak_phase']}")
+    if any(r["collectives"] for r in job["ranks"]):
+        lines.append("sent per step (bytes, calls) by process group:")
+    for r in (r for r in job["ranks"] if r["collectives"]):
+        per_group = {g: (sum(k["bytes"] for k in kinds.values()), sum(k["calls"] for k in kinds.values()))
+                     for g, kinds in r["collectives"].items()}
+        lines.append(f"{r['rank']:>6}  " + ", ".join(f"{g} {b / GB:.3f}G/{c}" for g, (b, c) in sorted(per_group.items())))
+    if job["pipeline_bubble"] is not None:
+        lines.append(f"pipeline: {job['microbatches']} microbatches, simulated bubble {job['pipeline_bubble']:.1%} "
+                     "of the busy time (F = 1, B = 2)")
+    if job["routing"]:
+        lines.append("experts: routing with forced balance (every expert receives the same share)")
     return "\n".join(lines)
 
 
@@ -204,16 +312,16 @@ def main(argv: list[str] | None = None) -> None:
     try:
         opts = parse(argv)
         start = time.perf_counter()
-        reports = rehearse(opts)
+        job = rehearse(opts)
     except (ValueError, ConfigError, RehearsalError) as e:
         print(f"quintet: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD)
     except (HydraException, OmegaConfBaseException) as e:
         print(f"quintet: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD)
-    print(table(reports, opts.device_memory_gb))
-    print(f"rehearsed {len(reports)} of {opts.world_size} ranks in {time.perf_counter() - start:.1f} s")
-    print(json.dumps({"world_size": opts.world_size, "device_memory_gb": opts.device_memory_gb, "ranks": reports}))
+    print(table(job))
+    print(f"rehearsed {len(job['ranks'])} of {opts.world_size} ranks in {time.perf_counter() - start:.1f} s")
+    print(json.dumps(job))
 
 
 if __name__ == "__main__":

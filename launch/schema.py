@@ -150,6 +150,7 @@ class MoEConfig:
     z_loss_coef: float = num(0.001, ge=0)  # router z-loss
     bias_update_rate: float = num(0.0, ge=0)  # aux-loss-free balancing: per-expert bias step per update; 0 = off
     capacity_factor: float = num(0.0, ge=0, note="0 = dropless")  # each expert keeps factor·tokens·top_k/experts
+    force_balance: bool = False  # route assignment j of token t to expert (t·top_k + j) mod experts, whatever the scores: equal loads, for benchmarks and rehearsals (Megatron's moe_router_force_load_balancing)
 
 
 RopeType = choice("RopeType", "none llama3 yarn", "rotary frequency scaling")

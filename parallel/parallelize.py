@@ -223,9 +223,12 @@ def parallelize(model: nn.Module, groups: Groups, cfg, device: torch.device, tra
         shape = (cfg.train.micro_batch_size, seq_local, model.args.dim)
         if model.args.residual == "ladder":
             shape = (3, *shape)
+        # FSDP2's bf16 policy computes each block in bf16, so its output crosses the boundary in
+        # bf16; otherwise the residual stream keeps the parameters' dtype (autocast or not).
+        fsdp_bf16 = cfg.train.dtype.value == "bfloat16" and p.dp_impl.value == "fsdp" and groups["dp_cp"] is not None
+        act_dtype = torch.bfloat16 if fsdp_bf16 else next(chunks[0].parameters()).dtype
         pipeline = PipelineExecutor(chunks, stages, topo.pp * p.vpp, p.schedule, p.vpp, p.pp_group_size or topo.pp,
-                                    groups, loss_fn, shape, next(chunks[0].parameters()).dtype, positions, device,
-                                    tracer)
+                                    groups, loss_fn, shape, act_dtype, positions, device, tracer)
     hooks = []
     if model.args.mtp_depth:
         hooks.append(functools.partial(mtp_step, head_chunk, groups))

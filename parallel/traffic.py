@@ -42,6 +42,9 @@ class CollectiveCounter:
             if handle is not None:
                 self.names[id(handle)] = f"{self.names[id(handle)]}/{name}" if id(handle) in self.names else name
         self.table: dict[str, dict[str, dict[str, int]]] = {}
+        # The same per microbatch of a pipeline step, while `microbatch` names the one running.
+        self.microbatch: int | None = None
+        self.per_microbatch: dict[int, dict[str, dict[str, dict[str, int]]]] = {}
         self._originals: dict = {}
         self._inside = False  # a deprecated name calling its successor counts once
 
@@ -65,9 +68,12 @@ class CollectiveCounter:
             group = kwargs.get("group", args[g_at] if len(args) > g_at else None)
             key = self.names.get(id(group), "world") if group is not None else "world"
             sent = 0 if name in ("recv", "irecv") else _nbytes(kwargs.get(payload, args[p_at] if len(args) > p_at else None))
-            entry = self.table.setdefault(key, {}).setdefault(name, {"calls": 0, "bytes": 0})
-            entry["calls"] += 1
-            entry["bytes"] += sent
+            tables = [self.table] if self.microbatch is None else \
+                [self.table, self.per_microbatch.setdefault(self.microbatch, {})]
+            for table in tables:
+                entry = table.setdefault(key, {}).setdefault(name, {"calls": 0, "bytes": 0})
+                entry["calls"] += 1
+                entry["bytes"] += sent
             self._inside = True
             try:
                 return fn(*args, **kwargs)

@@ -124,7 +124,7 @@ class ModelArgs:
                       renormalize=m.renormalize, aux_loss_coef=m.aux_loss_coef,
                       sequence_aux_loss=m.sequence_aux_loss,
                       z_loss_coef=m.z_loss_coef, bias_update_rate=m.bias_update_rate,
-                      capacity_factor=m.capacity_factor)
+                      capacity_factor=m.capacity_factor, force_balance=m.force_balance)
         return cls(**base, moe=moe, moe_every=m.every, moe_first_dense=m.first_dense)
 
     @classmethod

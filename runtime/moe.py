@@ -45,6 +45,15 @@ class MoEArgs:
     z_loss_coef: float = 0.001
     bias_update_rate: float = 0.0
     capacity_factor: float = 0.0  # 0 = dropless
+    force_balance: bool = False  # every expert gets the same share of assignments, whatever the scores
+
+
+def balanced_choice(tokens: int, top_k: int, num_experts: int, device) -> torch.Tensor:
+    """A [tokens, k] choice that loads every expert alike: assignment j of token t goes to expert
+    (t·k + j) mod E (k ≤ E distinct experts per token). It depends on no score, so the counts that
+    size the dispatch are known without the data — what a rehearsal on fake tensors needs — and
+    every rank that routes the same number of tokens makes the same choice."""
+    return (torch.arange(tokens * top_k, device=device) % num_experts).view(tokens, top_k)
 
 
 class AttachAuxLoss(torch.autograd.Function):
@@ -171,6 +180,9 @@ class MoE(nn.Module):
         the chosen scores renormalised and scaled by routed_scaling_factor."""
         a = self.args
         scores = logits.sigmoid() if a.score == "sigmoid" else logits.softmax(dim=-1)
+        if a.force_balance:  # the weights still come from the scores, so the router still learns
+            idx = balanced_choice(scores.shape[0], a.top_k, a.num_experts, scores.device)
+            return idx, self._weights(scores, idx), scores
         choose = scores + self.expert_bias.to(scores.dtype)  # zero unless moved or loaded (DeepSeek-V3's)
         if a.n_group > 1:
             groups = choose.view(-1, a.n_group, a.num_experts // a.n_group)
@@ -178,10 +190,13 @@ class MoE(nn.Module):
             allowed = torch.zeros_like(groups[..., 0], dtype=torch.bool).scatter_(1, best, True)
             choose = groups.masked_fill(~allowed[..., None], float("-inf")).view_as(choose)
         idx = torch.topk(choose, a.top_k, dim=-1).indices  # [tokens, k]
+        return idx, self._weights(scores, idx), scores
+
+    def _weights(self, scores: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         weights = scores.gather(-1, idx)
-        if a.renormalize:
+        if self.args.renormalize:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return idx, weights * a.routed_scaling_factor, scores
+        return weights * self.args.routed_scaling_factor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -192,7 +207,9 @@ class MoE(nn.Module):
         probs = scores / scores.sum(dim=-1, keepdim=True) if self.args.score == "sigmoid" else scores
         keep = None
         if self.args.capacity_factor > 0:
-            keep = capacity_keep(weights, idx, self.args.num_experts, self.args.capacity_factor)
+            # Forced balance drops by position (the earliest tokens stay), independent of the scores.
+            rank_by = idx.new_ones(idx.shape, dtype=weights.dtype) if self.args.force_balance else weights
+            keep = capacity_keep(rank_by, idx, self.args.num_experts, self.args.capacity_factor)
         out = self.dispatcher(x, self.experts, idx, weights, keep).to(x.dtype)
         if self.shared is not None:
             out = out + self.shared(x)

@@ -27,10 +27,12 @@ from dataclasses import dataclass
 import torch
 
 from runtime.checkpoint.format import CheckpointWriteError
+from runtime.data.loader import Batch
 from runtime.loss import IGNORE_INDEX
 from runtime.metrics import StepTimer
 from runtime.optim import lr_at, set_lr
 from runtime.preemption import StopRequest
+from runtime.trace import Tracer
 
 
 class NonFiniteError(RuntimeError):
@@ -78,19 +80,14 @@ class Trainer:
         return batch.tokens.to(self.device), batch.labels.to(self.device), documents
 
     def forward_backward(self, batches, n_targets: float) -> torch.Tensor:
-        """Forward, loss and backward of each microbatch in turn; data-parallel gradients are
-        reduced in the last one's backward only. Returns this rank's loss sum."""
-        par, loss_sum = self.parallel, torch.zeros((), device=self.device)
-        for i, batch in enumerate(batches):
-            tokens, labels, documents = self._on_device(batch)
-            with par.gradient_sync(i == len(batches) - 1):
-                with self.tracer.span(f"F mb{i}", "forward", mb=i), self._autocast():
-                    # The sum of token losses (the labels also feed multi-token prediction's tokens ahead).
-                    loss = par.loss_fn(par.model(tokens, par.positions, documents, labels=labels), labels)
-                with self.tracer.span(f"B mb{i}", "backward", mb=i):
-                    (loss / n_targets).backward()
-            loss_sum = loss_sum + loss.detach()
-        return loss_sum
+        """This rank's microbatches through the model and back (the pipeline's schedule, else one
+        after the other); returns this rank's loss sum."""
+        batches = [Batch(*self._on_device(b)) for b in batches]
+        if self.parallel.pipeline is not None:
+            # The schedule interleaves this rank's stages and microbatches; each microbatch
+            # runs the same forward, loss and backward as below, across the stages.
+            return self.parallel.pipeline.forward_backward(batches, n_targets, self._autocast)
+        return forward_backward(self.parallel, batches, n_targets, self._autocast, self.tracer)
 
     def _global_targets(self, batches) -> float:
         """The number of target tokens of these microbatches over every rank: the loss's normaliser."""
@@ -105,12 +102,7 @@ class Trainer:
             batches = par.local_batches(self.loader.step(step))
         n_targets = self._global_targets(batches)
         with self.tracer.pipeline_step(step):
-            if par.pipeline is not None:
-                # The schedule interleaves this rank's stages and microbatches; each microbatch
-                # runs the same forward, loss and backward as below, across the stages.
-                loss_sum = par.pipeline.forward_backward(batches, n_targets, self._autocast)
-            else:
-                loss_sum = self.forward_backward(batches, n_targets)
+            loss_sum = self.forward_backward(batches, n_targets)
         loss = par.reduce_loss(loss_sum) / n_targets
         par.finish_grads()
         grad_norm = par.clip_grad_norm_(self.grad_clip)
@@ -234,3 +226,20 @@ class Trainer:
                          "no checkpoint (checkpoint.enabled=false)")
                 self.metrics.note(f"stopping after step {done} on {stop.name}; {final}")
                 return
+
+
+def forward_backward(par, batches, n_targets: float, autocast=contextlib.nullcontext,
+                     tracer: Tracer | None = None) -> torch.Tensor:
+    """Forward, loss and backward of each microbatch in turn (without a pipeline); data-parallel
+    gradients are reduced in the last one's backward only. Returns this rank's loss sum."""
+    loss_sum = torch.zeros((), device=par.positions.device)
+    span = tracer.span if tracer is not None else (lambda *a, **k: contextlib.nullcontext())
+    for i, b in enumerate(batches):
+        with par.gradient_sync(i == len(batches) - 1):
+            with span(f"F mb{i}", "forward", mb=i), autocast():
+                # The sum of token losses (the labels also feed multi-token prediction's tokens ahead).
+                loss = par.loss_fn(par.model(b.tokens, par.positions, b.documents, labels=b.labels), b.labels)
+            with span(f"B mb{i}", "backward", mb=i):
+                (loss / n_targets).backward()
+        loss_sum = loss_sum + loss.detach()
+    return loss_sum

@@ -30,6 +30,7 @@ class PipelineExecutor:
         self.pp_ranks = groups.ranks["pp"]
         self.p, self.rank = len(self.pp_ranks), groups.index("pp")
         self.loss_fn, self.act_shape, self.act_dtype = loss_fn, act_shape, act_dtype
+        self.on_action = None  # called with each action as it starts (None after the last): a rehearsal's tally
         self.positions = positions  # the tokens' positions in the sequence (rotary embeddings)
         self.device, self.tracer = device, tracer
         self._sends: list = []
@@ -48,6 +49,9 @@ class PipelineExecutor:
             raise RuntimeError(f"a pipeline stage produced {tuple(t.shape)} {t.dtype}; the stage boundary "
                                f"carries {self.act_shape} {self.act_dtype}")
         t = t.contiguous()
+        # A send's buffer lives until the send completes, not to the step's end: a step of many
+        # microbatches would otherwise hold a boundary tensor for each.
+        self._sends = [(work, buf) for work, buf in self._sends if not work.is_completed()]
         self._sends.append((dist.isend(t, dst=self._peer(stage), group=group), t))
 
     def _documents(self, batch):
@@ -88,6 +92,8 @@ class PipelineExecutor:
         saved: dict[tuple[int, int], tuple] = {}
         loss_sum = torch.zeros((), dtype=torch.promote_types(self.act_dtype, torch.float32), device=self.device)
         for i, a in enumerate(actions):
+            if self.on_action is not None:
+                self.on_action(a)
             chunk, stage = self.chunks[a.chunk], self.stages[a.chunk]
             if a.kind == "F":
                 if stage == 0:
@@ -122,6 +128,8 @@ class PipelineExecutor:
             else:
                 with self.tracer.span(f"W{a.chunk} mb{a.mb}", "weight", chunk=a.chunk, mb=a.mb):
                     chunk.weight_grads.run((a.chunk, a.mb))
+        if self.on_action is not None:
+            self.on_action(None)
         self._wait_sends()
         return loss_sum
 
