@@ -3,6 +3,7 @@ time among those whose estimated peak memory fits a rank.
 
     python -m launch.plan model=tiny_moe cluster=mixed_4x2 train.global_batch_size=32
     python -m launch.plan world_size=8 model=tiny --top 10 --write planned
+    python -m launch.plan world_size=8 model=tiny --rehearse      # each of the top layouts rehearsed
     python -m launch.train parallel=planned ...          # the written layout
 
     torchrun --nproc-per-node 2 ... -m launch.plan --probe calibration.json cluster=mixed_4x2
@@ -16,7 +17,10 @@ runtime's memory floor); without one, this machine is measured in one process (t
 shared among a node's ranks, memory bandwidth, a block's fixed cost) and links are the cluster
 description's `gbps`, collectives cost what the ring says and FSDP's copies nothing.
 `--memory-gib` overrides the memory a rank may use (default: the probe's, else this machine's
-GPU memory or its host memory shared by a node's ranks).
+GPU memory or its host memory shared by a node's ranks). `--rehearse` runs each of the `--top`
+layouts through launch/rehearse.py (its ranks that differ, one whole step on fake tensors): a
+layout whose rehearsed peak does not fit is dropped, and the table shows the rehearsed peak (the
+busiest rank's) beside the estimate.
 
 Exit codes: 0 a plan, 2 bad input, 3 no layout fits (the message says by how much).
 """
@@ -167,18 +171,22 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:8.1f}"
 
 
-def describe_plan(plan: Plan, cfg, top: int) -> str:
+def describe_plan(plan: Plan, cfg, top: int, rehearsed: dict | None = None) -> str:
+    """The ranked table; with `rehearsed` ({id(estimate): the busiest rank's rehearsed peak}),
+    that figure beside the estimate."""
     t = cfg.train
     lines = [f"{len(plan.fitting)} layouts fit {plan.memory_bytes / GIB:.2f} GiB per rank "
              f"({len(plan.too_big)} do not); fastest first (estimates):", ""]
     parts = [f.name for f in dataclasses.fields(MemoryEstimate) if f.name != "pp_rank"]
-    header = (f"{'#':>3} {'layout':<44} {'step ms':>8} {'tok/s':>9} {'GiB':>6} |{'compute':>8}{'tp':>8}{'cp':>8}"
+    header = (f"{'#':>3} {'layout':<44} {'step ms':>8} {'tok/s':>9} {'GiB':>6} "
+              + (f"{'rehearsed':>10} " if rehearsed is not None else "") + f"|{'compute':>8}{'tp':>8}{'cp':>8}"
               f"{'ep':>8}{'pp':>8}{'bubble':>8}{'dp':>8}{'optim':>8}{'shared':>8} | MiB: " + " ".join(parts))
     lines += [header, "-" * len(header)]
     for i, e in enumerate(plan.fitting[:top], 1):
         s, m = e.time, e.memory
         lines.append(f"{i:>3} {e.layout.describe():<44} {_ms(s.total)} {e.tokens_per_s(t.global_batch_size, t.seq_len):9.0f} "
-                     f"{m.total / GIB:6.3f} |{_ms(s.compute)}{_ms(s.tp)}{_ms(s.cp)}{_ms(s.ep)}{_ms(s.pp)}"
+                     f"{m.total / GIB:6.3f} " + (f"{rehearsed[id(e)] / GIB:10.3f} " if rehearsed is not None else "")
+                     + f"|{_ms(s.compute)}{_ms(s.tp)}{_ms(s.cp)}{_ms(s.ep)}{_ms(s.pp)}"
                      f"{_ms(s.bubble)}{_ms(s.dp)}{_ms(s.optimizer)}{_ms(s.shared)} | "
                      + " ".join(f"{getattr(m, name) / 2**20:.0f}" for name in parts))
     return "\n".join(lines)
@@ -195,6 +203,20 @@ def no_fit_message(plan: Plan, cfg, world: int) -> str:
             f"{(e.memory.parameters + e.memory.gradients + e.memory.optimizer_states) / GIB:.2f}, "
             f"activations {e.memory.activations / GIB:.2f}, runtime floor {e.memory.floor / GIB:.2f}); "
             f"try more ranks, a shorter train.seq_len or a smaller model")
+
+
+def rehearse_top(plan: Plan, overrides: list[str], world: int, top: int) -> tuple[Plan, dict]:
+    """The top layouts rehearsed (launch/rehearse.py): those whose busiest rank's peak fits the
+    plan's memory, in the same order, and each one's peak."""
+    from launch.rehearse import Options, rehearse
+
+    kept, peaks = [], {}
+    for e in plan.fitting[:top]:
+        job = rehearse(Options(world, None, plan.memory_bytes / 1e9, [*overrides, *e.layout.overrides()]))
+        peaks[id(e)] = max(r["peak"] for r in job["ranks"])
+        if peaks[id(e)] <= plan.memory_bytes:
+            kept.append(e)
+    return dataclasses.replace(plan, fitting=kept), peaks
 
 
 def write_layout(best: Estimate, cfg, name: str, processes: list[RankInfo]) -> Path:
@@ -224,6 +246,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--probe", metavar="FILE", help="measure this cluster (under torchrun/Slurm) into FILE")
     parser.add_argument("--memory-gib", type=float, help="memory a rank may use (default: measured)")
     parser.add_argument("--json", action="store_true", help="print the ranked estimates as JSON")
+    parser.add_argument("--rehearse", action="store_true",
+                        help="rehearse the top layouts (one step on fake tensors) and drop those that do not fit")
     args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     unknown = [o for o in overrides if o.startswith("-")]
     if unknown:
@@ -261,12 +285,20 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"{e}{cause}")
     if not plan.fitting:
         fail(no_fit_message(plan, cfg, len(processes)), EXIT_NO_FIT)
+    rehearsed = None
+    if args.rehearse:
+        plan, rehearsed = rehearse_top(plan, overrides, len(processes), args.top)
+        if not plan.fitting:
+            fail(f"none of the top {args.top} layouts fits {plan.memory_bytes / GIB:.2f} GiB per rank when "
+                 "rehearsed; try more ranks, a shorter train.seq_len or activation checkpointing", EXIT_NO_FIT)
     if args.json:
         print(json.dumps([{"layout": e.layout.describe(), "overrides": e.layout.overrides(),
                            "step_s": e.time.total, "time": e.time.__dict__, "memory_bytes": e.memory.total,
-                           "memory": e.memory.__dict__} for e in plan.fitting[:args.top]]))
+                           "memory": e.memory.__dict__,
+                           **({"rehearsed_peak_bytes": rehearsed[id(e)]} if rehearsed is not None else {})}
+                          for e in plan.fitting[:args.top]]))
     else:
-        print(describe_plan(plan, cfg, args.top))
+        print(describe_plan(plan, cfg, args.top, rehearsed))
     if args.write:
         path = write_layout(plan.fitting[0], cfg, args.write, processes)
         print(f"\nwrote {path}: python -m launch.train parallel={args.write} model={cfg.model.name} "

@@ -1,24 +1,28 @@
 """Rehearse an N-rank job in one CPU process, before anyone books the cluster.
 
-    python -m launch.rehearse model=llama3_405b world_size=16384 parallel.tp=8 parallel.pp=16 \\
-        parallel.sp=true "parallel.pp_layers=[7,8,8,8,8,8,8,8,8,8,8,8,8,8,8,7]" train.seq_len=8192
+    python -m launch.rehearse model=llama3_405b parallel=llama3_405b_8k world_size=16384
     python -m launch.rehearse model=tiny world_size=8 parallel.tp=2 rehearse.ranks=[0,3] --device-memory 80
+    python -m launch.rehearse model=deepseek_v3 parallel=deepseek_v3_2048 world_size=2048 --no-step
 
-For each rehearsed rank, the real path of `launch.train` up to its first step: the same
+For each rehearsed rank, the real path of `launch.train` through one optimizer step: the same
 validation (the same messages, exit 2), every group of the whole world built by
 `parallel.groups.build_groups` over torch's fake process-group backend (a collective returns at
 once, nothing is sent), the model on the meta device, `parallelize` with every strategy the
-config names, materialised as fake tensors (shapes and dtypes, no storage), the optimizer and its
-state, and — for a dense model — the step's forward and backward with the gradient reduction
-(one microbatch, or the pipeline schedule's whole step). By default the ranks that differ: the
-first, middle and last pipeline stage of the first pipeline (`rehearse.ranks=[...]` names others).
+config names, materialised as fake tensors (shapes and dtypes, no storage: parallel/fake.py), the
+optimizer and its state, and `run_step`: every microbatch's forward and backward (through the
+pipeline's schedule), the loss's reduction, the gradients' completion, clipping and the optimizer
+step. Experts are routed with forced balance (`model.moe.force_balance`). By default the ranks
+that differ: the first, middle and last stage of the first pipeline, and with experts the stage
+holding the most MoE layers (`rehearse.ranks=[...]` names others).
 
 Reported per rank (a table, then one JSON object as the last line): the bytes of its parameters,
-gradients and optimizer state (parallel/footprint.py: what a real rank of that layout holds,
-counted the same way), whether that state fits `--device-memory` GB (default 80) and by how much,
-and the step's collective calls and bytes sent per process group and kind (parallel/traffic.py,
-the same counter a real rank's step gives). A rank whose rehearsal raises is reported with the
-rank, the phase and the exception, exit 2.
+gradients and optimizer state (parallel/footprint.py: counted as a real rank's are), the peak of
+live tensor bytes during the step with its phase, and the activations (that peak less the state),
+whether the peak fits `--device-memory` GB (default 80) and by how much, the step's collective
+calls and bytes sent per process group and kind (parallel/traffic.py, the same counter a real
+rank's step gives), and the pipeline's simulated bubble. `--no-step` reports the state alone, in
+seconds. A rank whose rehearsal raises is reported with the rank, the phase and the exception,
+exit 2; a rank that does not fit is named after the report, exit 3. docs/scale.md says what is exact and what is assumed.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import contextlib
 import json
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 
 import torch
@@ -50,7 +55,7 @@ from runtime.optim import build_optimizer, init_optimizer_state
 from runtime.trace import Tracer
 from runtime.trainer import forward_backward
 
-EXIT_BAD = 2
+EXIT_BAD, EXIT_NO_FIT = 2, 3  # as launch.plan: bad input; a rank that does not fit
 USAGE = ("usage: python -m launch.rehearse world_size=N [rehearse.ranks=[r,...]] [--device-memory GB] [--no-step] "
          "[overrides ...]")
 GB = 1e9
@@ -204,10 +209,6 @@ def rehearse_rank(cfg, topo: Topology, rank: int, step: bool = True) -> dict:
     """One rank of the job, on fake tensors over a fake process group (parallel/fake.py): its
     state bytes, the step's peak of live bytes and its collectives (without `step`: the state,
     gradients counted as the parameters they belong to, which is what backward allocates)."""
-    if cfg.parallel.dp_impl.value == "ddp" and topo.dp * topo.cp > 1:
-        raise RehearsalError(f"rank {rank}: parallelize: parallel.dp_impl=ddp is not rehearsed: DistributedDataParallel "
-                             "broadcasts real parameters when it wraps the model, which fake tensors have not; "
-                             "rehearse the layout with parallel.dp_impl=fsdp")
     phase, seconds, clock = "process groups", {}, time.perf_counter()
 
     def lap(name: str) -> None:
@@ -236,7 +237,7 @@ def rehearse_rank(cfg, topo: Topology, rank: int, step: bool = True) -> dict:
                     state = state_bytes(par.parameters(), optimizer)
                     state["gradients"] = state["parameters"]
                     lap("optimizer")
-                    return {"rank": rank, **state, "peak": sum(state.values()), "peak_phase": "not rehearsed",
+                    return {"rank": rank, **state, "peak": sum(state.values()), "peak_phase": "the state alone",
                             "activations": None, "collectives": {}, "microbatches_run": 0, "seconds": seconds}
                 phase = "step"
                 tokens = torch.zeros((cfg.train.micro_batch_size, len(par.positions)), dtype=torch.long)
@@ -253,7 +254,13 @@ def rehearse_rank(cfg, topo: Topology, rank: int, step: bool = True) -> dict:
                     "activations": max(0, live.peak - sum(state.values())), "collectives": collectives,
                     "microbatches_run": m1, "seconds": seconds}
     except Exception as e:
-        raise RehearsalError(f"rank {rank}: {phase}: {type(e).__name__}: {e}") from e
+        raise RehearsalError(f"rank {rank}: {phase}{_strategy(e)}: {type(e).__name__}: {e}") from e
+
+
+def _strategy(e: BaseException) -> str:
+    """The strategy (parallelize's `apply_*`) an exception came from, if any: " (apply_ep)"."""
+    names = [f.f_code.co_name for f, _ in traceback.walk_tb(e.__traceback__) if f.f_code.co_name.startswith("apply_")]
+    return f" ({names[-1]})" if names else ""
 
 
 def rehearse(opts: Options) -> dict:
@@ -321,7 +328,15 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(EXIT_BAD)
     print(table(job))
     print(f"rehearsed {len(job['ranks'])} of {opts.world_size} ranks in {time.perf_counter() - start:.1f} s")
-    print(json.dumps(job))
+    print(json.dumps(job), flush=True)
+    short = [r for r in job["ranks"] if not r["fits"]]
+    if short:
+        print("quintet: the layout does not fit --device-memory " f"{opts.device_memory_gb:g} GB: "
+              + "; ".join(f"rank {r['rank']} needs {r['peak'] / GB:.3g} GB ({-r['headroom_gb']:.3g} GB more; "
+                          f"peak in: {r['peak_phase']})" for r in short)
+              + "; try more ranks, activation checkpointing (parallel.activation_checkpoint=full) or a shorter "
+                "train.seq_len", file=sys.stderr)
+        sys.exit(EXIT_NO_FIT)
 
 
 if __name__ == "__main__":

@@ -85,13 +85,19 @@ def _fill(name: str, args: tuple, kwargs: dict, group) -> None:
 
 class _Done:
     """A fake collective's work, complete as soon as it is issued (nothing is sent), as a
-    real one is once its peer has received."""
+    real one is once its peer has received; its future holds the tensor it was given (what
+    DDP's communication hook reads)."""
 
-    def __init__(self, work):
-        self.work = work
+    def __init__(self, work, tensor):
+        self.work, self.tensor = work, tensor
 
     def is_completed(self) -> bool:
         return True
+
+    def get_future(self) -> torch.futures.Future:
+        future = torch.futures.Future()
+        future.set_result([self.tensor])
+        return future
 
     def wait(self, *args, **kwargs):
         return self.work.wait(*args, **kwargs)
@@ -112,7 +118,7 @@ def symmetric_peers():
             work = fn(*args, **kwargs)
             group = kwargs.get("group", args[g_at] if len(args) > g_at else None)
             _fill(name, args, kwargs, group)
-            return _Done(work) if work is not None else None
+            return _Done(work, args[0] if args else None) if work is not None else None
 
         return filled
 

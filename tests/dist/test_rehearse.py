@@ -30,11 +30,14 @@ LAYOUTS = {
     # FSSDP's sparse all-gathers of the experts a rank's tokens need
     "moe-fssdp-dp4": (4, ["model=tiny_moe", "parallel.moe_backend=fssdp", "parallel.ep=4",
                               "train.micro_batch_size=2"]),
+    # DistributedDataParallel's bucketed all-reduces (its hook reads a fake collective's future)
+    "pp2-ddp2-zero-bubble": (4, ["parallel.pp=2", "parallel.dp_impl=ddp", "parallel.schedule=zero_bubble",
+                                 "train.micro_batch_size=2"]),
     # DeepSeek's pipeline with multi-token prediction on the last stage, ep2 over dp
     "deepseek-pp2-mtp-ep2": (4, ["model=tiny_deepseek", "model.n_kv_heads=4", "model.mtp_depth=1",
                                  "parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=2"]),
 }
-DEFAULT = ("tp2-sp-dp2-fsdp", "pp2-vpp2-tp2-tied", "deepseek-tp2-sp-ep2-dp2")  # the others: QUINTET_SLOW=1
+DEFAULT = ("tp2-sp-dp2-fsdp", "deepseek-tp2-sp-ep2-dp2")  # the others: QUINTET_SLOW=1
 
 
 def _real_rank(rank: int, world_size: int, overrides: list[str]) -> dict:
@@ -104,11 +107,27 @@ def test_a_published_layout_rehearses_and_its_state_is_the_closed_form(layout, c
         assert abs(report[k] - v) <= 0.02 * v, (k, report[k], v)
 
 
-def test_bad_input_at_scale_stops_with_the_launchs_message(capsys):
+@pytest.mark.parametrize("argv, message", [
+    (["model=tiny_moe", "world_size=2048", "parallel.ep=3"], "model.moe.num_experts=8 is not divisible by parallel.ep=3"),
+    (["model=llama3_405b", "world_size=16300", "parallel.tp=8", "parallel.pp=16"],
+     "is not divisible by"),
+    (["model=llama3_405b", "world_size=16384", "parallel.tp=8", "parallel.pp=4", "parallel.pp_layers=[63,0,0,63]"],
+     "pipeline stages [1, 2] would hold no layer"),
+])
+def test_bad_input_at_scale_stops_with_the_launchs_message(argv, message, capsys):
     with pytest.raises(SystemExit) as stop:
-        main(["model=tiny_moe", "world_size=2048", "parallel.ep=3"])
+        main(argv)
     assert stop.value.code == 2
-    assert "model.moe.num_experts=8 is not divisible by parallel.ep=3" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
+
+
+def test_a_layout_that_does_not_fit_is_named_exit_3(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main([*SMALL, "world_size=4", "parallel.pp=2", "--no-step", "--device-memory", "0.0001"])
+    assert stop.value.code == 3
+    out, err = capsys.readouterr()
+    assert '"fits": false' in out.splitlines()[-1]
+    assert "does not fit --device-memory 0.0001 GB: rank 0 needs 0.00" in err and "; rank 2 needs" in err
 
 
 def test_a_rank_that_raises_is_named_with_its_phase(monkeypatch):
@@ -121,8 +140,15 @@ def test_a_rank_that_raises_is_named_with_its_phase(monkeypatch):
     with pytest.raises(RehearsalError, match="rank 3: parallelize: NotImplementedError: an unsupported combination"):
         rehearse(Options(4, [3], 80.0, [*SMALL, "parallel.tp=2"]))
     assert not torch.distributed.is_initialized()
-    with pytest.raises(RehearsalError, match="rank 0: parallelize: parallel.dp_impl=ddp is not rehearsed"):
-        rehearse(Options(2, [0], 80.0, [*SMALL, "parallel.dp_impl=ddp"]))
+    import parallel.parallelize as parallelizing
+
+    def apply_broken(model, groups, cfg):
+        raise NotImplementedError("this strategy with that one")
+
+    monkeypatch.setattr(rehearsal, "parallelize", parallelizing.parallelize)
+    monkeypatch.setattr(parallelizing, "STRATEGIES", [*parallelizing.STRATEGIES, apply_broken])
+    with pytest.raises(RehearsalError, match=r"rank 1: parallelize \(apply_broken\): NotImplementedError: this"):
+        rehearse(Options(4, [1], 80.0, [*SMALL, "parallel.tp=2"]))
 
 
 def test_a_bf16_pipeline_over_fsdp_rehearses():

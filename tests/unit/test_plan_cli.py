@@ -97,3 +97,24 @@ def test_a_calibration_of_another_cluster_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["world_size=2", "--calibration", str(tmp_path / "older.json")])
     assert exit_info.value.code == 2 and "older probe: it lacks fsdp_cost" in capsys.readouterr().err
+
+
+def test_rehearse_drops_the_layouts_whose_rehearsed_peak_does_not_fit(tmp_path, capsys, monkeypatch):
+    """--rehearse runs launch.rehearse on each of the top layouts: the rehearsed peak is reported
+    beside the estimate, and a layout whose rehearsal does not fit is dropped."""
+    import launch.rehearse as rehearsal
+
+    argv = ["world_size=2", "model=tiny", "model.n_layers=2", "train.seq_len=32", "train.global_batch_size=4",
+            "--calibration", _calibration(tmp_path, ONE_NODE), "--json", "--top", "2", "--rehearse"]
+    main(argv)
+    ranked = json.loads(capsys.readouterr().out)
+    assert len(ranked) == 2 and all(0 < r["rehearsed_peak_bytes"] <= 8 * GIB for r in ranked)
+    first = ranked[0]["overrides"]
+
+    def too_big_first(opts):  # the fastest layout's busiest rank needs more than a rank has
+        peak = 9 * GIB if all(o in opts.overrides for o in first) else GIB
+        return {"ranks": [{"rank": 0, "peak": peak}]}
+
+    monkeypatch.setattr(rehearsal, "rehearse", too_big_first)
+    main(argv)
+    assert [r["layout"] for r in json.loads(capsys.readouterr().out)] == [ranked[1]["layout"]]
