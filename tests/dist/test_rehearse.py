@@ -30,6 +30,8 @@ LAYOUTS = {
     # FSSDP's sparse all-gathers of the experts a rank's tokens need
     "moe-fssdp-dp4": (4, ["model=tiny_moe", "parallel.moe_backend=fssdp", "parallel.ep=4",
                               "train.micro_batch_size=2"]),
+    # HSDP: sharded over 2, replicated over 2 (a 2-D mesh in every rank's fake world)
+    "hsdp-2x2": (4, ["parallel.dp_replicate=2", "train.micro_batch_size=2"]),
     # DistributedDataParallel's bucketed all-reduces (its hook reads a fake collective's future)
     "pp2-ddp2-zero-bubble": (4, ["parallel.pp=2", "parallel.dp_impl=ddp", "parallel.schedule=zero_bubble",
                                  "train.micro_batch_size=2"]),
