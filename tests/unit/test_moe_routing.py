@@ -112,3 +112,21 @@ def test_the_sequence_wise_balance_loss_is_the_papers():
         f = torch.bincount(idx.flatten(), minlength=E).double() * E / (K * seq.shape[0])
         losses.append(float((f * s.mean(dim=0)).sum()))
     assert abs(float(moe.step_aux) - 0.1 * sum(losses) / len(losses)) < 1e-12
+
+
+def test_forced_balance_loads_every_expert_alike_and_the_router_still_learns():
+    """model.moe.force_balance: assignment j of token t goes to expert (t·k + j) mod E whatever the
+    scores; the weights are still the scores' (renormalised, scaled), so the router gets a gradient."""
+    moe = deepseek_moe(force_balance=True)
+    x = torch.randn(4 * E, 16)
+    logits = moe.router(x)
+    idx, weights, scores = moe.route(logits)
+    assert torch.equal(idx.reshape(-1), torch.arange(4 * E * K) % E)
+    assert torch.bincount(idx.reshape(-1), minlength=E).tolist() == [4 * K] * E
+    expected = scores.gather(-1, idx)
+    expected = expected / expected.sum(-1, keepdim=True) * moe.args.routed_scaling_factor
+    torch.testing.assert_close(weights, expected)
+    for p in moe.experts.parameters():  # built empty, as on the meta device
+        torch.nn.init.normal_(p, std=0.02)
+    moe(x.unsqueeze(0)).sum().backward()
+    assert moe.router.weight.grad is not None and moe.router.weight.grad.abs().sum() > 0
