@@ -32,9 +32,7 @@ new_group = dist.new_group
 def counted(*a, **k):
     calls[0] += 1
     return new_group(*a, **k)
-dist.new_group = counted
-import parallel.groups
-parallel.groups.dist.new_group = counted
+dist.new_group = counted  # parallel/groups.py calls it through this module
 from launch.rehearse import Options, rehearse
 start = time.perf_counter()
 job = rehearse(Options(int(sys.argv[1]), [0], 80.0, sys.argv[3:], step=sys.argv[2] == "step"))

@@ -22,11 +22,11 @@ whether the peak fits `--device-memory` GB (default 80) and by how much, the ste
 calls and bytes sent per process group and kind (parallel/traffic.py, the same counter a real
 rank's step gives), and the pipeline's simulated bubble. `--no-step` reports the state alone, in
 seconds. A rank whose rehearsal raises is reported with the rank, the phase and the exception,
-exit 2; a rank that does not fit is named after the report, exit 3. docs/scale.md says what is exact and what is assumed.
+exit 2; a rank that does not fit is named after the report, exit 3. docs/scale.md says what is
+exact and what is assumed.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 import time
@@ -53,7 +53,7 @@ from runtime.data.loader import Batch
 from runtime.model import ModelArgs, Transformer
 from runtime.optim import build_optimizer, init_optimizer_state
 from runtime.trace import Tracer
-from runtime.trainer import forward_backward
+from runtime.trainer import autocast, forward_backward
 
 EXIT_BAD, EXIT_NO_FIT = 2, 3  # as launch.plan: bad input; a rank that does not fit
 USAGE = ("usage: python -m launch.rehearse world_size=N [rehearse.ranks=[r,...]] [--device-memory GB] [--no-step] "
@@ -96,6 +96,8 @@ def parse(argv: list[str]) -> Options:
                              f"--device-memory GB\n{USAGE}") from None
     if world is None:
         raise ValueError(f"give the world size as world_size=N\n{USAGE}")
+    if world < 1 or not memory > 0:
+        raise ValueError(f"world_size={world} must be ≥ 1 and --device-memory {memory:g} GB > 0\n{USAGE}")
     return Options(world, ranks, memory, overrides, step)
 
 
@@ -123,17 +125,11 @@ def microbatches(cfg, topo: Topology) -> int:
 
 def run_step(par, optimizer, cfg, batches: list[Batch], live: LiveBytes) -> dict:
     """One optimizer step of `launch.train`'s trainer on these microbatches, each phase named in
-    `live`: the forward and backward (the pipeline's schedule, else one microbatch after the
-    other), the loss's reduction, the gradients' completion, clipping, the optimizer step.
+    `live`: the trainer's forward and backward (runtime/trainer.py), the loss's reduction, the gradients' completion, clipping, the optimizer step.
     Returns the state bytes before the gradients are dropped. A real rank runs the same for the
     comparison (tests/dist/test_rehearse.py)."""
     live.phase = "forward and backward"
-    dtype = autocast_dtype(cfg)
-    autocast = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype is not None else contextlib.nullcontext
-    if par.pipeline is not None:
-        loss_sum = par.pipeline.forward_backward(batches, 1.0, autocast)
-    else:
-        loss_sum = forward_backward(par, batches, 1.0, autocast)
+    loss_sum = forward_backward(par, batches, 1.0, autocast("cpu", autocast_dtype(cfg)))
     live.phase = "gradient reduction"
     par.reduce_loss(loss_sum)
     par.finish_grads()

@@ -7,8 +7,8 @@ Fake tensors have no values, so an op whose output shape depends on values (`bin
 each token goes to, how many rows go to each rank — are integer bookkeeping made from integer
 factories (`arange`) under forced-balance routing (runtime/moe.py), never from the model's
 floating-point data. `ShapeMode` therefore runs for real every op whose tensor inputs are all
-real (on a device, not meta), and the factories of integer and boolean tensors; only the model's floating-point data is
-fake. Those real integers cross ranks in a few collectives (the token counts of an all-to-all);
+real (on a device, not meta), and the factories of integer and boolean tensors; only the model's
+floating-point data is fake. Those real integers cross ranks in a few collectives (the token counts of an all-to-all);
 `symmetric_peers` fills what such a collective receives as if every peer held what this rank
 holds — true of forced-balance routing, where every rank routes its tokens alike — and reports
 every fake collective complete as soon as it is issued.

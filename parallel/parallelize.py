@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from parallel.activation_checkpoint import apply_ac
 from parallel.collectives import all_reduce_grads
@@ -223,9 +224,9 @@ def parallelize(model: nn.Module, groups: Groups, cfg, device: torch.device, tra
         shape = (cfg.train.micro_batch_size, seq_local, model.args.dim)
         if model.args.residual == "ladder":
             shape = (3, *shape)
-        # FSDP2's bf16 policy computes each block in bf16, so its output crosses the boundary in
-        # bf16; otherwise the residual stream keeps the parameters' dtype (autocast or not).
-        fsdp_bf16 = cfg.train.dtype.value == "bfloat16" and p.dp_impl.value == "fsdp" and groups["dp_cp"] is not None
+        # FSDP2's bf16 policy (apply_fsdp) computes each block in bf16, so its output crosses the
+        # boundary in bf16; otherwise the residual stream keeps the parameters' dtype (autocast or not).
+        fsdp_bf16 = isinstance(chunks[0], FSDPModule) and cfg.train.dtype.value == "bfloat16"
         act_dtype = torch.bfloat16 if fsdp_bf16 else next(chunks[0].parameters()).dtype
         pipeline = PipelineExecutor(chunks, stages, topo.pp * p.vpp, p.schedule, p.vpp, p.pp_group_size or topo.pp,
                                     groups, loss_fn, shape, act_dtype, positions, device, tracer)

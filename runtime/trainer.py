@@ -71,23 +71,16 @@ class Trainer:
         self.valid_loader, self.eval_every, self.eval_batches = valid_loader, eval_every, eval_batches
 
     def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        return autocast(self.device.type, self.autocast_dtype)()
 
     def _on_device(self, batch):
         documents = None if batch.documents is None else batch.documents.to(self.device)
         return batch.tokens.to(self.device), batch.labels.to(self.device), documents
 
     def forward_backward(self, batches, n_targets: float) -> torch.Tensor:
-        """This rank's microbatches through the model and back (the pipeline's schedule, else one
-        after the other); returns this rank's loss sum."""
-        batches = [Batch(*self._on_device(b)) for b in batches]
-        if self.parallel.pipeline is not None:
-            # The schedule interleaves this rank's stages and microbatches; each microbatch
-            # runs the same forward, loss and backward as below, across the stages.
-            return self.parallel.pipeline.forward_backward(batches, n_targets, self._autocast)
-        return forward_backward(self.parallel, batches, n_targets, self._autocast, self.tracer)
+        """This rank's microbatches through the model and back; returns this rank's loss sum."""
+        return forward_backward(self.parallel, [Batch(*self._on_device(b)) for b in batches], n_targets,
+                                self._autocast, self.tracer)
 
     def _global_targets(self, batches) -> float:
         """The number of target tokens of these microbatches over every rank: the loss's normaliser."""
@@ -228,10 +221,22 @@ class Trainer:
                 return
 
 
+def autocast(device_type: str, dtype: torch.dtype | None):
+    """The step's autocast as a context factory: `dtype` (bf16 runs), else none."""
+    if dtype is None:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type, dtype=dtype)
+
+
 def forward_backward(par, batches, n_targets: float, autocast=contextlib.nullcontext,
                      tracer: Tracer | None = None) -> torch.Tensor:
-    """Forward, loss and backward of each microbatch in turn (without a pipeline); data-parallel
-    gradients are reduced in the last one's backward only. Returns this rank's loss sum."""
+    """This rank's microbatches (on its device) through the model and back; returns this rank's
+    loss sum. With a pipeline its schedule interleaves this rank's stages and microbatches, each
+    running the same forward, loss and backward as below across the stages; without one, each
+    microbatch in turn, data-parallel gradients reduced in the last one's backward only. Also
+    the step a rehearsal runs (launch/rehearse.py)."""
+    if par.pipeline is not None:
+        return par.pipeline.forward_backward(batches, n_targets, autocast)
     loss_sum = torch.zeros((), device=par.positions.device)
     span = tracer.span if tracer is not None else (lambda *a, **k: contextlib.nullcontext())
     for i, b in enumerate(batches):

@@ -115,6 +115,7 @@ def test_a_published_layout_rehearses_and_its_state_is_the_closed_form(layout, c
      "is not divisible by"),
     (["model=llama3_405b", "world_size=16384", "parallel.tp=8", "parallel.pp=4", "parallel.pp_layers=[63,0,0,63]"],
      "pipeline stages [1, 2] would hold no layer"),
+    (["model=tiny", "world_size=8", "--device-memory", "0"], "--device-memory 0 GB > 0"),
 ])
 def test_bad_input_at_scale_stops_with_the_launchs_message(argv, message, capsys):
     with pytest.raises(SystemExit) as stop:
