@@ -28,6 +28,7 @@ exact and what is assumed.
 from __future__ import annotations
 
 import json
+import pickle
 import sys
 import time
 import traceback
@@ -47,8 +48,10 @@ from parallel.mesh import Topology
 from parallel.parallelize import parallelize
 from parallel.pipeline.partition import rank_stages, stage_layers
 from parallel.pipeline.schedules import bubble, build, simulate
+from parallel.state import state_blocks
 from parallel.strategies.holmes.network import split_for_rates
 from parallel.traffic import CollectiveCounter
+from runtime.checkpoint import MB
 from runtime.data.loader import Batch
 from runtime.model import ModelArgs, Transformer
 from runtime.optim import build_optimizer, init_optimizer_state
@@ -142,6 +145,24 @@ def run_step(par, optimizer, cfg, batches: list[Batch], live: LiveBytes) -> dict
     return state
 
 
+def checkpoint_request(cfg, par, optimizer) -> dict:
+    """The step's checkpoint request on this rank, by `checkpoint.engine`: the blocks its shard
+    writes (those it owns, parallel/state.py) and their bytes; the host memory the engine holds
+    for them (the lazy engine's pool, beyond which its copy waits for storage before the next
+    optimizer step may start; DCP's staged copy of the whole shard; the blocking engine's largest
+    block); and what the agreement on the owners the layout leaves open (FSSDP's experts) brings
+    every rank (runtime/checkpoint/sync.py owned_blocks: this rank's list, pickled, times the
+    world size)."""
+    blocks = state_blocks(par, optimizer, experts_by_plan=True)
+    written = [b.local.numel() * b.local.element_size() for b in blocks if b.owner == par.groups.rank]
+    engine = cfg.checkpoint.engine.value
+    host = {"lazy": cfg.checkpoint.pool_mb * MB, "dcp_async": sum(written), "sync": max(written, default=0)}[engine]
+    agreed = pickle.dumps([(b.key, tuple(map(tuple, b.coords()))) for b in state_blocks(par, optimizer)
+                           if b.owner is None])
+    return {"engine": engine, "bytes": sum(written), "blocks": len(written), "host_bytes": host,
+            "exchange_bytes": len(agreed) * par.groups.topology.world_size}
+
+
 def in_flight(actions) -> int:
     """The most microbatch-chunks a rank holds at once: forward run, last backward (or weight
     gradient) not yet — what its activations are held for."""
@@ -232,9 +253,12 @@ def rehearse_rank(cfg, topo: Topology, rank: int, step: bool = True) -> dict:
                 if not step:
                     state = state_bytes(par.parameters(), optimizer)
                     state["gradients"] = state["parameters"]
+                    phase = "checkpoint request"
+                    checkpoint = checkpoint_request(cfg, par, optimizer)
                     lap("optimizer")
                     return {"rank": rank, **state, "peak": sum(state.values()), "peak_phase": "the state alone",
-                            "activations": None, "collectives": {}, "microbatches_run": 0, "seconds": seconds}
+                            "activations": None, "collectives": {}, "checkpoint": checkpoint, "microbatches_run": 0,
+                            "seconds": seconds}
                 phase = "step"
                 tokens = torch.zeros((cfg.train.micro_batch_size, len(par.positions)), dtype=torch.long)
                 m, m1 = microbatches(cfg, topo), rehearsed_microbatches(cfg, topo, groups.index("pp"))
@@ -245,10 +269,13 @@ def rehearse_rank(cfg, topo: Topology, rank: int, step: bool = True) -> dict:
                     state = run_step(par, optimizer, cfg, [Batch(tokens, tokens)] * m1, live)
                     phase = live.phase
                 collectives = counter.table if m1 == m else extrapolate(counter.table, counter.per_microbatch[1], m - m1)
-            lap("step")
+                lap("step")
+                phase = "checkpoint request"
+                checkpoint = checkpoint_request(cfg, par, optimizer)
+                lap("checkpoint")
             return {"rank": rank, **state, "peak": live.peak, "peak_phase": live.peak_phase,
                     "activations": max(0, live.peak - sum(state.values())), "collectives": collectives,
-                    "microbatches_run": m1, "seconds": seconds}
+                    "checkpoint": checkpoint, "microbatches_run": m1, "seconds": seconds}
     except Exception as e:
         raise RehearsalError(f"rank {rank}: {phase}{_strategy(e)}: {type(e).__name__}: {e}") from e
 
@@ -302,6 +329,14 @@ def table(job: dict) -> str:
         per_group = {g: (sum(k["bytes"] for k in kinds.values()), sum(k["calls"] for k in kinds.values()))
                      for g, kinds in r["collectives"].items()}
         lines.append(f"{r['rank']:>6}  " + ", ".join(f"{g} {b / GB:.3f}G/{c}" for g, (b, c) in sorted(per_group.items())))
+    for r in job["ranks"]:
+        c = r["checkpoint"]
+        beyond = c["bytes"] - c["host_bytes"] if c["engine"] == "lazy" else 0
+        lines.append(f"{r['rank']:>6}  checkpoint ({c['engine']}): writes {c['bytes'] / GB:.3f}G in {c['blocks']} blocks, "
+                     f"host {c['host_bytes'] / GB:.3f}G" + (f" (the copy waits for storage to take {beyond / GB:.3f}G)"
+                                                           if beyond > 0 else "")
+                     + (f"; agreeing on FSSDP's owners brings every rank {c['exchange_bytes'] / GB:.3f}G"
+                        if c["exchange_bytes"] > len(pickle.dumps([])) * job["world_size"] else ""))
     if job["pipeline_bubble"] is not None:
         lines.append(f"pipeline: {job['microbatches']} microbatches, simulated bubble {job['pipeline_bubble']:.1%} "
                      "of the busy time (F = 1, B = 2)")

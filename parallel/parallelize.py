@@ -47,6 +47,9 @@ from runtime.moe import MoE
 # The order matters: tensor parallelism rewrites the dense modules, expert parallelism or FSSDP
 # the MoE blocks; checkpointing and compile wrap the rewritten blocks; FSDP shards last.
 STRATEGIES = (apply_tp, apply_cp, apply_ep, apply_fssdp, apply_zero_bubble, apply_ac, apply_compile, apply_fsdp)
+# The parameter the first and last pipeline stages both hold when the part with the head needs
+# the embedding (`split_for_pipeline`): copies kept equal, one "embedding" group apart.
+SHARED_BY_ENDS = "tok_embeddings.weight"
 
 
 @dataclass
@@ -123,7 +126,7 @@ class ParallelModel:
                 if self.groups[group] is not None:
                     all_reduce_grads(params, self.groups[group])
         if self.groups.handles.get("embedding") is not None:  # the first and last stages' copies
-            all_reduce_grads([p for n, p in self.named_parameters() if n == "tok_embeddings.weight"],
+            all_reduce_grads([p for n, p in self.named_parameters() if n == SHARED_BY_ENDS],
                              self.groups["embedding"])
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
@@ -132,7 +135,7 @@ class ParallelModel:
         entries = [(p, tuple(self.groups[g] for g in self.plan.split_groups(n)) + (pp,))
                    for n, p in self.named_parameters()]
         # The last stage's copy of the embeddings has the first stage's gradient: scaled, not counted.
-        copies = ({id(p) for n, p in self.named_parameters() if n == "tok_embeddings.weight"}
+        copies = ({id(p) for n, p in self.named_parameters() if n == SHARED_BY_ENDS}
                   if self.groups.handles.get("embedding") is not None and 0 not in self.stages else set())
         return clip_grad_norm_(entries, max_norm, uncounted=copies)
 

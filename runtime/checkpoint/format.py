@@ -35,6 +35,9 @@ class StateBlock:
     local: torch.Tensor  # this rank's piece, a view of the live tensor
     full_shape: tuple[int, ...]
     block: tuple[slice, ...]  # where `local` sits in the full tensor
+    # The rank that writes it: of the ranks holding an identical block, the lowest, when the layout
+    # decides which those are (parallel/state.py); None: agreed among the ranks when saving.
+    owner: int | None = None
 
     def coords(self) -> list[list[int]]:
         return [[s.start, s.stop] for s in self.block]

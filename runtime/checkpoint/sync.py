@@ -4,8 +4,8 @@ Layout of `checkpoint.dir`:
     step_00000010/   shard-<rank>.bin/.json (runtime/checkpoint/format.py), trainer.json last
     latest           the name of the newest complete checkpoint
 
-Commit protocol: the ranks agree which of them writes each block (a block held by several
-ranks — replicated parameters, DDP replicas — is written once, by the lowest such rank); every
+Commit protocol: each block held by several ranks (replicated parameters, DDP replicas) is
+written once, by the lowest such rank (`owned_blocks`: the layout says which, or the ranks agree); every
 rank writes and fsyncs its shard; all exchange their outcome (an all-gather of error messages);
 then rank 0 writes trainer.json and replaces `latest` atomically (write, fsync, rename) — or,
 when any rank failed, removes the step folder while every rank raises the same
@@ -40,15 +40,19 @@ def atomic_write(path: Path, text: str) -> None:
 
 def owned_blocks(blocks, rank: int) -> list:
     """The blocks this rank writes: of identical (key, block) pairs on several ranks, the lowest
-    rank's. Costs one all-gather of the block coordinates (metadata, not data)."""
-    mine = [(b.key, tuple(map(tuple, b.coords()))) for b in blocks]
+    rank's — its `owner` where the layout decides it (parallel/state.py), otherwise agreed by an
+    all-gather of the coordinates (metadata, not data) of the blocks whose owner is open, which
+    every rank joins (with an empty list when the layout decides all of its blocks)."""
+    open_blocks = [b for b in blocks if b.owner is None]
+    mine = [(b.key, tuple(map(tuple, b.coords()))) for b in open_blocks]
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     first_holder: dict = {}
     for r, held in enumerate(everyone):
         for item in held:
             first_holder.setdefault(item, r)
-    return [b for b, item in zip(blocks, mine) if first_holder[item] == rank]
+    agreed = {id(b) for b, item in zip(open_blocks, mine) if first_holder[item] == rank}
+    return [b for b in blocks if (b.owner == rank if b.owner is not None else id(b) in agreed)]
 
 
 class BaseCheckpointer:

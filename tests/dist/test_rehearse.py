@@ -3,6 +3,8 @@ gives every rank the parameter, gradient and optimizer-state bytes that rank of 
 holds after the step's forward and backward (both counted by parallel/footprint.py), and the
 same collective calls and bytes per group and kind (parallel/traffic.py); a
 job of thousands of ranks rehearses in seconds, and bad input stops it as a launch would."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -47,7 +49,9 @@ def _real_rank(rank: int, world_size: int, overrides: list[str]) -> dict:
     from launch.train import setup
     from launch.rehearse import run_step
     from parallel.footprint import LiveBytes, state_bytes
+    from parallel.state import state_blocks
     from parallel.traffic import CollectiveCounter
+    from runtime.checkpoint.sync import owned_blocks
 
     run = setup(compose(overrides))
     par = run.parallel
@@ -56,13 +60,24 @@ def _real_rank(rank: int, world_size: int, overrides: list[str]) -> dict:
     # The step the rehearsal runs, on real data, its live bytes counted the same way.
     with CollectiveCounter(run.groups) as counter, LiveBytes(before["parameters"] + before["optimizer"]) as live:
         state = run_step(par, run.optimizer, run.cfg, batches, live)
-    return {**state, "peak": live.peak, "collectives": counter.table}
+    # The checkpoint's owners as the layout says (as the engines take them), and as the ranks
+    # would agree on every one of them by exchanging every block's coordinates.
+    blocks = state_blocks(par, run.optimizer)
+    written = owned_blocks(blocks, rank)
+    agreed = owned_blocks([dataclasses.replace(b, owner=None) for b in blocks], rank)
+    return {**state, "peak": live.peak, "collectives": counter.table,
+            "checkpoint": {"bytes": sum(b.local.numel() * b.local.element_size() for b in written),
+                           "blocks": len(written)},
+            "owners": [(b.key, b.coords()) for b in written], "agreed_owners": [(b.key, b.coords()) for b in agreed],
+            "open": sorted({b.key for b in blocks if b.owner is None})}
 
 
 @pytest.mark.parametrize("layout", [pytest.param(n, marks=[] if n in DEFAULT else [pytest.mark.slow]) for n in LAYOUTS])
 def test_rehearsed_ranks_are_the_real_ranks(layout, tmp_path):
-    """State bytes and collectives equal; the peak of live bytes within 10% (rank by rank). MoE
-    layouts route with forced balance in both, so the real run's token counts are the rehearsal's."""
+    """State bytes and collectives equal; the peak of live bytes within 10% (rank by rank); the
+    checkpoint's owners from the plan are those the engines agree on, and the rehearsal writes as
+    many bytes and blocks. MoE layouts route with forced balance in both, so the real run's token
+    counts are the rehearsal's."""
     world, overrides = LAYOUTS[layout]
     balance = ["model.moe.force_balance=true"] if "moe" in layout or "deepseek" in layout else []
     common = [*SMALL, *overrides, *balance, "checkpoint.enabled=false"]
@@ -73,6 +88,10 @@ def test_rehearsed_ranks_are_the_real_ranks(layout, tmp_path):
         assert {k: f[k] for k in ("parameters", "gradients", "optimizer", "collectives")} == \
             {k: r[k] for k in ("parameters", "gradients", "optimizer", "collectives")}, (rank, r, f)
         assert abs(f["peak"] - r["peak"]) <= 0.1 * r["peak"], (rank, r["peak"], f["peak"], f["peak_phase"])
+        assert r["owners"] == r["agreed_owners"], rank
+        # Only FSSDP's experts (owners re-planned per EP group) are left to the ranks to agree on.
+        assert all(".experts." in key for key in r["open"]) and bool(r["open"]) == ("fssdp" in layout), r["open"]
+        assert {k: f["checkpoint"][k] for k in ("bytes", "blocks")} == r["checkpoint"], rank
 
 
 def _layer(dim, heads, kv_heads, ffn):  # attention (heads of 128) and a SwiGLU; its two norms apart
@@ -107,6 +126,8 @@ def test_a_published_layout_rehearses_and_its_state_is_the_closed_form(layout, c
     expected = {"parameters": 4 * parameters, "gradients": 4 * parameters, "optimizer": 8 * parameters}
     for k, v in expected.items():
         assert abs(report[k] - v) <= 0.02 * v, (k, report[k], v)
+    # The first rank of its stage is the lowest holder of everything it holds: its shard has it all.
+    assert abs(report["checkpoint"]["bytes"] - 12 * parameters) <= 0.02 * 12 * parameters
 
 
 @pytest.mark.parametrize("argv, message", [
