@@ -11,8 +11,8 @@ once, nothing is sent), the model on the meta device, `parallelize` with every s
 config names, materialised as fake tensors (shapes and dtypes, no storage: parallel/fake.py), the
 optimizer and its state, and `run_step`: every microbatch's forward and backward (through the
 pipeline's schedule), the loss's reduction, the gradients' completion, clipping and the optimizer
-step. Experts are routed with forced balance (`model.moe.force_balance`). By default the ranks
-that differ: the first, middle and last stage of the first pipeline, and with experts the stage
+step, and the checkpoint request's choice of blocks. Experts are routed with forced balance
+(`model.moe.force_balance`). By default the ranks that differ: the first, middle and last stage of the first pipeline, and with experts the stage
 holding the most MoE layers (`rehearse.ranks=[...]` names others).
 
 Reported per rank (a table, then one JSON object as the last line): the bytes of its parameters,
@@ -20,8 +20,9 @@ gradients and optimizer state (parallel/footprint.py: counted as a real rank's a
 live tensor bytes during the step with its phase, and the activations (that peak less the state),
 whether the peak fits `--device-memory` GB (default 80) and by how much, the step's collective
 calls and bytes sent per process group and kind (parallel/traffic.py, the same counter a real
-rank's step gives), and the pipeline's simulated bubble. `--no-step` reports the state alone, in
-seconds. A rank whose rehearsal raises is reported with the rank, the phase and the exception,
+rank's step gives), the pipeline's simulated bubble, and the checkpoint shard it writes (bytes,
+blocks, the engine's host memory: `checkpoint_request`). `--no-step` reports the state and the
+checkpoint alone, in seconds. A rank whose rehearsal raises is reported with the rank, the phase and the exception,
 exit 2; a rank that does not fit is named after the report, exit 3. docs/scale.md says what is
 exact and what is assumed.
 """
@@ -157,10 +158,10 @@ def checkpoint_request(cfg, par, optimizer) -> dict:
     written = [b.local.numel() * b.local.element_size() for b in blocks if b.owner == par.groups.rank]
     engine = cfg.checkpoint.engine.value
     host = {"lazy": cfg.checkpoint.pool_mb * MB, "dcp_async": sum(written), "sync": max(written, default=0)}[engine]
-    agreed = pickle.dumps([(b.key, tuple(map(tuple, b.coords()))) for b in state_blocks(par, optimizer)
-                           if b.owner is None])
+    open_blocks = [(b.key, tuple(map(tuple, b.coords()))) for b in state_blocks(par, optimizer) if b.owner is None]
     return {"engine": engine, "bytes": sum(written), "blocks": len(written), "host_bytes": host,
-            "exchange_bytes": len(agreed) * par.groups.topology.world_size}
+            "exchanged_blocks": len(open_blocks),
+            "exchange_bytes": len(pickle.dumps(open_blocks)) * par.groups.topology.world_size}
 
 
 def in_flight(actions) -> int:
@@ -253,9 +254,10 @@ def rehearse_rank(cfg, topo: Topology, rank: int, step: bool = True) -> dict:
                 if not step:
                     state = state_bytes(par.parameters(), optimizer)
                     state["gradients"] = state["parameters"]
+                    lap("optimizer")
                     phase = "checkpoint request"
                     checkpoint = checkpoint_request(cfg, par, optimizer)
-                    lap("optimizer")
+                    lap("checkpoint")
                     return {"rank": rank, **state, "peak": sum(state.values()), "peak_phase": "the state alone",
                             "activations": None, "collectives": {}, "checkpoint": checkpoint, "microbatches_run": 0,
                             "seconds": seconds}
@@ -336,7 +338,7 @@ def table(job: dict) -> str:
                      f"host {c['host_bytes'] / GB:.3f}G" + (f" (the copy waits for storage to take {beyond / GB:.3f}G)"
                                                            if beyond > 0 else "")
                      + (f"; agreeing on FSSDP's owners brings every rank {c['exchange_bytes'] / GB:.3f}G"
-                        if c["exchange_bytes"] > len(pickle.dumps([])) * job["world_size"] else ""))
+                        if c["exchanged_blocks"] else ""))
     if job["pipeline_bubble"] is not None:
         lines.append(f"pipeline: {job['microbatches']} microbatches, simulated bubble {job['pipeline_bubble']:.1%} "
                      "of the busy time (F = 1, B = 2)")
