@@ -18,11 +18,8 @@ the ratio of the two ways, (naming + exchange) / naming.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 
-from benchmarks.rehearse import LAYOUT
+from benchmarks.rehearse import run_child
 
 # In the child: rehearse rank 0 without a step; at its checkpoint request, time both ways.
 CHILD = """
@@ -52,20 +49,13 @@ print(json.dumps(figures))
 """
 
 
-def measure(world: int) -> dict:
-    overrides = [*LAYOUT, f"train.global_batch_size={8 * world // 64}"]
-    out = subprocess.run([sys.executable, "-c", CHILD, str(world), *overrides],
-                         capture_output=True, text=True, check=True, timeout=3600)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--worlds", default="1024,4096,16384")
     worlds = [int(w) for w in ap.parse_args().worlds.split(",")]
     print(f"{'world':>7}{'blocks':>8}{'naming s':>10}{'exchange MB':>13}{'exchange s':>12}{'ratio':>8}{'RSS MB':>8}")
     for world in worlds:
-        f = measure(world)
+        f = run_child(CHILD, world)
         print(f"{world:>7}{f['blocks']:>8}{f['layout_s']:>10.3f}{f['exchange_bytes'] / 2**20:>13.1f}"
               f"{f['exchange_s']:>12.2f}{1 + f['exchange_s'] / f['layout_s']:>7.1f}×{f['rss_mb']:>8.0f}", flush=True)
 

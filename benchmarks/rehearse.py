@@ -42,11 +42,17 @@ print(json.dumps({"groups": calls[0], "seconds": time.perf_counter() - start, "p
 """
 
 
-def rehearse_once(world: int, step: bool) -> dict:
+def run_child(code: str, world: int, *args: str) -> dict:
+    """`code` run in a fresh process with argv [world, *args, *LAYOUT's overrides] (a global batch
+    of 8 sequences per 64 ranks); the JSON object of its last line."""
     overrides = [*LAYOUT, f"train.global_batch_size={8 * world // 64}"]
-    out = subprocess.run([sys.executable, "-c", CHILD, str(world), "step" if step else "state", *overrides],
-                         capture_output=True, text=True, check=True, timeout=1800)
+    out = subprocess.run([sys.executable, "-c", code, str(world), *args, *overrides],
+                         capture_output=True, text=True, check=True, timeout=3600)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def rehearse_once(world: int, step: bool) -> dict:
+    return run_child(CHILD, world, "step" if step else "state")
 
 
 def main() -> None:
