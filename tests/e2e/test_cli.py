@@ -1,6 +1,7 @@
 """The real command line: `python -m launch.train` and `torchrun -m launch.train` in subprocesses."""
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -46,6 +47,15 @@ def launch(args, nproc=1, timeout=600, env=None):
     start = time.monotonic()
     code, out = run_command(cmd, timeout, env)
     return code, out, time.monotonic() - start
+
+
+def workers_stopped_with_2(out: str) -> bool:
+    """Whether torchrun's summary lists a worker that exited with code 2 and none that failed
+    otherwise. Every worker stops with 2 when it reaches the check, but one still starting when
+    another has stopped is ended by torchrun (SIGTERM), which lists only the workers that
+    stopped on their own: how many reach the check first depends on the machine's load."""
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", out)
+    return "2" in codes and set(codes) <= {"2", "-15"}
 
 
 def test_one_process_and_two_torchrun_ranks_write_the_same_losses(tmp_path):
@@ -113,10 +123,10 @@ def test_bad_input_stops_every_rank_with_one_message_and_exit_code_2(tmp_path, c
         assert code == 2, out
         assert "Traceback" not in out, out
     else:
-        # Every worker exits 2 (torchrun's summary lists each); torchrun itself exits 1 and
-        # prints its own ChildFailedError, but no worker prints a traceback.
+        # The workers exit 2 (`workers_stopped_with_2`); torchrun itself exits 1 and prints its
+        # own ChildFailedError, but no worker prints a traceback.
         assert code != 0
-        assert out.count("exitcode  : 2") == nproc, out
+        assert workers_stopped_with_2(out), out
         assert out.count("Traceback") == 1 and "ChildFailedError" in out, out
     assert not (tmp_path / "metrics.jsonl").exists()
 
@@ -131,7 +141,7 @@ def test_a_truncated_dataset_stops_both_torchrun_ranks_before_training(tmp_path)
     (tmp_path / "data.bin").write_bytes(data[:-100])
     run_dir = tmp_path / "run"
     code, out, _ = launch(["data=indexed", f"data.path={tmp_path / 'data'}", f"run_dir={run_dir}"], nproc=2, timeout=120)
-    assert code != 0 and out.count("exitcode  : 2") == 2, out
+    assert code != 0 and workers_stopped_with_2(out), out
     assert "data.path=" in out and "data.bin is" in out and "truncated, or the two files do not belong together" in out
     assert not (run_dir / "metrics.jsonl").exists()
 
